@@ -1,0 +1,97 @@
+"""Typed, frozen run configurations and their named presets.
+
+Each stage has a frozen dataclass tree (one dataclass per component) and a preset registry
+`{"smoke": …, "cpu": …, "imagenet256": …}`. Presets differ only in numbers, never in code path.
+
+    cfg = make_config("toy", "cpu", {"align.steps": 800, "seed": 3})
+
+Overrides use dotted keys for nested fields; an unknown key, an unknown preset or a value of the wrong type
+raises `ConfigError` before any work starts. `to_dict`/`from_dict` round-trip through JSON exactly, and
+`from_dict` is just as strict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from . import toy
+
+STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
+    "toy": (toy.ToyConfig, toy.PRESETS),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key, preset or value that does not exist or does not fit."""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        args = typing.get_args(hint)
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if inner is None:
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in typing.get_args(hint) if a is not type(None)), key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    return value
+
+
+def _apply(obj: Any, key: str, value: Any, full_key: str) -> Any:
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown config key {full_key!r} (in {type(obj).__name__}: {known})")
+    if rest:
+        child = getattr(obj, head)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"config key {full_key!r}: {head!r} has no sub-keys")
+        return dataclasses.replace(obj, **{head: _apply(child, rest, value, full_key)})
+    return dataclasses.replace(obj, **{head: _coerce(value, hints[head], full_key)})
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (JSON) mapping; unknown keys raise, missing keys keep defaults."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)} for {cls.__name__}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def make_config(stage: str, preset: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The `preset` config of `stage` with dotted-key `overrides` applied (all strictly checked)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    cls, presets = STAGES[stage]
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} for {stage}; known: {', '.join(presets)}")
+    cfg = cls()
+    for key, value in {**presets[preset], **dict(overrides or {})}.items():
+        cfg = _apply(cfg, key, value, key)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg

@@ -1,0 +1,133 @@
+"""Run directories: every run writes its config, metrics, figures, checkpoints and summary in one place.
+
+    runs/<notebook>/<name>/
+        config.json      resolved config + provenance (git sha, torch version, device)
+        metrics.jsonl    one JSON object per logged step
+        summary.json     final numbers that downstream notebooks and reports read
+        figures/         .html (interactive) and .png (static, when a Chrome is available)
+        ckpt/<tag>/last.pt, step_XXXXXXX.pt
+
+Re-opening an existing run with the same config resumes it; with a different config it raises, so nothing
+already written is overwritten silently. Checkpoints are written atomically (temp file, then rename) and
+loaded strictly: a missing, truncated or mismatched file raises an error naming the file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint that cannot be used as asked."""
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_run_name(preset: str, seed: int) -> str:
+    return f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}_{preset}_s{seed}"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file_obj) on a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, notebook: str, name: str, config: Mapping[str, Any],
+               device: str = "") -> "RunDir":
+        """Create runs/<notebook>/<name>/ and write config.json, or reopen it if the config is identical."""
+        path = Path(root) / notebook / name
+        run = cls(path)
+        record = {"config": dict(config), "git_sha": _git_sha(), "torch": torch.__version__,
+                  "python": platform.python_version(), "device": device}
+        cfg_file = path / "config.json"
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if old.get("config") != json.loads(json.dumps(dict(config))):
+                raise RunError(f"{path} already holds a run with a different config; choose another run_name "
+                               f"or delete {path} to start over")
+            return run
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "figures").mkdir(exist_ok=True)
+        atomic_write_bytes(cfg_file, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        return run
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def log_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(record)) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        file = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in file.read_text().splitlines() if line] if file.exists() else []
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        file = self.path / "summary.json"
+        atomic_write_bytes(file, lambda f: f.write(json.dumps(dict(summary), indent=2).encode()))
+        return file
+
+    def ckpt_path(self, tag: str, step: int | None = None) -> Path:
+        name = "last.pt" if step is None else f"step_{step:07d}.pt"
+        return self.path / "ckpt" / tag / name
+
+
+def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
+    """torch.save `{"schema": 1, **payload}` atomically."""
+    atomic_write_bytes(Path(path), lambda f: torch.save({"schema": 1, **payload}, f))
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`; raise RunError naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign files fail inside pickle/zip with many exception types
+        raise RunError(f"checkpoint {path} is unreadable (truncated or not a torch file): {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("schema") != 1:
+        raise RunError(f"checkpoint {path} is not a dmvae_lib checkpoint (schema 1)")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise RunError(f"checkpoint {path} lacks {missing}; it has {sorted(ckpt)}")
+    return ckpt
+
+
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, Any], source: str) -> None:
+    """module.load_state_dict(strict=True) with an error that names `source` and the mismatched keys."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise RunError(f"{source}: weights do not fit {type(module).__name__}: {str(exc)[:500]}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise RunError(f"{source}: weights do not fit {type(module).__name__}: "
+                       f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

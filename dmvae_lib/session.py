@@ -1,0 +1,64 @@
+"""The setup cell of every notebook in one call: config, run directory, device, figure store.
+
+    s = start("toy", "10_toy_gradient_fields", preset, overrides, seed=seed, device=device,
+              run_root=run_root, run_name=run_name)
+
+`run_root=""` resolves to $DMVAE_RUNS, else the repository's `runs/` (never the notebook's own folder, so
+executed notebooks and artifacts stay out of nbval's test path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .configs import make_config, to_dict
+from .device import resolve_device, set_threads
+from .runs import RunDir, default_run_name
+from .viz import FigureStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_run_root(run_root: str = "") -> Path:
+    if run_root:
+        return Path(run_root).expanduser().resolve()
+    if os.environ.get("DMVAE_RUNS"):
+        return Path(os.environ["DMVAE_RUNS"]).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "runs"
+    return Path.cwd() / "runs"
+
+
+@dataclass
+class Session:
+    cfg: Any
+    run: RunDir
+    device: torch.device
+    figures: FigureStore
+    preset: str
+
+    def finish(self, summary: Mapping[str, Any]) -> dict:
+        """Write summary.json (with the figure paths) and return it."""
+        paths = self.figures.flush()
+        out = {"preset": self.preset, **dict(summary), "figures": [str(p.relative_to(self.run.path)) for p in paths]}
+        self.run.write_summary(json.loads(json.dumps(out, default=float)))
+        return out
+
+
+def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0,
+          device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
+    """Resolve the config (strictly), pick the device, and create or reopen the run directory."""
+    cfg = make_config(stage, preset, {"seed": seed, **dict(overrides or {})})
+    dev = resolve_device(device)
+    if getattr(cfg, "threads", 0):
+        set_threads(cfg.threads)
+    root = resolve_run_root(run_root)
+    run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed),
+                        {"stage": stage, "preset": preset, **to_dict(cfg)}, device=str(dev))
+    return Session(cfg, run, dev, FigureStore(run.figures), preset)

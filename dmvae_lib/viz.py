@@ -1,0 +1,156 @@
+"""Plotly figures for the workbook, and `FigureStore`, which saves them into a run's figures/ folder.
+
+Figures are interactive in JupyterLab; every saved figure gets an .html file (plotly.js written once per
+folder, so it works offline) and a .png when a Chrome/Chromium is available for kaleido (PNG writes are
+batched into one kaleido session in `FigureStore.flush`, since each session costs seconds to start).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+REF_COLOR, POINT_COLOR = "rgba(250,173,7,0.35)", "rgba(31,119,180,0.75)"
+CHROMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def chrome_available() -> bool:
+    return any(shutil.which(c) for c in CHROMES)
+
+
+class FigureStore:
+    """Save figures as HTML now and as PNG in one batch on `flush()`."""
+
+    def __init__(self, directory: str | Path, png: bool | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.png = chrome_available() if png is None else png
+        self.pending: list[tuple[go.Figure, Path]] = []
+        self.paths: list[Path] = []
+
+    def save(self, fig: go.Figure, name: str) -> go.Figure:
+        html = self.dir / f"{name}.html"
+        fig.write_html(html, include_plotlyjs="directory", full_html=True)
+        self.paths.append(html)
+        if self.png:
+            self.pending.append((fig, self.dir / f"{name}.png"))
+        return fig
+
+    def flush(self) -> list[Path]:
+        """Write queued PNGs (one kaleido session). Without a Chrome, say so and keep the HTML files."""
+        if not self.png:
+            warnings.warn("no Chrome/Chromium on PATH: figures saved as HTML only "
+                          "(install Debian's `chromium` package for PNG export)", stacklevel=2)
+        elif self.pending:
+            figs, files = zip(*self.pending)
+            pio.write_images(list(figs), list(files), format="png")
+            self.paths.extend(files)
+            self.pending.clear()
+        return self.paths
+
+
+def _grid(n: int, cols: int) -> tuple[int, int]:
+    return math.ceil(n / cols), min(cols, n)
+
+
+def _square_axes(fig: go.Figure, lim: float) -> None:
+    fig.update_xaxes(range=[-lim, lim], showticklabels=False, zeroline=False)
+    fig.update_yaxes(range=[-lim, lim], showticklabels=False, zeroline=False, scaleanchor="x", scaleratio=1)
+    fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor))
+
+
+def point_clouds(clouds: Mapping[str, Tensor], reference: Tensor, titles: Mapping[str, str] | None = None,
+                 cols: int = 5, lim: float = 1.6, size: int = 230) -> go.Figure:
+    """One panel per point set over the reference (the layout of the paper's Fig. 3)."""
+    rows, ncols = _grid(len(clouds), cols)
+    names = list(clouds)
+    fig = make_subplots(rows, ncols, subplot_titles=[(titles or {}).get(n, n) for n in names],
+                        horizontal_spacing=0.02, vertical_spacing=0.08)
+    for i, name in enumerate(names):
+        r, c = i // ncols + 1, i % ncols + 1
+        fig.add_trace(go.Scatter(x=reference[:, 0], y=reference[:, 1], mode="markers", name="reference",
+                                 marker=dict(size=3, color=REF_COLOR), showlegend=i == 0), r, c)
+        pts = clouds[name]
+        fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="markers", name="points",
+                                 marker=dict(size=3, color=POINT_COLOR), showlegend=i == 0), r, c)
+    _square_axes(fig, lim)
+    fig.update_annotations(font_size=11)
+    fig.update_layout(height=size * rows + 60, width=size * ncols, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def progress_slider(snapshots: Mapping[str, Sequence[tuple[int, Tensor]]], reference: Tensor, cols: int = 5,
+                    lim: float = 1.6, size: int = 230) -> go.Figure:
+    """`point_clouds` with a slider (and play button) over the snapshot steps shared by all objectives."""
+    steps = [s for s, _ in next(iter(snapshots.values()))]
+    first = {n: snaps[0][1] for n, snaps in snapshots.items()}
+    fig = point_clouds(first, reference, cols=cols, lim=lim, size=size)
+    point_traces = list(range(1, 2 * len(snapshots), 2))
+    frames = [go.Frame(name=str(step), traces=point_traces,
+                       data=[go.Scatter(x=snaps[i][1][:, 0], y=snaps[i][1][:, 1]) for snaps in snapshots.values()])
+              for i, step in enumerate(steps)]
+    fig.frames = frames
+    slider = dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=30),
+                  steps=[dict(label=str(s), method="animate",
+                              args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=False))])
+                         for s in steps])
+    play = dict(type="buttons", x=0, y=-0.02, xanchor="left", yanchor="top", direction="left",
+                buttons=[dict(label="▶ play", method="animate",
+                              args=[None, dict(frame=dict(duration=250, redraw=False), fromcurrent=True)])])
+    fig.update_layout(sliders=[slider], updatemenus=[play], height=fig.layout.height + 90)
+    return fig
+
+
+def quiver_traces(probes: Tensor, directions: Tensor, max_len: float, color: str = "black") -> go.Scatter:
+    """Arrows from each probe along its direction, longest arrow = max_len, as one line trace."""
+    norm = directions.norm(dim=1)
+    scale = max_len / float(norm.max().clamp_min(1e-12))
+    xs, ys = [], []
+    for p, d in zip(probes.tolist(), (directions * scale).tolist()):
+        tip = (p[0] + d[0], p[1] + d[1])
+        # shaft then a two-stroke head at 30° from the shaft, 30 % of the arrow's length
+        dx, dy = d
+        hx1, hy1 = tip[0] - 0.3 * (dx * 0.866 - dy * 0.5), tip[1] - 0.3 * (dy * 0.866 + dx * 0.5)
+        hx2, hy2 = tip[0] - 0.3 * (dx * 0.866 + dy * 0.5), tip[1] - 0.3 * (dy * 0.866 - dx * 0.5)
+        xs += [p[0], tip[0], None, hx1, tip[0], hx2, None]
+        ys += [p[1], tip[1], None, hy1, tip[1], hy2, None]
+    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), showlegend=False, hoverinfo="skip")
+
+
+def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: Tensor, points: Tensor | None = None,
+                     lim: float = 1.6, size: int = 260, title: str = "") -> go.Figure:
+    """One panel per field (e.g. per t, plus their average): arrows over the reference (and current points)."""
+    names = list(fields)
+    fig = make_subplots(1, len(names), subplot_titles=names, horizontal_spacing=0.02)
+    for i, name in enumerate(names):
+        fig.add_trace(go.Scatter(x=background[:, 0], y=background[:, 1], mode="markers", showlegend=False,
+                                 marker=dict(size=3, color=REF_COLOR), hoverinfo="skip"), 1, i + 1)
+        if points is not None:
+            fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", showlegend=False,
+                                     marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), 1, i + 1)
+        fig.add_trace(quiver_traces(probes, fields[name], 0.25 * lim), 1, i + 1)
+    _square_axes(fig, lim)
+    fig.update_layout(height=size + 70, width=size * len(names), title=title, margin=dict(l=10, r=10, t=70, b=10))
+    return fig
+
+
+def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: str, floor: float | None = None,
+                 log_y: bool = True, title: str = "") -> go.Figure:
+    """One line per run of `key` against step, with an optional horizontal reference level."""
+    fig = go.Figure()
+    for name, hist in histories.items():
+        fig.add_trace(go.Scatter(x=[h["step"] for h in hist], y=[h[key] for h in hist], mode="lines+markers", name=name))
+    if floor is not None:
+        fig.add_hline(y=floor, line_dash="dot", annotation_text="noise floor")
+        fig.add_hline(y=1.5 * floor, line_dash="dash", annotation_text="1.5 × floor")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_type="log" if log_y else "linear",
+                      height=420, width=900)
+    return fig

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from dmvae_lib.loop import NonFiniteError, train
+from dmvae_lib.phases import flow_matching_step
+from dmvae_lib.runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
+from dmvae_lib.score_nets import ToyScoreMLP
+
+
+def _make(tmp_path, name="r"):
+    return RunDir.create(tmp_path, "nb", name, {"a": 1})
+
+
+def test_rundir_reopens_same_config_and_refuses_a_different_one(tmp_path):
+    run = _make(tmp_path)
+    assert json.loads((run.path / "config.json").read_text())["config"] == {"a": 1}
+    assert RunDir.create(tmp_path, "nb", "r", {"a": 1}).path == run.path
+    with pytest.raises(RunError, match="different config"):
+        RunDir.create(tmp_path, "nb", "r", {"a": 2})
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    net = ToyScoreMLP(width=8, depth=1)
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"model": net.state_dict()})
+    other = ToyScoreMLP(width=8, depth=1)
+    load_state_strict(other, load_checkpoint(path, required=("model",))["model"], str(path))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(RunError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(RunError, match="lacks"):
+        load_checkpoint(path, required=("ema",))
+    with pytest.raises(RunError, match="do not fit"):
+        load_state_strict(ToyScoreMLP(width=8, depth=2), load_checkpoint(path)["model"], str(path))
+    with pytest.raises(RunError, match="do not fit"):
+        load_state_strict(ToyScoreMLP(width=16, depth=1), load_checkpoint(path)["model"], str(path))
+    truncated = tmp_path / "bad.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RunError, match="unreadable"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": 1}, foreign)
+    with pytest.raises(RunError, match="schema"):
+        load_checkpoint(foreign)
+
+
+def _fit(run, max_steps, stop_at=None):
+    torch.manual_seed(0)
+    net = ToyScoreMLP(width=16, depth=1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(k):
+        if stop_at is not None and k == stop_at:
+            raise KeyboardInterrupt  # an interruption between two checkpoints
+        return flow_matching_step(net, opt, torch.randn(32, 2, generator=gen) + 1, gen)
+
+    train(step, max_steps=max_steps, state={"net": net, "opt": opt, "gen": gen}, run=run, tag="fit",
+          log_every=5, ckpt_every=4, progress=False)
+    return net
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    reference = _fit(RunDir.create(tmp_path, "nb", "straight", {}), 12)
+    run = RunDir.create(tmp_path, "nb", "interrupted", {})
+    with pytest.raises(KeyboardInterrupt):
+        _fit(run, 12, stop_at=10)  # last checkpoint at step 8
+    assert load_checkpoint(run.ckpt_path("fit"))["step"] == 8
+    resumed = _fit(run, 12)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    steps = [r["step"] for r in run.read_metrics()]
+    assert steps[-1] == 12
+
+
+def test_nonfinite_step_raises_with_step_and_checkpoint_or_is_skipped(tmp_path):
+    run = _make(tmp_path)
+    calls = []
+
+    def step(k):
+        calls.append(k)
+        return {"loss": 1.0, "nonfinite": int(k == 3)}
+
+    with pytest.raises(NonFiniteError, match="step 3.*last good checkpoint: .*last.pt"):
+        train(step, max_steps=6, state={}, run=run, tag="t", ckpt_every=2, progress=False)
+    out = train(step, max_steps=6, state={}, run=None, tag="t2", on_nonfinite="skip", progress=False)
+    assert out["nonfinite"] == 0 and calls[-1] == 5
