@@ -117,26 +117,32 @@ def _fm_through_both(net, latents, t, noise, y):
 
 
 def real_fm_input(latents, real_net, fake_net, t, noise, y=None):
+    """Real-score maximisation (Fig. 3d): real net's FM loss, gradient through its input x_t only."""
     return _fm_through_input(real_net, latents, t, noise, y)
 
 
 def real_fm_target(latents, real_net, fake_net, t, noise, y=None):
+    """Real-score maximisation (Fig. 3e): real net's FM loss, gradient through the target only."""
     return _fm_through_target(real_net, latents, t, noise, y)
 
 
 def real_fm_both(latents, real_net, fake_net, t, noise, y=None):
+    """Real-score maximisation (Fig. 3f): real net's FM loss, gradient through input and target."""
     return _fm_through_both(real_net, latents, t, noise, y)
 
 
 def fake_fm_input(latents, real_net, fake_net, t, noise, y=None):
+    """Fake-score maximisation (Fig. 3g): fake net's FM loss, gradient through its input x_t only."""
     return _fm_through_input(fake_net, latents, t, noise, y)
 
 
 def fake_fm_target(latents, real_net, fake_net, t, noise, y=None):
+    """Fake-score maximisation (Fig. 3h): fake net's FM loss, gradient through the target only."""
     return _fm_through_target(fake_net, latents, t, noise, y)
 
 
 def fake_fm_both(latents, real_net, fake_net, t, noise, y=None):
+    """Fake-score maximisation (Fig. 3i): fake net's FM loss, gradient through input and target."""
     return _fm_through_both(fake_net, latents, t, noise, y)
 
 

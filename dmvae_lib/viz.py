@@ -51,7 +51,9 @@ class FigureStore:
                           "(install Debian's `chromium` package for PNG export)", stacklevel=2)
         elif self.pending:
             figs, files = zip(*self.pending)
-            pio.write_images(list(figs), list(files), format="png")
+            # kaleido renders at 700×500 unless told: pass each figure's own layout size.
+            pio.write_images(list(figs), list(files), format="png",
+                             width=[f.layout.width or 900 for f in figs], height=[f.layout.height or 500 for f in figs])
             self.paths.extend(files)
             self.pending.clear()
         return self.paths
@@ -110,11 +112,17 @@ def progress_slider(snapshots: Mapping[str, Sequence[tuple[int, Tensor]]], refer
 
 
 def quiver_traces(probes: Tensor, directions: Tensor, max_len: float, color: str = "black") -> go.Scatter:
-    """Arrows from each probe along its direction, longest arrow = max_len, as one line trace."""
-    norm = directions.norm(dim=1)
-    scale = max_len / float(norm.max().clamp_min(1e-12))
+    """Arrows from each probe along its direction, as one line trace.
+
+    Lengths are scaled so the 90th-percentile arrow is `max_len`, and longer ones are clipped to it: the
+    DM direction is divided by |x − x̂_real|, so a few probes near the reference carry very long vectors
+    that would otherwise shrink every other arrow to a dot.
+    """
+    norm = directions.norm(dim=1, keepdim=True)
+    scale = max_len / float(norm.quantile(0.9).clamp_min(1e-12))
+    scaled = directions * scale * (max_len / (norm * scale).clamp_min(max_len)).clamp(max=1.0)
     xs, ys = [], []
-    for p, d in zip(probes.tolist(), (directions * scale).tolist()):
+    for p, d in zip(probes.tolist(), scaled.tolist()):
         tip = (p[0] + d[0], p[1] + d[1])
         # shaft then a two-stroke head at 30° from the shaft, 30 % of the arrow's length
         dx, dy = d
@@ -136,7 +144,7 @@ def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: T
         if points is not None:
             fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", showlegend=False,
                                      marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), 1, i + 1)
-        fig.add_trace(quiver_traces(probes, fields[name], 0.25 * lim), 1, i + 1)
+        fig.add_trace(quiver_traces(probes, fields[name], 0.18 * lim), 1, i + 1)
     _square_axes(fig, lim)
     fig.update_layout(height=size + 70, width=size * len(names), title=title, margin=dict(l=10, r=10, t=70, b=10))
     return fig
