@@ -90,3 +90,64 @@ def objective_step(
         norm = apply_update(loss, optimizer, [latents], grad_clip, stats.nonfinite)
     return {"obj_loss": float(loss.detach()), "obj_grad_norm": norm, "direction_norm": stats.direction_norm,
             "nonfinite": stats.nonfinite}
+
+
+def tokenizer_step(
+    tokenizer: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list,
+    images: Tensor,
+    features: Tensor,
+    generator: torch.Generator,
+    *,
+    l1: float,
+    l2: float,
+    perceptual: Optional[Callable[[Tensor, Tensor], Tensor]],
+    lpips_weight: float,
+    disc: Optional[nn.Module],
+    disc_weight: float,
+    scheduler=None,
+    grad_clip: float = 1.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[dict[str, float], Tensor]:
+    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂)."""
+    from .recon_losses import adaptive_gan_weight, diff_augment, g_loss
+
+    with autocast():
+        x_hat = tokenizer.decode(tokenizer.project(features))
+    x_hat32 = x_hat.float()
+    rec = l1 * (x_hat32 - images).abs().mean() + l2 * ((x_hat32 - images) ** 2).mean()
+    stats = {"l1": float((x_hat32 - images).abs().mean().detach())}
+    if perceptual is not None and lpips_weight > 0:
+        lp = perceptual(x_hat32, images).mean()
+        rec, stats["lpips"] = rec + lpips_weight * lp, float(lp.detach())
+    loss = rec
+    if disc is not None:
+        with frozen(disc), autocast():
+            gl = g_loss(disc(diff_augment(x_hat32, generator)).float())
+        w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer())
+        loss = rec + disc_weight * w * gl
+        stats.update(g_loss=float(gl.detach()), gan_weight=float(w))
+    bad = int(not torch.isfinite(loss))
+    stats.update(rec_loss=float(rec.detach()), grad_norm=apply_update(loss, optimizer, params, grad_clip, bad, scheduler),
+                 nonfinite=bad)
+    return stats, x_hat32.detach()
+
+
+def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, fakes: Tensor,
+              generator: torch.Generator, *, bcr: float = 1.0, grad_clip: float = 1.0,
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation (reference §4.5)."""
+    from .recon_losses import bcr_loss, d_hinge_loss, diff_augment
+
+    both = torch.cat([images, fakes.detach()])
+    with autocast():
+        logits = disc(diff_augment(both, generator)).float()
+        real, fake = logits.chunk(2)
+        hinge = d_hinge_loss(real, fake)
+        reg = bcr_loss(lambda x: disc(x).float(), both, logits, generator=generator, weight=bcr) if bcr > 0 else 0.0
+    loss = hinge + reg
+    bad = int(not torch.isfinite(loss))
+    norm = apply_update(loss, optimizer, disc.parameters(), grad_clip, bad)
+    return {"d_loss": float(hinge.detach()), "d_real_acc": float((real > 0).float().mean()),
+            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm, "nonfinite": bad}

@@ -16,10 +16,11 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from . import toy
+from . import tokenizer, toy
 
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
+    "tokenizer": (tokenizer.TokenizerStageConfig, tokenizer.PRESETS),
 }
 
 

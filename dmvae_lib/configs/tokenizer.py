@@ -1,0 +1,110 @@
+"""Configuration of stage 1: reference encoders and tokenizer pretraining (notebook 20; paper App. A.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ssl_encoder import SSLConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"  # "shapes" (embedded, generated) | "cifar10" (python-pickle folder) | "imagefolder"
+    root: str = ""  # local dataset folder for cifar10 / imagefolder (ImageNet: the folder holding train/ and val/)
+    n_train: int = 20000  # shapes: generated training images (cifar10/imagefolder: all)
+    n_val: int = 2000  # shapes: generated validation images; also the evaluation sample size elsewhere
+    n_views: int = 2  # shapes: renders per instance (>1: label-free paired views for SSL)
+    resolution: int = 32  # image side; imagefolder uses the ADM centre crop at this size
+    skip_corrupt: bool = False  # imagefolder: skip unreadable images with a warning instead of failing
+    workers: int = 0  # imagefolder DataLoader workers
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    kind: str = "ssl"  # "ssl" (trained here, no labels) | "supervised" (trained here) | "timm" (local weights)
+    side_input: bool = True  # ssl/supervised: also feed the colour-preserving stem (SSL features are colour-blind)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    supervised_steps: int = 300  # the supervised reference classifier ("ResNet features" row of Tab. 1)
+    knn_k: int = 20
+    timm_name: str = "vit_large_patch14_dinov2.lvd142m"  # kind="timm"
+    timm_weights: str = ""  # local .safetensors/.pth; "" → HF cache under HF_HUB_OFFLINE=1, else a clear error
+    timm_patch_size: int = 16  # DINOv2 at patch 16 on 256 px → 16×16 tokens, as the authors run it
+    timm_pretrained: bool = True  # False: random weights (tests, throughput checks)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    z_channels: int = 4  # 8×8×4 = 256 numbers for a 32×32×3 image (12× compression)
+    unshuffle: int = 1  # pixel_unshuffle factor before the projector (shrinks the latent grid)
+    proj_hidden: int = 256  # per-token MLP hidden width (2048 at full scale)
+    dec_ch: int = 32  # decoder base width (128 at full scale); the Flux layout is conv-heavy at high resolution
+    dec_mult: tuple[int, ...] = (1, 2, 4)  # width multipliers per level, lowest resolution last
+    dec_res_blocks: int = 0  # + 1 ResBlock per level (2 at full scale)
+    dec_attn: bool = False  # single-head attention in the decoder's mid block
+    dec_groups: int = 16  # GroupNorm groups
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 900
+    batch: int = 128
+    lr: float = 2e-3  # AdamW, betas (0.9, 0.95); linear warm-up then cosine
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    l1: float = 1.0
+    l2: float = 0.0
+    lpips: str = "auto"  # "auto": real LPIPS if the VGG16 file is local, else off (logged) | "real" | "random" | "off"
+    lpips_weight: float = 1.0
+    disc_weight: float = 0.5  # × the adaptive weight ‖∇L_rec‖/‖∇L_G‖ on the decoder's last layer
+    disc_start: int = 600  # generator adversarial term and discriminator updates from this step
+    disc_lr: float = 2e-4
+    disc_ndf: int = 32
+    disc_layers: int = 2  # PatchGAN depth (3 at full scale)
+    bcr: float = 1.0  # balanced consistency regularisation weight
+    ema_decay: float = 0.999
+    precision: str = "bf16"  # "fp32" | "bf16" autocast (bf16 only where the device supports it)
+    compile: bool = False  # torch.compile the decoder (GPU)
+    log_every: int = 50
+    ckpt_every: int = 300
+    eval_batch: int = 500
+
+
+@dataclass(frozen=True)
+class TokenizerStageConfig:
+    seed: int = 0
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        from . import ConfigError
+
+        if self.data.source not in ("shapes", "cifar10", "imagefolder"):
+            raise ConfigError(f"data.source {self.data.source!r} unknown; use shapes, cifar10 or imagefolder")
+        if self.data.source != "shapes" and not self.data.root:
+            raise ConfigError(f"data.source={self.data.source!r} needs data.root (a local folder)")
+        if self.encoder.kind not in ("ssl", "supervised", "timm"):
+            raise ConfigError(f"encoder.kind {self.encoder.kind!r} unknown; use ssl, supervised or timm")
+        if self.train.lpips not in ("auto", "real", "random", "off"):
+            raise ConfigError(f"train.lpips {self.train.lpips!r} unknown; use auto, real, random or off")
+
+
+PRESETS: dict[str, dict] = {
+    "smoke": {
+        "data.n_train": 2048, "data.n_val": 512, "encoder.ssl.steps": 40, "encoder.supervised_steps": 30,
+        "train.steps": 60, "train.disc_start": 40, "train.batch": 64, "train.log_every": 10, "train.ckpt_every": 30,
+    },
+    "cpu": {},
+    "imagenet256": {
+        "data.source": "imagefolder", "data.root": "data/imagenet", "data.resolution": 256, "data.workers": 8,
+        "encoder.kind": "timm", "net.z_channels": 32, "net.proj_hidden": 2048, "net.dec_ch": 128,
+        "net.dec_mult": (1, 2, 4, 4), "net.dec_res_blocks": 2, "net.dec_attn": True, "net.dec_groups": 32,
+        "train.steps": 40000, "train.batch": 256, "train.lr": 1e-4, "train.warmup_steps": 1000,
+        "train.weight_decay": 0.005, "train.disc_start": 5000, "train.disc_lr": 1e-4, "train.disc_ndf": 64,
+        "train.disc_layers": 3, "train.ema_decay": 0.9999, "train.ckpt_every": 5000, "train.log_every": 100,
+        "train.eval_batch": 64,
+    },
+}  # fmt: skip
