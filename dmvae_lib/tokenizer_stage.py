@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from timm.utils import ModelEmaV3
 
 from . import image_metrics, probes, shapes_dataset
 from .configs import to_dict
@@ -171,7 +171,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
     trainable = nn.ModuleDict({"projector": tok.projector, "decoder": tok.decoder})
-    ema = AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
+    # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
+    ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
     gen = torch.Generator().manual_seed(cfg.seed + 11)
     batches = _batches(data, t.batch, gen, cfg.data.workers)
@@ -189,7 +190,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         if gan is not None:
             d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
             stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
-        ema.update_parameters(trainable)
+        ema.update(trainable, step=k + 1)
         return stats
 
     state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema, "gen": gen}
@@ -261,3 +262,22 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
     tok.latent_mean.fill_(ck["latent_mean"])
     tok.latent_scale.fill_(ck["latent_scale"])
     return tok.to(device).eval(), cfg, encoders
+
+
+def encoder_table(encoders: dict):
+    """The reference encoders' label-based scores (labels are used for evaluation only)."""
+    import pandas as pd
+
+    rows = {name.removesuffix("_scores"): scores for name, scores in encoders.items() if name.endswith("_scores")}
+    return pd.DataFrame(rows).T
+
+
+def loss_curves(run: RunDir, tag: str, keys: tuple[str, ...]):
+    """Plotly lines of `keys` against step from the run's metrics.jsonl (records of `tag`)."""
+    import plotly.graph_objects as go
+
+    recs = [r for r in run.read_metrics() if r.get("tag") == tag]
+    fig = go.Figure([go.Scatter(x=[r["step"] for r in recs if k in r], y=[r[k] for r in recs if k in r],
+                                mode="lines+markers", name=k) for k in keys])
+    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800)
+    return fig

@@ -162,3 +162,23 @@ def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: st
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_type="log" if log_y else "linear",
                       height=420, width=900)
     return fig
+
+
+def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> go.Figure:
+    """Rows of images (N, 3, H, W) in [−1, 1], one labelled row per entry, as one RGB picture."""
+    import numpy as np
+
+    tiles = []
+    for imgs in rows.values():
+        u8 = ((imgs.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        pad = np.full((u8.shape[0], u8.shape[1] + 2, u8.shape[2] + 2, 3), 255, np.uint8)
+        pad[:, 1:-1, 1:-1] = u8
+        tiles.append(np.concatenate(list(pad), axis=1))
+    grid = np.concatenate(tiles, axis=0)
+    fig = go.Figure(go.Image(z=grid))
+    h = grid.shape[0] // len(rows)
+    fig.update_yaxes(tickvals=[h * (i + 0.5) for i in range(len(rows))], ticktext=list(rows), showgrid=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_layout(title=title, width=grid.shape[1] * scale + 150, height=grid.shape[0] * scale + 80,
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig

@@ -94,7 +94,8 @@ class TokenizerStageConfig:
 
 PRESETS: dict[str, dict] = {
     "smoke": {
-        "data.n_train": 2048, "data.n_val": 512, "encoder.ssl.steps": 40, "encoder.supervised_steps": 30,
+        "data.n_train": 2048, "data.n_val": 512, "encoder.ssl.steps": 40,
+        "encoder.supervised_steps": 30,
         "train.steps": 60, "train.disc_start": 40, "train.batch": 64, "train.log_every": 10, "train.ckpt_every": 30,
     },
     "cpu": {},

@@ -1,0 +1,119 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 20 · Tokenizer pretraining: reference encoders, then a frozen-encoder autoencoder
+#
+# > DMVAE's stage 1 (paper App. A.1): a frozen encoder (DINOv2-L at full scale; here a self-supervised CNN
+# > the workbook trains itself) → a per-token MLP projector → a low-dimensional latent → a Flux-style
+# > convolutional decoder, trained with L1 (+ LPIPS) + an adaptive hinge GAN. Its latents become the
+# > reference distribution of the next stages.
+#
+# **What you'll see.** The embedded dataset; a self-supervised encoder trained *without labels* (labels
+# only score it, by kNN and a linear probe) and a supervised classifier of the same backbone (the paper's
+# "ResNet features" reference); the tokenizer's losses, reconstructions and metrics (PSNR, SSIM, LPIPS, and a
+# Fréchet distance *in the SSL encoder's feature space*, which is not FID); a checkpoint later notebooks load.
+#
+# **What it needs.** Nothing upstream (`imagenet256`: a local ImageNet folder and DINOv2 weights, see the
+# README). Time on a 2-core CPU: `smoke` ≈ 1 min; `cpu` is being tuned toward ≤ 8 min.
+
+# %% tags=["parameters"]
+preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU, local data and weights)
+seed: int = 0  # seeds data generation, initialisation and every generator of the run
+device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
+run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/runs
+run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
+overrides: dict = {}  # dotted config keys, e.g. {"train.steps": 2000, "encoder.ssl.steps": 1500}
+
+# %%
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib import viz
+from dmvae_lib.session import resolve_run_root, start
+
+s = start("tokenizer", "20_tokenizer_pretraining", preset, overrides, seed=seed, device=device,
+          run_root=run_root, run_name=run_name)
+cfg = s.cfg
+print(f"run: {s.run.path}\ndevice: {s.device}")
+cfg
+
+# %% [markdown]
+# ## 1 · Data
+# The embedded set: 10 shape classes rendered at 32×32 with random colour, scale, position, rotation,
+# background gradient, texture and noise. Each instance is rendered twice with independent nuisances
+# ("paired views"): a label-free augmentation for self-supervised learning.
+
+# %%
+data = ts.load_data(cfg, resolve_run_root(run_root) / "_cache")
+print(f"val: {tuple(data.val.shape)}" + ("" if data.train is None else f", train: {tuple(data.train.shape)}"))
+rows = {f"class {c}": ts.to_float(data.val[data.val_labels == c][:12]) for c in range(int(data.val_labels.max()) + 1)}
+s.figures.save(viz.image_grid(rows, title="validation images by class"), "data_grid")
+
+# %% [markdown]
+# ## 2 · Reference encoders
+# The SSL encoder plays DINOv2's role. kNN accuracy (k = 20, cosine, weighted votes) on the validation
+# split measures whether its features discover the classes; the supervised classifier is the upper bound.
+
+# %%
+encoders = ts.reference_encoders(cfg, data, s.run, s.device)
+table = ts.encoder_table(encoders)
+table
+
+# %%
+if cfg.encoder.kind != "timm":
+    knn = encoders["ssl_scores"]["knn_acc"]
+    assert knn > 0.12, f"SSL features are at chance (kNN {knn:.3f})"
+    print(f"SSL kNN accuracy {knn:.3f} (chance 0.10)")
+
+# %% [markdown]
+# ## 3 · Train the tokenizer
+# Frozen encoder (+ its colour-preserving stem) → projector → z → decoder. Loss: L1 (+ LPIPS when the VGG16
+# weights are local) + `disc_weight` × adaptive weight × hinge-GAN term from `train.disc_start`, with DiffAug
+# and consistency regularisation on the PatchGAN. The EMA of the projector and decoder is evaluated and saved.
+
+# %%
+tokenizer = ts.build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+tokenizer, train_stats = ts.train_tokenizer(cfg, tokenizer, data, s.run, s.device)
+print(f"LPIPS in the loss: {train_stats['lpips_in_loss']}")
+s.figures.save(ts.loss_curves(s.run, "tokenizer", ("l1", "g_loss", "d_loss")), "tokenizer_losses")
+
+# %%
+first = next(r for r in s.run.read_metrics() if r.get("tag") == "tokenizer")
+assert train_stats["l1"] < first["l1"], "the reconstruction loss did not decrease"
+
+# %% [markdown]
+# ## 4 · Reconstructions and metrics
+# PSNR and SSIM on [0, 1]; LPIPS (labelled "random backbone" when the VGG16 weights are not local: then it
+# is not a perceptual metric); the Fréchet distance between originals and reconstructions in the SSL
+# encoder's pooled-feature space (labelled; real rFID needs the Inception weights, see the README).
+
+# %%
+metrics = ts.evaluate_tokenizer(tokenizer, data, s.device, encoders.get("ssl"), cfg.train.eval_batch)
+x_hat, _ = ts.reconstruct(tokenizer, data.val[:16], s.device)
+s.figures.save(viz.image_grid({"original": ts.to_float(data.val[:16]), "reconstruction": x_hat}), "reconstructions")
+metrics
+
+# %%
+assert metrics["psnr"] > 10.0, f"reconstructions are noise (PSNR {metrics['psnr']:.1f} dB)"
+ts.save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
+
+# %% [markdown]
+# ## 5 · Summary
+
+# %%
+summary = s.finish({"encoders": table.to_dict("index"), "tokenizer": metrics, "checkpoint": "tokenizer.pt"})
+print(f"run directory: {s.run.path}")
+print("\n".join(summary["figures"]))
