@@ -9,7 +9,7 @@ Labels enter only here, never in self-supervised training.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -119,7 +119,7 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     if e.supervised_steps > 0:
         sup_cfg = dataclasses.replace(e.ssl, seed=cfg.seed + 1, steps=e.supervised_steps, max_seconds=0.0)
         sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
-        out["supervised"] = sup.model.encoder.eval()
+        out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
         logits = probes.extract_features(sup.model.eval(), data.val, device=device)
         out["supervised_scores"] = {"val_acc": float((logits.argmax(1) == data.val_labels).float().mean()),
                                     **evaluate_features(out["supervised"], data, device, e.knn_k)}
@@ -253,7 +253,7 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
     encoders = {}
     for name in ("ssl", "supervised"):
         if name in ck:
-            net = SmallResNet(cfg.encoder.ssl.width)
+            net = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
             load_state_strict(net, ck[name], f"{path} [{name}]")
             encoders[name] = net.eval()
     tok = build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))

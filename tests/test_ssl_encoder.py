@@ -7,10 +7,22 @@ import torch
 from dmvae_lib import shapes_dataset
 from dmvae_lib.probes import extract_features, knn_accuracy, linear_probe_accuracy
 from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
-from dmvae_lib.ssl_encoder import (ARCHS, OBJECTIVES, SMOKE_OVERRIDES, SSLConfig, SmallResNet, augment, load_encoder,
-                                   nt_xent, save_encoder, train_ssl, train_supervised, vicreg)
+from dmvae_lib.ssl_encoder import (
+    ARCHS,
+    OBJECTIVES,
+    SMOKE_OVERRIDES,
+    SmallResNet,
+    SSLConfig,
+    augment,
+    load_encoder,
+    nt_xent,
+    save_encoder,
+    train_ssl,
+    train_supervised,
+    vicreg,
+)
 
-TINY = dict(width=8, arch="r3", batch=16, proj_hidden=32, proj_out=16, warmup_steps=2)
+TINY = {"width": 8, "arch": "r3", "batch": 16, "proj_hidden": 32, "proj_out": 16, "warmup_steps": 2}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -108,7 +120,8 @@ def _fit(run, steps, renders, stop_at=None):
     cfg = SSLConfig(**TINY, steps=steps, precision="fp32")
     hooks = []
     if stop_at is not None:
-        def interrupt(step):
+        def interrupt(step, encoder):
+            assert isinstance(encoder, SmallResNet)
             if step == stop_at:
                 raise KeyboardInterrupt  # an interruption between two checkpoints
         hooks = [(1, interrupt)]
