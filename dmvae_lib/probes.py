@@ -19,7 +19,7 @@ from torch import Tensor, nn
 @torch.no_grad()
 def extract_features(fn: Callable[[Tensor], Tensor], images: Tensor, *, batch: int = 1024,
                      device: torch.device | str = "cpu") -> Tensor:
-    """fn(batch) for `images` (N, 3, H, W) float in [−1, 1] (or uint8 (N, H, W, 3)), concatenated as fp32 on CPU."""
+    """fn(batch) over `images` (N, 3, H, W) float in [−1, 1] or uint8 (N, H, W, 3), as one fp32 CPU tensor."""
     out = []
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
@@ -30,8 +30,8 @@ def extract_features(fn: Callable[[Tensor], Tensor], images: Tensor, *, batch: i
 
 
 @torch.no_grad()
-def knn_accuracy(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_labels: Tensor, *,
-                 k: int = 20, T: float = 0.07, chunk: int = 1024) -> float:
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_labels: Tensor,
+                 k: int = 20, T: float = 0.07, *, chunk: int = 1024) -> float:
     """Weighted-vote cosine kNN accuracy of (N_val, D) features against (N_train, D) labelled ones."""
     assert train_feats.shape[0] == train_labels.shape[0] and val_feats.shape[0] == val_labels.shape[0]
     n_classes = int(max(train_labels.max(), val_labels.max())) + 1
@@ -47,7 +47,8 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, v
 
 
 def linear_probe_accuracy(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_labels: Tensor, *,
-                          steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> float:
+                          steps: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4,
+                          seed: int = 0) -> float:
     """Val accuracy of a softmax-regression probe fit full-batch (Adam) on standardised train features."""
     mean, std = train_feats.float().mean(0), train_feats.float().std(0) + 1e-6
     xtr, xva = (train_feats.float() - mean) / std, (val_feats.float() - mean) / std

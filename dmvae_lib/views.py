@@ -32,7 +32,10 @@ def augment(x: Tensor, generator: torch.Generator, *, crop_scale: tuple[float, f
     `keep_color` (B,) bool marks images that get the geometric part only.
     """
     b, dev = x.shape[0], x.device
-    u = lambda lo, hi: (torch.rand(b, generator=generator, device=generator.device) * (hi - lo) + lo).to(dev)
+
+    def u(lo: float, hi: float) -> Tensor:  # (B,) uniform draws from `generator`, moved to the images' device
+        return (torch.rand(b, generator=generator, device=generator.device) * (hi - lo) + lo).to(dev)
+
     area, log_ar = u(*crop_scale), u(-math.log(max_aspect), math.log(max_aspect))
     sx, sy = (area * log_ar.exp()).sqrt().clamp(max=1), (area / log_ar.exp()).sqrt().clamp(max=1)
     tx, ty = u(-1, 1) * (1 - sx), u(-1, 1) * (1 - sy)
@@ -40,7 +43,7 @@ def augment(x: Tensor, generator: torch.Generator, *, crop_scale: tuple[float, f
     sign = torch.where(u(0, 1) < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([cos * sx * sign, -sin * sy, tx], 1),
-                         torch.stack([sin * sx * sign, cos * sy, ty], 1)], 1)  # (B, 2, 3): output → input coords
+                         torch.stack([sin * sx * sign, cos * sy, ty], 1)], 1)  # (B, 2, 3): output → input
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     y = (F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False) + 1) / 2
     keep = torch.zeros(b, dtype=torch.bool, device=dev) if keep_color is None else keep_color.to(dev)
@@ -48,8 +51,9 @@ def augment(x: Tensor, generator: torch.Generator, *, crop_scale: tuple[float, f
     bright, contrast, sat = (torch.where(on, u(1 - s, 1 + s), 1.0) for _ in range(3))
     phi = torch.where(on, u(-math.pi, math.pi), 0.0) if hue else torch.zeros(b, device=dev)
     # per-image colour matrix: hue rotation about the grey axis k (Rodrigues) @ saturation blend toward luma
-    luma, eye, k = torch.tensor(_LUMA, device=dev), torch.eye(3, device=dev), torch.full((3,), 3 ** -0.5, device=dev)
-    kx = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev) * 3 ** -0.5  # cross-product matrix [k]×
+    luma, eye = torch.tensor(_LUMA, device=dev), torch.eye(3, device=dev)
+    k = torch.full((3,), 3 ** -0.5, device=dev)  # the grey axis
+    kx = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev) * 3 ** -0.5  # [k]×: [k]× v = k × v
     c, sn = phi.cos()[:, None, None], phi.sin()[:, None, None]
     rot = c * eye + sn * kx + (1 - c) * torch.outer(k, k)
     satm = sat[:, None, None] * eye + (1 - sat)[:, None, None] * luma.expand(3, 3)
@@ -59,7 +63,6 @@ def augment(x: Tensor, generator: torch.Generator, *, crop_scale: tuple[float, f
     gray = ((u(0, 1) < gray_p) & ~keep)[:, None, None, None]
     y = torch.where(gray, torch.einsum("c,bchw->bhw", luma, y)[:, None].expand_as(y), y)
     return y * 2 - 1
-
 
 
 def paired_renders(n: int, seed: int, n_views: int, base: np.ndarray | None = None) -> np.ndarray:
@@ -72,28 +75,31 @@ def paired_renders(n: int, seed: int, n_views: int, base: np.ndarray | None = No
     return np.stack(views)
 
 
-def _as_u8(renders) -> Tensor:
+def renders_tensor(renders) -> Tensor:
     """uint8 (V, N, H, W, 3) or (N, H, W, 3), array or tensor → uint8 (V, N, 3, H, W) tensor."""
     t = renders if isinstance(renders, Tensor) else torch.from_numpy(np.asarray(renders))
     t = t[None] if t.dim() == 4 else t
-    assert t.dtype == torch.uint8 and t.dim() == 5 and t.shape[-1] == 3, f"want uint8 (V, N, H, W, 3): {t.shape}"
+    ok = t.dtype == torch.uint8 and t.dim() == 5 and t.shape[-1] == 3
+    assert ok, f"expected uint8 (V, N, H, W, 3) renders, got {t.dtype} {tuple(t.shape)}"
     return t.permute(0, 1, 4, 2, 3).contiguous()
 
 
-def _images(data: Tensor, view: Tensor, idx: Tensor, device) -> Tensor:
+def batch_images(data: Tensor, view: Tensor, idx: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Renders `view[i]` of instances `idx[i]` of uint8 `data` (V, N, 3, H, W) as float."""
     return data[view, idx].to(device).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [−1, 1]
 
 
 def sample_views(data: Tensor, generator: torch.Generator, batch: int, paired_frac: float, aug: dict,
-                 paired_color: bool = False, device="cpu") -> tuple[Tensor, Tensor, Tensor]:
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
     """Two augmented views of `batch` random instances of uint8 `data` (V, N, 3, H, W); with probability
-    `paired_frac` (and V ≥ 2) the second view is another render of the instance. Returns (x1, x2, paired)."""
+    `paired_frac` (and V ≥ 2) the second view is another render of the instance and gets no colour jitter
+    or grayscale (its colours already differ; the first view gets `aug` in full). Returns (x1, x2, paired)."""
     n_views, n = data.shape[:2]
     idx = torch.randint(n, (batch,), generator=generator)
     v1 = torch.randint(n_views, (batch,), generator=generator)
     paired = (torch.rand(batch, generator=generator) < paired_frac) & (n_views > 1)
     shift = torch.randint(1, max(n_views, 2), (batch,), generator=generator)  # another render, never the same
     v2 = torch.where(paired, (v1 + shift) % n_views, v1)
-    x1 = augment(_images(data, v1, idx, device), generator, **aug)
-    x2 = augment(_images(data, v2, idx, device), generator, **aug, keep_color=None if paired_color else paired)
+    x1 = augment(batch_images(data, v1, idx, device), generator, **aug)
+    x2 = augment(batch_images(data, v2, idx, device), generator, **aug, keep_color=paired)
     return x1, x2, paired

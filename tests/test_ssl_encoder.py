@@ -11,6 +11,7 @@ from dmvae_lib.ssl_encoder import (
     ARCHS,
     OBJECTIVES,
     SMOKE_OVERRIDES,
+    SUPERVISED_OVERRIDES,
     SmallResNet,
     SSLConfig,
     augment,
@@ -21,6 +22,7 @@ from dmvae_lib.ssl_encoder import (
     train_supervised,
     vicreg,
 )
+from dmvae_lib.views import batch_images, paired_renders, renders_tensor, sample_views
 
 TINY = {"width": 8, "arch": "r3", "batch": 16, "proj_hidden": 32, "proj_out": 16, "warmup_steps": 2}
 
@@ -49,13 +51,36 @@ def test_augment_is_seeded_shape_preserving_and_in_range():
 
 def test_augment_identity_settings_and_keep_color():
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    same = augment(x, torch.Generator().manual_seed(0), crop_scale=(1.0, 1.0), max_aspect=1.0, rotate=False, flip=False,
-                   color_p=0.0, gray_p=0.0)
+    same = augment(x, torch.Generator().manual_seed(0), crop_scale=(1.0, 1.0), max_aspect=1.0, rotate=False,
+                   flip=False, color_p=0.0, gray_p=0.0)
     assert torch.allclose(same, x, atol=1e-5)  # area 1, aspect 1, no rotation: identity
     gray = augment(x, torch.Generator().manual_seed(0), color_p=0.0, gray_p=1.0)
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
-    kept = augment(x, torch.Generator().manual_seed(0), color_p=0.0, gray_p=1.0, keep_color=torch.ones(4, dtype=torch.bool))
+    keep = torch.ones(4, dtype=torch.bool)
+    kept = augment(x, torch.Generator().manual_seed(0), color_p=0.0, gray_p=1.0, keep_color=keep)
     assert not torch.allclose(kept[:, 0], kept[:, 1])
+
+
+def test_paired_renders_share_view0_with_generate_and_differ_in_nuisances():
+    renders = paired_renders(6, seed=2, n_views=3)
+    assert renders.shape == (3, 6, 32, 32, 3) and renders.dtype == np.uint8
+    assert np.array_equal(renders[0], shapes_dataset.generate(6, seed=2)[0])
+    assert not np.array_equal(renders[1], renders[0]) and not np.array_equal(renders[2], renders[1])
+
+
+@pytest.mark.parametrize("paired_frac", [0.0, 1.0])
+def test_sample_views_pairs_other_renders_without_colour_jitter(paired_frac, gen):
+    data = renders_tensor(paired_renders(10, seed=0, n_views=2))
+    identity = {"crop_scale": (1.0, 1.0), "max_aspect": 1.0, "rotate": False, "flip": False, "color_p": 1.0,
+                "gray_p": 0.0}
+    x1, x2, paired = sample_views(data, gen, 8, paired_frac, identity)
+    assert bool(paired.all()) == (paired_frac == 1.0) and x1.shape == x2.shape == (8, 3, 32, 32)
+    if paired_frac == 1.0:  # x2 is a plain render, untouched by the (certain) colour jitter; x1 is jittered
+        renders = batch_images(data, torch.arange(2).repeat_interleave(10), torch.arange(10).repeat(2))
+        assert all(any(torch.allclose(x, r, atol=1e-5) for r in renders) for x in x2)
+        assert not any(torch.allclose(x, r, atol=1e-5) for r in renders for x in x1)
+    else:
+        assert not torch.allclose(x1, x2)  # same render, independent colour jitter
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
@@ -107,6 +132,10 @@ def test_encoder_checkpoint_round_trip_is_strict(tmp_path):
     save_checkpoint(tmp_path / "bad.pt", {k: v for k, v in ckpt.items() if k != "schema"})
     with pytest.raises(RunError, match="do not fit"):
         load_encoder(tmp_path / "bad.pt")
+    ckpt["config"] = {**cfg.__dict__, "no_such_field": 1}  # a config from another version of the code
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k != "schema"})
+    with pytest.raises(RunError, match="no_such_field"):
+        load_encoder(tmp_path / "old.pt")
     with pytest.raises(RunError, match="does not exist"):
         load_encoder(tmp_path / "missing.pt")
 
@@ -136,7 +165,7 @@ def test_train_ssl_resumes_identically_after_interruption(tmp_path):
         _fit(run, 6, renders, stop_at=5)  # last checkpoint at step 4
     assert load_checkpoint(run.ckpt_path("ssl"))["step"] == 4
     resumed = _fit(run, 6, renders)
-    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert resumed.stats["loss"] == reference.stats["loss"] and np.isfinite(resumed.stats["loss"])
 
@@ -149,7 +178,12 @@ def test_train_supervised_runs_and_time_budget_stops_early():
     assert out.stats["idle"] == 1.0 and out.stats["seconds"] > 0  # one step, then the budget is spent
 
 
-def test_smoke_overrides_are_config_fields():
+def test_presets_are_config_fields_and_unknown_names_raise():
     fields = {f.name for f in dataclasses.fields(SSLConfig)}
-    assert set(SMOKE_OVERRIDES) <= fields
-    SSLConfig(**SMOKE_OVERRIDES)
+    for overrides in (SMOKE_OVERRIDES,
+    SUPERVISED_OVERRIDES, SUPERVISED_OVERRIDES):
+        assert set(overrides) <= fields
+        SSLConfig(**overrides).validate()
+    for bad in ({"arch": "r9"}, {"objective": "byol"}, {"precision": "fp16"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SSLConfig(**bad).validate()
