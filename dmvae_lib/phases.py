@@ -109,12 +109,18 @@ def tokenizer_step(
     scheduler=None,
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    latent_loss: Optional[Callable[[Tensor], tuple[Tensor, dict]]] = None,
 ) -> tuple[dict[str, float], Tensor]:
-    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂)."""
+    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂).
+
+    `latent_loss(z) -> (loss, stats)` adds a term on the projector's output z (joint training: λ·L_DM through
+    the projection head); it reaches the projector/encoder only, never the decoder.
+    """
     from .recon_losses import adaptive_gan_weight, diff_augment, g_loss
 
     with autocast():
-        x_hat = tokenizer.decode(tokenizer.project(features))
+        z = tokenizer.project(features)
+        x_hat = tokenizer.decode(z)
     x_hat32 = x_hat.float()
     rec = l1 * (x_hat32 - images).abs().mean() + l2 * ((x_hat32 - images) ** 2).mean()
     stats = {"l1": float((x_hat32 - images).abs().mean().detach())}
@@ -128,7 +134,10 @@ def tokenizer_step(
         w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer())
         loss = rec + disc_weight * w * gl
         stats.update(g_loss=float(gl.detach()), gan_weight=float(w))
-    bad = int(not torch.isfinite(loss))
+    if latent_loss is not None:
+        extra, extra_stats = latent_loss(z)
+        loss, stats = loss + extra, {**stats, **extra_stats}
+    bad = int(not torch.isfinite(loss)) + int(stats.pop("nonfinite", 0))
     stats.update(rec_loss=float(rec.detach()), grad_norm=apply_update(loss, optimizer, params, grad_clip, bad, scheduler),
                  nonfinite=bad)
     return stats, x_hat32.detach()

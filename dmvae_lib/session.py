@@ -62,3 +62,36 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
     run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed),
                         {"stage": stage, "preset": preset, **to_dict(cfg)}, device=str(dev))
     return Session(cfg, run, dev, FigureStore(run.figures), preset)
+
+
+def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
+                 preset: str = "") -> Path:
+    """The folder of an earlier notebook's finished run that holds `artifact` (e.g. "tokenizer.pt").
+
+    `path` when given (a run folder or the artifact itself); else the run of the same `run_name` (the
+    pipeline gives every stage one name); else the newest finished run of `notebook` at `preset`. Anything
+    missing raises RunError naming the notebook that produces it.
+    """
+    from .runs import RunError
+
+    producer = f"notebooks/{notebook}.ipynb"
+    if path:
+        p = Path(path).expanduser().resolve()
+        folder = p.parent if p.is_file() else p
+        if not (folder / artifact).is_file():
+            raise RunError(f"{folder} holds no {artifact}; pass the folder of a finished {producer} run")
+        return folder
+    base = resolve_run_root(run_root) / notebook
+    if run_name and (base / run_name / artifact).is_file():
+        return base / run_name
+    finished = []
+    for cfg_file in base.glob("*/config.json") if base.is_dir() else []:
+        folder = cfg_file.parent
+        if (folder / artifact).is_file() and (folder / "summary.json").is_file():
+            if not preset or json.loads(cfg_file.read_text())["config"].get("preset") == preset:
+                finished.append(folder)
+    if not finished:
+        where = f"{base / run_name}" if run_name else f"{base} (preset {preset or 'any'})"
+        raise RunError(f"no finished run of {producer} with {artifact} at {where}; run {producer} first "
+                       f"(e.g. `python -m dmvae_lib.pipeline --only {notebook[:2]}`) or pass its run folder")
+    return max(finished, key=lambda f: (f / "summary.json").stat().st_mtime)

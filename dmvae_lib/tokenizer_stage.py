@@ -29,7 +29,7 @@ from .loop import train
 from .phases import disc_step, tokenizer_step
 from .recon_losses import PatchDiscriminator, PerceptualLoss, default_vgg16_path
 from .runs import RunDir, RunError, atomic_write_bytes, load_checkpoint, load_state_strict, save_checkpoint
-from .ssl_encoder import SmallResNet, train_ssl, train_supervised
+from .ssl_encoder import SUPERVISED_OVERRIDES, SmallResNet, train_ssl, train_supervised
 from .tokenizer import Decoder, Projector, Tokenizer, timm_encoder
 
 
@@ -117,7 +117,8 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     out["ssl"] = ssl.model.eval()
     out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
     if e.supervised_steps > 0:
-        sup_cfg = dataclasses.replace(e.ssl, seed=cfg.seed + 1, steps=e.supervised_steps, max_seconds=0.0)
+        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": cfg.seed + 1, "steps": e.supervised_steps,
+                                                "batch": e.supervised_batch, "max_seconds": 0.0})
         sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
         out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
         logits = probes.extract_features(sup.model.eval(), data.val, device=device)
@@ -150,14 +151,16 @@ def perceptual_loss(mode: str) -> Optional[PerceptualLoss]:
     return PerceptualLoss(allow_random_backbone=mode == "random")
 
 
-def _batches(data: ImageData, batch: int, gen: torch.Generator, workers: int) -> Iterator[Tensor]:
+def batches(data: ImageData, batch: int, gen: torch.Generator, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images in [−1, 1], labels) training batches drawn with replacement by `gen`."""
     if data.folder is None:
         while True:
-            yield to_float(data.train[0][torch.randint(data.train.shape[1], (batch,), generator=gen)])
+            idx = torch.randint(data.train.shape[1], (batch,), generator=gen)
+            yield to_float(data.train[0][idx]), data.train_labels[idx].long()
     sampler = torch.utils.data.RandomSampler(data.folder, replacement=True, num_samples=10**12, generator=gen)
-    for x, _ in torch.utils.data.DataLoader(data.folder, batch_size=batch, sampler=sampler, num_workers=workers,
+    for x, y in torch.utils.data.DataLoader(data.folder, batch_size=batch, sampler=sampler, num_workers=workers,
                                             drop_last=True):
-        yield x
+        yield x, torch.as_tensor(y).long()
 
 
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
@@ -175,11 +178,11 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
     gen = torch.Generator().manual_seed(cfg.seed + 11)
-    batches = _batches(data, t.batch, gen, cfg.data.workers)
+    stream = batches(data, t.batch, gen, cfg.data.workers)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 
     def step(k: int) -> dict:
-        images = next(batches).to(device)
+        images = next(stream)[0].to(device)
         with autocast():
             feats = tok.encode_features(images)
         gan = disc if k >= t.disc_start and t.disc_weight > 0 else None

@@ -182,3 +182,10 @@ def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> g
     fig.update_layout(title=title, width=grid.shape[1] * scale + 150, height=grid.shape[0] * scale + 80,
                       margin=dict(l=10, r=10, t=50, b=10))
     return fig
+
+
+def bar_chart(x: Sequence[float], y: Sequence[float], title: str = "", x_title: str = "", y_title: str = "") -> go.Figure:
+    """A single-series bar chart (e.g. a loss per t-bin)."""
+    fig = go.Figure(go.Bar(x=list(x), y=list(y)))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=360, width=700)
+    return fig

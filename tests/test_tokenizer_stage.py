@@ -5,7 +5,7 @@ import torch
 
 from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import ConfigError, make_config, to_dict
-from dmvae_lib.runs import RunDir, RunError, save_checkpoint
+from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
 
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
         "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.knn_k": 5, "net.proj_hidden": 16,
@@ -68,3 +68,61 @@ def test_config_errors():
         make_config("tokenizer", "cpu", {"data.source": "cifar10"})
     with pytest.raises(ConfigError, match="encoder.kind"):
         make_config("tokenizer", "cpu", {"encoder.kind": "clip"})
+
+
+def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monkeypatch):
+    """Kill the tokenizer after its step-2 checkpoint, resume with fresh objects: same weights as uninterrupted."""
+    cfg, _, data, enc, _, _ = stage
+
+    def run_to_end(name):
+        run = RunDir.create(tmp_path, "20", name, to_dict(cfg))
+        tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+        return tok.state_dict()
+
+    reference = run_to_end("straight")
+    calls, real_step = [], ts.tokenizer_step
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step index 2: after the checkpoint written at step 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "tokenizer_step", dying_step)
+    run = RunDir.create(tmp_path, "20", "killed", to_dict(cfg))
+    with pytest.raises(KeyboardInterrupt):
+        ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    monkeypatch.setattr(ts, "tokenizer_step", real_step)
+    assert load_checkpoint(run.ckpt_path("tokenizer"))["step"] == 2
+    resumed = run_to_end("killed")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+
+
+@pytest.mark.slow
+def test_imagenet256_preset_full_size_training_step_on_random_tensors():
+    """The GPU preset's models at full size (random DINOv2-L at patch 16, 256 px → 16×16×32 latents, the
+    49.6 M-parameter decoder) and one reconstruction + adaptive-GAN + discriminator step, on this CPU."""
+    from dmvae_lib.phases import disc_step, tokenizer_step
+    from dmvae_lib.recon_losses import PatchDiscriminator
+
+    cfg = make_config("tokenizer", "imagenet256", {"encoder.timm_pretrained": False})
+    torch.manual_seed(0)
+    tok = ts.build_tokenizer(cfg, None)
+    t = cfg.train
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 256, 256, generator=gen) * 2 - 1
+    feats = tok.encode_features(images)
+    assert feats.shape[-2:] == (16, 16) and tok.project(feats).shape == (1, 32, 16, 16)
+    params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=t.lr)
+    disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr)
+    before = tok.decoder.get_last_layer().detach().clone()
+    stats, x_hat = tokenizer_step(tok, opt, params, images, feats, gen, l1=t.l1, l2=t.l2, perceptual=None,
+                                  lpips_weight=0.0, disc=disc, disc_weight=t.disc_weight, grad_clip=t.grad_clip)
+    d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip)
+    assert x_hat.shape == images.shape and stats["nonfinite"] == 0 and d["nonfinite"] == 0
+    assert not torch.equal(before, tok.decoder.get_last_layer()), "the decoder did not take a step"
+    assert all(p.grad is None for p in tok.encoder.parameters()), "the frozen encoder received gradients"

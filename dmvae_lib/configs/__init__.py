@@ -16,11 +16,13 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from . import tokenizer, toy
+from . import joint, teacher, tokenizer, toy
 
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
     "tokenizer": (tokenizer.TokenizerStageConfig, tokenizer.PRESETS),
+    "teacher": (teacher.TeacherStageConfig, teacher.PRESETS),
+    "joint": (joint.JointStageConfig, joint.PRESETS),
 }
 
 

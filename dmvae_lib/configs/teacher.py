@@ -1,0 +1,74 @@
+"""Configuration of stage 2: the reference distribution and the real (teacher) velocity net (notebook 30;
+paper §4, App. A.2; reference note §3, §5.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REFERENCE_NAMES = ("ssl", "supervised", "gaussian", "gmm", "class_subset", "noise_states")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    name: str = "ssl"  # one of REFERENCE_NAMES; "ssl" = the stage-1 tokenizer's own latents (as the authors do)
+    classes: tuple[int, ...] = (0, 1, 2, 3, 4)  # class_subset: the classes kept
+    noise_t: float = 0.5  # noise_states: x_t = (1 − t)·ε + t·latent at this fixed t (t = 1 is data)
+    gmm_components: int = 10
+    flip: bool = False  # also cache horizontally flipped images (doubles the latent cache)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    size: str = "Micro"  # a key of lightning_dit.DIT_SIZES (XL at full scale)
+    patch_size: int = 4  # 8×8 latent → 4 tokens on a CPU (patch 1 → 64 tokens is ~10× slower); 1 at full scale
+    label_dropout: float = 0.1  # labels replaced by the null label while fitting (classifier-free guidance)
+    grad_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int = 3000
+    batch: int = 256
+    lr: float = 1e-3  # AdamW (0.9, 0.95), linear warm-up then constant
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # the EMA weights are the teacher
+    precision: str = "bf16"
+    compile: bool = False  # torch.compile the net (GPU)
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_samples: int = 2000  # Euler-ODE samples compared with the reference
+    sample_steps: int = 50
+    cfg_scale: float = 1.0  # guidance for the preview samples (1: none)
+
+
+@dataclass(frozen=True)
+class TeacherStageConfig:
+    seed: int = 0
+    threads: int = 0
+    tokenizer_run: str = ""  # a notebook-20 run folder holding tokenizer.pt (resolved by the notebook)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    net: DiTConfig = field(default_factory=DiTConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    encode_batch: int = 500
+
+    def validate(self) -> None:
+        from . import ConfigError
+
+        if self.reference.name not in REFERENCE_NAMES:
+            raise ConfigError(f"reference.name {self.reference.name!r} unknown; use one of {', '.join(REFERENCE_NAMES)}")
+        if not 0.0 < self.reference.noise_t < 1.0:
+            raise ConfigError(f"reference.noise_t must lie in (0, 1), got {self.reference.noise_t}")
+        if self.fit.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"fit.precision {self.fit.precision!r} unknown; use fp32 or bf16")
+
+
+PRESETS: dict[str, dict] = {
+    "smoke": {"fit.steps": 150, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 75, "fit.eval_samples": 500,
+              "fit.sample_steps": 20, "net.size": "tiny"},
+    "cpu": {},
+    "imagenet256": {"net.size": "XL", "net.patch_size": 1, "fit.steps": 400000, "fit.batch": 256, "fit.lr": 1e-4, "fit.warmup_steps": 0,
+                    "fit.ema_decay": 0.9999, "fit.ckpt_every": 20000, "fit.log_every": 100, "fit.eval_samples": 10000,
+                    "fit.sample_steps": 250, "reference.flip": True, "encode_batch": 256},
+}  # fmt: skip

@@ -1,0 +1,130 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 30 · Teacher fitting: the reference distribution and its frozen velocity net
+#
+# > DMVAE pulls the aggregate latent distribution onto a *reference* distribution. This notebook builds that
+# > reference from the stage-1 tokenizer (paper §4: by default its own latents, which the authors use as
+# > "projected SSL features"), and fits the real (teacher) velocity net on it by flow matching (App. A.2).
+#
+# **What you'll see.** The latent cache (encoded once, normalised with the mean and scale stored in the
+# tokenizer checkpoint); reference samples against the teacher's Euler-ODE samples in the reference's top-2
+# principal axes; the held-out flow-matching loss per t-bin; Fréchet and sliced-W2 distances of the samples
+# to the reference, read against the same distances between two independent reference draws (the noise floor).
+#
+# **What it needs.** A finished run of `20_tokenizer_pretraining` (the run of the same `run_name`, or the
+# newest one at this preset, or `tokenizer_run=<folder>`). Time on a 2-core CPU: `smoke` ≈ 30 s, `cpu` ≤ 6 min.
+
+# %% tags=["parameters"]
+preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU)
+seed: int = 0  # seeds initialisation and every generator of the run
+device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
+run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/runs
+run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
+reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
+overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
+
+# %%
+import torch
+
+from dmvae_lib import teacher_stage as tst
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib import viz
+from dmvae_lib.session import resolve_run_root, start, upstream_run
+
+tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
+                       run_root=run_root, preset=preset)
+s = start("teacher", "30_teacher_fitting", preset,
+          {"tokenizer_run": str(tok_dir), "reference.name": reference, **overrides},
+          seed=seed, device=device, run_root=run_root, run_name=run_name)
+cfg = s.cfg
+print(f"tokenizer: {tok_dir}\nrun: {s.run.path}\ndevice: {s.device}")
+cfg
+
+# %% [markdown]
+# ## 1 · Latent cache
+# Every training image is encoded once by the stage-1 tokenizer and stored (normalised) in this run's
+# `latents.safetensors`, with the tokenizer's mean/scale and a hash of its checkpoint: a cache built by
+# another tokenizer is rejected, never silently reused.
+
+# %%
+tok, tok_cfg, encoders, tok_file = tst.upstream_tokenizer(tok_dir, s.device)
+data = ts.load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
+latents, labels = tst.latents_for(tok, tok_file, data, s.run, s.device, flip=cfg.reference.flip,
+                                  batch=cfg.encode_batch)
+print(f"latents {tuple(latents.shape)}: mean {latents.mean():.3f}, std {latents.std():.3f}")
+assert abs(float(latents.mean())) < 0.2 and 0.7 < float(latents.std()) < 1.3, "latents are not normalised"
+
+# %% [markdown]
+# ## 2 · The reference distribution
+# Selected by name. Unconditional references (Gaussian, GMM) give an unconditional teacher; the others keep
+# the class labels, so the teacher is class-conditional with a null label for classifier-free guidance.
+
+# %%
+ref = tst.build_reference(cfg, latents, labels, encoders, data, s.device)
+print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.num_classes or 'none'}")
+
+# %% [markdown]
+# ## 3 · Fit the teacher
+# A LightningDiT (RMSNorm, SwiGLU, 2-D RoPE, QK-norm, adaLN-Zero; patch 1 on the latent grid) trained by flow
+# matching on fresh reference samples with label dropout; its EMA weights are the teacher.
+
+# %%
+teacher, fit_stats = tst.fit_teacher(cfg, ref, s.run, s.device)
+s.figures.save(ts.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
+first = next(r for r in s.run.read_metrics() if r.get("tag") == "teacher")
+print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
+assert fit_stats["fm_loss"] < first["fm_loss"], "the teacher did not learn"
+
+# %% [markdown]
+# ## 4 · Does the teacher know the reference?
+# Loss per t-bin (high at t → 0, where the net must guess the data from noise; low near t → 1), and Euler-ODE
+# samples against the reference. A distance is read as a multiple of the noise floor: two independent draws of
+# the same reference are not at distance 0.
+
+# %%
+bins = tst.fm_loss_per_t_bin(teacher, ref, n=min(1000, cfg.fit.eval_samples), bins=10, device=s.device, seed=seed)
+fig = viz.bar_chart([b["t"] for b in bins], [b["fm_loss"] for b in bins], x_title="t", y_title="loss",
+                    title="held-out flow-matching loss per t-bin (t = 0 noise, t = 1 data)")
+s.figures.save(fig, "loss_per_t_bin")
+
+# %%
+ev = tst.evaluate_teacher(cfg, teacher, ref, s.device)
+ref_pts, ev_pts = ref.sample(ev["samples"].shape[0], torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
+r2, s2 = tst.pca_2d(ref_pts, ev_pts)
+lim = float(r2.abs().quantile(0.99)) * 1.1
+s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420), "samples_vs_reference")
+print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor {ev['noise_floor']['fd']:.2f}), "
+      f"SW2 {ev['samples_vs_reference']['sw2']:.3f} ({ev['sw2_ratio']:.2f}× the floor)")
+print(ev["samples_vs_reference"]["fd_label"])
+
+# %%
+assert ev["sw2_ratio"] < (8.0 if preset == "smoke" else 3.0), f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+
+# %% [markdown]
+# ## 5 · Save and summarise
+# `teacher.pt` records the reference it was fitted on and the tokenizer checkpoint's hash; notebook 40 refuses
+# a teacher that does not match.
+
+# %%
+tst.save_teacher(s.run.path / "teacher.pt", cfg, teacher, ref, tok_file)
+ev.pop("samples")
+summary = s.finish({"tokenizer_run": str(tok_dir), "reference": ref.name, "reference_shape": list(ref.shape),
+                    "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt"})
+print(f"run directory: {s.run.path}")

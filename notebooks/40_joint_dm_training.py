@@ -1,0 +1,127 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 40 · Joint distribution-matching training
+#
+# > The heart of DMVAE (paper §3.2, App. A.3). The tokenizer keeps reconstructing while a distribution-matching
+# > term pulls its *aggregate* latent distribution onto the reference: a frozen real net (the teacher of
+# > notebook 30) and an online fake net (initialised from it, fitted every step on the current latents) give
+# > the direction (x̂_fake − x̂_real)/‖x − x̂_real‖₁ that moves each latent.
+#
+# **What you'll see.** Joint training with λ·L_DM (λ = 10, CFG 5 on both nets, tokenizer every 5 steps) and the
+# same run with λ = 0 as the control; DM loss and gradient norm; the distance of the aggregate posterior to the
+# reference (Fréchet distance and sliced-W2 on latents) and val PSNR as training goes, for both runs.
+#
+# **What it needs.** Finished runs of `20_tokenizer_pretraining` and `30_teacher_fitting` (same `run_name`,
+# else the newest at this preset, or pass the folders). Time on a 2-core CPU: `smoke` ≈ 1 min, `cpu` ≤ 10 min.
+
+# %% tags=["parameters"]
+preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU)
+seed: int = 0  # seeds initialisation and every generator of the run
+device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
+run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
+run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
+teacher_run: str = ""  # a notebook-30 run folder; "" -> likewise
+overrides: dict = {}  # dotted config keys, e.g. {"train.dm_weight": 1.0, "train.cfg_scale": 1.0}
+
+# %%
+import pandas as pd
+import torch
+
+from dmvae_lib import joint_stage as js
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib import viz
+from dmvae_lib.session import resolve_run_root, start, upstream_run
+
+up = dict(run_name=run_name, run_root=run_root, preset=preset)
+tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, **up)
+teacher_dir = upstream_run("30_teacher_fitting", "teacher.pt", path=teacher_run, **up)
+s = start("joint", "40_joint_dm_training", preset,
+          {"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), **overrides},
+          seed=seed, device=device, run_root=run_root, run_name=run_name)
+cfg = s.cfg
+print(f"tokenizer: {tok_dir}\nteacher: {teacher_dir}\nrun: {s.run.path}\ndevice: {s.device}")
+
+# %% [markdown]
+# ## 1 · Load the stage-1 tokenizer, the teacher and its reference
+# The teacher is loaded strictly and must have been fitted on latents of *this* tokenizer (its checkpoint
+# stores the tokenizer's hash); the reference is rebuilt from notebook 30's latent cache for the diagnostics.
+
+# %%
+u = js.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
+tok, data, ref, latents, encoders = u.tokenizer, u.data, u.reference, u.latents, u.encoders
+print(f"reference {ref.name!r} {tuple(ref.shape)}; latents {tuple(latents.shape[1:])}")
+
+# %% [markdown]
+# ## 2 · Joint training (λ = `train.dm_weight`) and the λ = 0 control
+# The control runs the same code with the DM term off: same data order, losses and schedule, no fake net and
+# no DM forward passes. Diagnostics every `train.eval_every` steps go to `metrics.jsonl`.
+
+# %%
+same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has no head to compare through
+start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device, n=cfg.train.eval_samples,
+                                   seed=seed, val_u8=data.val[:500]) if same_shape else {}
+dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
+                                        dm_weight=cfg.train.dm_weight, tag="joint")
+runs = {"DM": "joint"}
+if cfg.train.control:
+    ctl_tok, ctl_head, _ = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device, dm_weight=0.0,
+                                          tag="control")
+    runs["λ = 0 control"] = "control"
+
+# %%
+hist = {name: js.eval_history(s.run, tag) for name, tag in runs.items()}
+for key, title in (("ref_fd", "Fréchet distance of head(latents) to the reference (flattened latents; not FID)"),
+                   ("ref_sw2", "sliced-W2 of head(latents) to the reference"), ("val_psnr", "val PSNR (dB)")):
+    s.figures.save(viz.metric_lines(hist, key, log_y=key != "val_psnr", title=title), f"joint_{key}")
+s.figures.save(ts.loss_curves(s.run, "joint", ("dm_loss", "dm_grad_norm", "fake_fm_loss", "l1")), "joint_losses")
+
+# %% [markdown]
+# ## 3 · Result: closer to the reference, at what reconstruction cost?
+
+# %%
+final = {name: h[-1] for name, h in hist.items()}
+table = pd.DataFrame({**({"start (stage 1)": start_diag} if start_diag else {}), **final}).T
+table = table[[c for c in ("ref_fd", "ref_sw2", "val_psnr", "latent_std") if c in table]]
+table
+
+# %%
+assert dm_stats["nonfinite"] == 0 and "dm_loss" in dm_stats
+if cfg.train.control and preset != "smoke":
+    dm_fd, ctl_fd = final["DM"]["ref_fd"], final["λ = 0 control"]["ref_fd"]
+    print(f"FD to the reference: DM {dm_fd:.3f} vs control {ctl_fd:.3f}; PSNR gap "
+          f"{final['λ = 0 control']['val_psnr'] - final['DM']['val_psnr']:.2f} dB")
+
+# %% [markdown]
+# ## 4 · Save
+# The DM-trained tokenizer (latent mean and scale re-measured after DM, for the generator of notebook 60), its
+# projection head, and the control tokenizer (the λ = 0 baseline of the reference study).
+
+# %%
+m = ts.evaluate_tokenizer(dm_tok, data, s.device, encoders.get("ssl"), 500)
+ts.save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders)
+js.save_head(s.run.path / "head.pt", head, ref)
+out = {"dm": {**final["DM"], **{k: v for k, v in m.items() if not k.startswith("fd")}}}
+if cfg.train.control:
+    mc = ts.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
+    ts.save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders)
+    out["control"] = {**final["λ = 0 control"], **{k: v for k, v in mc.items() if not k.startswith("fd")}}
+summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,
+                    "start": start_diag, **out, "checkpoint": "tokenizer.pt"})
+print(f"run directory: {s.run.path}")

@@ -1,0 +1,177 @@
+"""Stages 2 and 3 on a tiny configuration: latent cache → reference → teacher → joint DM training (+ control),
+gradient routing, strict teacher loading, upstream-run resolution."""
+
+import json
+
+import pytest
+import torch
+
+from dmvae_lib import dmd
+from dmvae_lib import joint_stage as js
+from dmvae_lib import teacher_stage as tst
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.lightning_dit import lightning_dit
+from dmvae_lib.phases import tokenizer_step
+from dmvae_lib.projection_heads import make_head
+from dmvae_lib.runs import RunDir, RunError, save_checkpoint
+from dmvae_lib.session import upstream_run
+from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
+
+TINY_TOK = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
+            "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.supervised_batch": 16,
+            "encoder.knn_k": 5, "net.proj_hidden": 16, "net.dec_ch": 8, "net.dec_groups": 4, "train.steps": 3,
+            "train.batch": 8, "train.disc_start": 2, "train.disc_ndf": 8, "train.log_every": 1,
+            "train.ckpt_every": 0, "train.precision": "fp32"}
+TINY_TEACHER = {"net.size": "tiny", "fit.steps": 4, "fit.batch": 16, "fit.log_every": 2, "fit.ckpt_every": 2,
+                "fit.eval_samples": 32, "fit.sample_steps": 3, "fit.precision": "fp32", "encode_batch": 32}
+TINY_JOINT = {"train.steps": 6, "train.batch": 8, "train.tokenizer_every": 2, "train.disc_start": 2,
+              "train.log_every": 2, "train.ckpt_every": 3, "train.eval_every": 3, "train.eval_samples": 32,
+              "train.precision": "fp32", "train.cfg_scale": 2.0}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cfg = make_config("tokenizer", "smoke", TINY_TOK)
+    run = RunDir.create(root, "20_tokenizer_pretraining", "r", {"preset": "smoke", **to_dict(cfg)})
+    data = ts.load_data(cfg, root / "_cache")
+    enc = ts.reference_encoders(cfg, data, run, "cpu")
+    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
+    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
+    run.write_summary({"ok": True})
+    return root, run.path, data
+
+
+@pytest.fixture(scope="module")
+def teacher(upstream):
+    root, tok_dir, data = upstream
+    cfg = make_config("teacher", "smoke", {"tokenizer_run": str(tok_dir), **TINY_TEACHER})
+    run = RunDir.create(root, "30_teacher_fitting", "r", {"preset": "smoke", **to_dict(cfg)})
+    tok, _, enc, tok_file = tst.upstream_tokenizer(tok_dir, "cpu")
+    latents, labels = tst.latents_for(tok, tok_file, data, run, "cpu", batch=32)
+    ref = tst.build_reference(cfg, latents, labels, enc, data, "cpu")
+    net, stats = tst.fit_teacher(cfg, ref, run, "cpu", progress=False)
+    tst.save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
+    run.write_summary({"ok": True})
+    return cfg, run, tok, enc, ref, net, stats, latents
+
+
+def test_latent_cache_is_normalised_and_reused(upstream, teacher):
+    _, tok_dir, data = upstream
+    cfg, run, tok, *_ , latents = teacher
+    assert latents.shape == (64, tok.decoder.z_channels, 8, 8)
+    assert abs(float(latents.mean())) < 0.3 and 0.5 < float(latents.std()) < 1.5
+    again, _ = tst.latents_for(tok, tok_dir / "tokenizer.pt", data, run, "cpu")
+    assert torch.equal(again, latents)
+
+
+def test_teacher_round_trip_and_strict_errors(teacher, tmp_path):
+    cfg, run, tok, enc, ref, net, stats, _ = teacher
+    assert stats["nonfinite"] == 0
+    loaded, ck = tst.load_teacher(run.path / "teacher.pt", expect_reference="ssl")
+    x, y = ref.sample(4, torch.Generator().manual_seed(0))
+    t = torch.rand(4)
+    assert torch.equal(loaded(x, t, y), net(x, t, y)) and ck["reference"]["name"] == "ssl"
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(RunError, match="fitted on reference"):
+        tst.load_teacher(run.path / "teacher.pt", expect_reference="gaussian")
+    with pytest.raises(RunError, match="does not exist"):
+        tst.load_teacher(tmp_path / "missing.pt")
+    save_checkpoint(tmp_path / "tok.pt", {"kind": "tokenizer", "config": {}, "net": {}, "reference": {},
+                                          "tokenizer": {}})
+    with pytest.raises(RunError, match="not a teacher"):
+        tst.load_teacher(tmp_path / "tok.pt")
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm", "class_subset", "noise_states", "supervised"])
+def test_every_reference_builds_and_fits_a_teacher(upstream, teacher, name):
+    _, tok_dir, data = upstream
+    cfg, _, tok, enc, _, _, _, latents = teacher
+    over = {"tokenizer_run": str(tok_dir), **TINY_TEACHER, "reference.name": name, "fit.steps": 1}
+    tcfg = make_config("teacher", "smoke", over)
+    ref = tst.build_reference(tcfg, latents, torch.as_tensor(data.train_labels[:64]), enc, data, "cpu")
+    x, y = ref.sample(5, torch.Generator().manual_seed(1))
+    assert x.shape == (5, *ref.shape) and (y is None) == (ref.num_classes == 0)
+    net, stats = tst.fit_teacher(tcfg, ref, None, "cpu", progress=False)
+    assert stats["nonfinite"] == 0 and net(x, torch.rand(5), y).shape == x.shape
+
+
+def test_gradient_routing(gen):
+    """decoder ← reconstruction only; head ← DM only; projector and encoder ← both; nets ← nothing."""
+    enc = timm_encoder("resnet18", img_size=32, pretrained=False, feature_stage=1)  # (B, 64, 8, 8)
+    enc.set_trainable(True)
+    tok = Tokenizer(enc, Projector(64, 4), Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1),
+                                                   num_res_blocks=0, attn=False, num_groups=8))
+    head = make_head((4, 8, 8), (6, 4, 4))  # a reference of another shape: a learnable head
+    real, fake = (lightning_dit("tiny", input_size=4, in_channels=6, num_classes=3) for _ in range(2))
+    for net in (real, fake):  # non-zero outputs (adaLN-Zero starts at v = 0)
+        for p in net.parameters():
+            p.data.normal_(0, 0.05, generator=gen)
+    x, y = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    r, f = js.dm_nets(real.requires_grad_(False), fake, 3, 2.0)
+
+    def dm_loss(z):
+        target = head(tok.normalize(z))
+        loss, st = dmd.dm(target, r, f, torch.full((4,), 0.5), torch.randn(target.shape, generator=gen), y)
+        return loss, {"nonfinite": st.nonfinite}
+
+    groups = {"encoder": list(enc.parameters()), "projector": list(tok.projector.parameters()),
+              "decoder": list(tok.decoder.parameters()), "head": list(head.parameters())}
+    every = [p for ps in groups.values() for p in ps]
+
+    def grads(latent_loss):
+        opt = torch.optim.SGD(every, lr=0.0)
+        tokenizer_step(tok, opt, every, x, tok.encode_features(x), gen, l1=1.0 if latent_loss is None else 0.0,
+                       l2=0.0, perceptual=None, lpips_weight=0.0, disc=None, disc_weight=0.0, grad_clip=0.0,
+                       latent_loss=latent_loss)
+        return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for k, ps in groups.items()}
+
+    assert grads(None) == {"encoder": True, "projector": True, "decoder": True, "head": False}
+    assert grads(dm_loss) == {"encoder": True, "projector": True, "decoder": False, "head": True}
+    assert all(p.grad is None for p in real.parameters()) and all(p.grad is None for p in fake.parameters())
+
+
+def test_joint_training_and_control(upstream, teacher):
+    root, tok_dir, data = upstream
+    tcfg, trun, tok, enc, ref, net, _, _ = teacher
+    cfg = make_config("joint", "smoke", {"tokenizer_run": str(tok_dir), "teacher_run": str(trun.path), **TINY_JOINT})
+    run = RunDir.create(root, "40_joint_dm_training", "r", to_dict(cfg))
+    before = {k: v.clone() for k, v in tok.decoder.state_dict().items()}
+    dm_tok, head, stats = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0, progress=False)
+    assert stats["nonfinite"] == 0 and "dm_loss" in stats and "fake_fm_loss" in stats
+    assert all(torch.equal(v, tok.decoder.state_dict()[k]) for k, v in before.items()), "stage-1 tokenizer mutated"
+    assert not torch.equal(dm_tok.projector.net[0].weight, tok.projector.net[0].weight)
+    ctl_tok, _, ctl = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=0.0, tag="control",
+                                     progress=False)
+    assert "dm_loss" not in ctl and "fake_fm_loss" not in ctl  # the control runs no DM forward at all
+    hist = js.eval_history(run, "joint")
+    assert [h["step"] for h in hist] == [3, 6] and {"ref_fd", "ref_sw2", "val_psnr"} <= set(hist[0])
+    # resume: a finished run takes no new steps and returns the same weights
+    again, _, _ = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0, progress=False)
+    assert torch.equal(again.projector.net[0].weight, dm_tok.projector.net[0].weight)
+
+
+def test_upstream_resolution_and_errors(upstream, tmp_path):
+    root, tok_dir, _ = upstream
+    assert upstream_run("20_tokenizer_pretraining", "tokenizer.pt", run_root=str(root), preset="smoke") == tok_dir
+    assert upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=str(tok_dir / "tokenizer.pt")) == tok_dir
+    with pytest.raises(RunError, match="notebooks/20_tokenizer_pretraining.ipynb"):
+        upstream_run("20_tokenizer_pretraining", "tokenizer.pt", run_root=str(tmp_path), preset="smoke")
+    with pytest.raises(RunError, match="notebooks/20_tokenizer_pretraining"):
+        upstream_run("20_tokenizer_pretraining", "tokenizer.pt", run_root=str(root), preset="cpu")
+    assert json.loads((tok_dir / "config.json").read_text())["config"]["preset"] == "smoke"
+
+
+def test_joint_config_errors():
+    from dmvae_lib.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="t_min"):
+        make_config("joint", "cpu", {"train.t_min": 0.9, "train.t_max": 0.5})
+    with pytest.raises(ConfigError, match="cfg_scale"):
+        make_config("joint", "cpu", {"train.cfg_scale": 0.5})
+    with pytest.raises(ConfigError, match="reference.name"):
+        make_config("teacher", "cpu", {"reference.name": "clip"})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_config("joint", "cpu", {"train.lambda": 3.0})
