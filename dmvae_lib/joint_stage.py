@@ -85,7 +85,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     params = tok_params + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     sched = _warmup(opt, t.warmup_steps)
-    disc = PatchDiscriminator(3, 32, 2).to(device)
+    disc = PatchDiscriminator(3, 32, 2).to(device)  # fresh, as the authors (initialised under the seed above)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4)
     use_dm = dm_weight > 0
     fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from .configs import make_config, to_dict
-from .device import resolve_device, set_threads
+from .device import resolve_device, seed_all, set_threads
 from .runs import RunDir, default_run_name
 from .viz import FigureStore
 
@@ -55,6 +55,7 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
           device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
     """Resolve the config (strictly), pick the device, and create or reopen the run directory."""
     cfg = make_config(stage, preset, {"seed": seed, **dict(overrides or {})})
+    seed_all(seed)  # anything left on the global RNG is reproducible too
     dev = resolve_device(device)
     if getattr(cfg, "threads", 0):
         set_threads(cfg.threads)

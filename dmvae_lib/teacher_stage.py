@@ -24,6 +24,7 @@ from .configs import to_dict
 from .configs.teacher import TeacherStageConfig
 from .device import autocast_ctx
 from .distances import sliced_w2
+from .distributed import DistContext, all_reduce_mean, main_only_run, rank_generator, shard_batch, wrap_ddp
 from .lightning_dit import drop_labels, lightning_dit
 from .loop import train
 from .phases import flow_matching_step
@@ -104,31 +105,46 @@ def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int)
                          patch_size=cfg.net.patch_size, grad_checkpoint=cfg.net.grad_checkpoint)
 
 
-def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True) -> tuple[nn.Module, dict]:
-    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net."""
+def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
+                ctx: Optional[DistContext] = None) -> tuple[nn.Module, dict]:
+    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
+
+    With a multi-process `ctx` (`distributed.init_distributed` under torchrun) each rank draws
+    fit.batch / world_size samples from its own generator, gradients are averaged by DDP, the logged fm_loss
+    is the mean over ranks, and only rank 0 writes to `run`. Not handled yet: resuming such a run (raises), and
+a non-finite loss on only some ranks (they skip backward while the others wait in DDP's all-reduce).
+    """
     f = cfg.fit
-    torch.manual_seed(cfg.seed)  # the net's initialisation
+    ctx = ctx or DistContext()
+    if ctx.distributed and all_reduce_mean(float(run is not None and run.ckpt_path("teacher").exists()), ctx) > 0:
+        raise RunError(f"{run.path if run else 'the run'} holds a teacher checkpoint; resuming a multi-process fit "
+                       "is not supported yet (the non-writing ranks would restart from step 0)")
+    batch = shard_batch(f.batch, ctx, "fit.batch")
+    torch.manual_seed(cfg.seed)  # the net's initialisation (the same on every rank)
     net = build_net(cfg, reference.shape, reference.num_classes).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=(0.9, 0.95), weight_decay=f.weight_decay,
                             fused=torch.device(device).type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(f.warmup_steps, 1)))
-    ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)
-    model = torch.compile(net) if f.compile else net
-    gen = torch.Generator().manual_seed(cfg.seed + 23)
+    ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
+    model = wrap_ddp(net, ctx)
+    model = torch.compile(model) if f.compile else model
+    gen = rank_generator(cfg.seed + 23, ctx)  # rank 0 (or one process): the single-process stream
     autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
 
     def step(k: int) -> dict:
-        x, y = reference.sample(f.batch, gen)
+        x, y = reference.sample(batch, gen)
         if y is not None:
             y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
         stats = flow_matching_step(model, opt, x.to(device), gen, y=y, scheduler=sched, grad_clip=f.grad_clip,
                                    autocast=autocast)
         ema.update(net, step=k + 1)
+        if ctx.distributed:
+            stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)
         return stats
 
     state = {"net": net, "opt": opt, "sched": sched, "ema": ema, "gen": gen}
-    stats = train(step, max_steps=f.steps, state=state, run=run, tag="teacher", log_every=f.log_every,
-                  ckpt_every=f.ckpt_every, progress=progress)
+    stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag="teacher",
+                  log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main)
     return ema.module.eval().requires_grad_(False), stats
 
 

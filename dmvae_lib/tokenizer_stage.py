@@ -138,9 +138,11 @@ def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> 
         encoder = SSLFeatures(encoder, e.side_input)
         channels, reduction = encoder.out_channels, 4
     latent = cfg.data.resolution // (reduction * n.unshuffle)
-    proj = Projector(channels, n.z_channels, hidden_channels=n.proj_hidden, unshuffle=n.unshuffle)
-    dec = Decoder(n.z_channels, latent_size=latent, image_size=cfg.data.resolution, ch=n.dec_ch, ch_mult=n.dec_mult,
-                  num_res_blocks=n.dec_res_blocks, attn=n.dec_attn, num_groups=n.dec_groups)
+    with torch.random.fork_rng(devices=[]):  # the initialisation depends on cfg.seed only
+        torch.manual_seed(cfg.seed + 5)
+        proj = Projector(channels, n.z_channels, hidden_channels=n.proj_hidden, unshuffle=n.unshuffle)
+        dec = Decoder(n.z_channels, latent_size=latent, image_size=cfg.data.resolution, ch=n.dec_ch,
+                      ch_mult=n.dec_mult, num_res_blocks=n.dec_res_blocks, attn=n.dec_attn, num_groups=n.dec_groups)
     return Tokenizer(encoder, proj, dec)
 
 
@@ -171,7 +173,9 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     warm = lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
-    disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 6)
+        disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
     trainable = nn.ModuleDict({"projector": tok.projector, "decoder": tok.decoder})
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.

@@ -29,7 +29,7 @@
 # Fréchet distance *in the SSL encoder's feature space*, which is not FID); a checkpoint later notebooks load.
 #
 # **What it needs.** Nothing upstream (`imagenet256`: a local ImageNet folder and DINOv2 weights, see the
-# README). Time on a 2-core CPU: `smoke` ≈ 1 min; `cpu` is being tuned toward ≤ 8 min.
+# README). Time on a 2-core CPU: `smoke` ≈ 1 min; `cpu` ≤ 8 min.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU, local data and weights)

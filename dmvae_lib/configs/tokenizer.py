@@ -25,7 +25,7 @@ class EncoderConfig:
     side_input: bool = True  # ssl/supervised: also feed the colour-preserving stem (SSL features are colour-blind)
     # 1,200 steps (≈ 90 s here): kNN ≈ 97–99 %; SSLConfig's own default (1,800) adds ≈ 1 point for 45 s more
     ssl: SSLConfig = field(default_factory=lambda: SSLConfig(steps=1200))
-    supervised_steps: int = 300  # the supervised reference classifier ("ResNet features" row of Tab. 1)
+    supervised_steps: int = 480  # the supervised reference classifier ("ResNet features" row of Tab. 1)
     supervised_batch: int = 256  # labelled images per step (one view each; colour jitter, see SUPERVISED_OVERRIDES)
     knn_k: int = 20
     timm_name: str = "vit_large_patch14_dinov2.lvd142m"  # kind="timm"

@@ -1,0 +1,177 @@
+"""Data-parallel training (PyTorch DDP) under torchrun: the process group, sharding, seeding, who writes.
+
+    ctx = init_distributed("auto")            # reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+    n_local = shard_batch(cfg.fit.batch, ctx)  # each rank draws its share of the global batch
+    gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
+    model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
+    train(..., run=main_only_run(run, ctx))    # only rank 0 writes metrics and checkpoints
+    cleanup(ctx)
+
+Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
+world_size 1, no process group, `wrap_ddp` returns the module itself, and the helpers are no-ops, so a
+stage has one code path. The backend is NCCL on CUDA and gloo otherwise (CPU tests run two gloo processes).
+
+Why equal shards give the single-process step: DDP averages the per-rank gradients, and for a loss that is a
+mean over the batch, the mean over ranks of per-shard means over equal shards is the mean over the global
+batch. So a step on `world_size` shards of `n_global / world_size` samples equals a step on `n_global`
+samples, up to float summation order (tests/test_distributed.py checks this to 1e-6).
+
+`launch(nproc, target, args)` starts a stage under `torchrun --standalone` from a notebook cell or the
+pipeline (single node). Multi-node: run `python -m torch.distributed.run --nnodes … --rdzv-endpoint …` by
+hand on each node; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .device import resolve_device
+from .runs import RunDir
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its global `rank` among `world_size`, its `local_rank` on the node, its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """The context of this process; joins the process group when torchrun started several (WORLD_SIZE > 1).
+
+    On CUDA each process takes the GPU numbered LOCAL_RANK (an explicit "cuda" without an index gets it too)
+    and the backend is NCCL; otherwise gloo. Calling it again in a process that already joined is harmless.
+
+    Raises:
+        ValueError: WORLD_SIZE > 1 without MASTER_ADDR/MASTER_PORT, or RANK/LOCAL_RANK out of range.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank} do not fit WORLD_SIZE={world_size}")
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    ctx = DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+    if world_size == 1:
+        return ctx
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset; start the processes with "
+                         "torchrun (or distributed.launch)")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                rank=rank, world_size=world_size)
+    return ctx
+
+
+def shard_batch(n_global: int, ctx: DistContext, name: str = "batch") -> int:
+    """The per-rank share of a global batch of `n_global` samples (`name` is the config key, for the error)."""
+    if n_global % ctx.world_size:
+        raise ValueError(f"{name}={n_global} is not divisible by the world size {ctx.world_size}; "
+                         f"choose a multiple of {ctx.world_size}")
+    return n_global // ctx.world_size
+
+
+def rank_generator(seed: int, ctx: DistContext, device: torch.device | str = "cpu") -> torch.Generator:
+    """The data generator of this rank, seeded seed + 1000·rank (rank 0 keeps `seed`, the single-process stream).
+
+    Only data, t and noise draws use it; seed the model's initialisation with the same `seed` on every rank.
+    """
+    return torch.Generator(device=device).manual_seed(seed + 1000 * ctx.rank)
+
+
+def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
+    """`module` under DistributedDataParallel (gradients averaged over ranks); `module` itself when world_size 1.
+
+    The module must already be on `ctx.device`. Keep the unwrapped module for EMA, checkpoints and sampling.
+    """
+    if not ctx.distributed:
+        return module
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def main_only_run(run: RunDir | None, ctx: DistContext) -> RunDir | None:
+    """`run` on rank 0 and None on the other ranks, so that only rank 0 writes metrics and checkpoints."""
+    return run if ctx.is_main else None
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (no-op in one process)."""
+    if ctx.distributed:
+        dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def all_reduce_mean(value: float, ctx: DistContext) -> float:
+    """The mean of `value` over ranks, for logging (every rank must call it; identity in one process)."""
+    if not ctx.distributed:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / ctx.world_size
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Leave the process group (no-op in one process)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
+           timeout: float | None = None, tail: int = 40) -> subprocess.CompletedProcess:
+    """Run `module_or_script` in `nproc` processes on this node under `torchrun --standalone`; wait for it.
+
+    A path ending in .py (or an existing file) is run as a script, anything else as a module (`-m`). The
+    venv's torchrun is used (`sys.executable -m torch.distributed.run`). `env` adds variables to the current
+    environment. Returns the finished process with its captured stdout/stderr.
+
+    Raises:
+        RuntimeError: the run failed; the message holds the exit code and the last `tail` lines of stderr.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be ≥ 1, got {nproc}")
+    is_script = module_or_script.endswith(".py") or Path(module_or_script).is_file()
+    target = [module_or_script] if is_script else ["-m", module_or_script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *target, *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **dict(env or {})}
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        last = "\n".join(proc.stderr.splitlines()[-tail:])
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) ---\n{last}")
+    return proc

@@ -1,0 +1,195 @@
+"""DDP under torchrun, checked on CPU with two gloo processes.
+
+(a) one flow-matching step on two shards of a fixed global batch equals the single-process step on the whole
+    batch (loss and gradients to 1e-6), and the ranks hold identical parameters after the optimizer step;
+(b) the real `fit_teacher` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
+(c) the single-process fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dmvae_lib import flow
+from dmvae_lib.distributed import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    launch,
+    main_only_run,
+    rank_generator,
+    shard_batch,
+    wrap_ddp,
+)  # fmt: skip
+from dmvae_lib.lightning_dit import lightning_dit
+from dmvae_lib.phases import apply_update
+from dmvae_lib.runs import RunDir
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_problem(n: int = 8):
+    """A tiny LightningDiT with perturbed weights (adaLN-Zero alone gives zero output) and a fixed global batch."""
+    torch.manual_seed(0)
+    net = lightning_dit("tiny", input_size=4, in_channels=4, num_classes=3, patch_size=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = {"data": torch.randn(n, 4, 4, 4, generator=g), "noise": torch.randn(n, 4, 4, 4, generator=g),
+             "t": torch.rand(n, generator=g), "y": torch.randint(0, 4, (n,), generator=g)}  # 3 = null label
+    return net, batch
+
+
+def _fm_step(model, net, batch) -> dict:
+    """One SGD flow-matching step through `model` (net or DDP(net)); the loss, gradients and new parameters."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = flow.flow_matching_loss(model, batch["data"], batch["t"], batch["noise"], batch["y"]).mean()
+    apply_update(loss, opt, net.parameters(), grad_clip=0.0)
+    return {"loss": float(loss.detach()), "grads": torch.cat([p.grad.flatten() for p in net.parameters()]),
+            "params": torch.cat([p.detach().flatten() for p in net.parameters()])}
+
+
+def _fm_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    ctx = init_distributed("cpu")
+    try:
+        net, batch = _tiny_problem()
+        n = shard_batch(len(batch["data"]), ctx)
+        shard = {k: v[ctx.rank * n:(ctx.rank + 1) * n] for k, v in batch.items()}
+        torch.save(_fm_step(wrap_ddp(net, ctx), net, shard), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        cleanup(ctx)
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_single_process_step(tmp_path):
+    mp.spawn(_fm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    net, batch = _tiny_problem()
+    single = _fm_step(net, net, batch)
+    assert single["grads"].abs().max() > 1e-3  # the comparison is not between zeros
+    assert abs(sum(r["loss"] for r in ranks) / 2 - single["loss"]) < 1e-6
+    for r in ranks:
+        torch.testing.assert_close(r["grads"], single["grads"], atol=1e-6, rtol=0)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    torch.testing.assert_close(ranks[0]["params"], single["params"], atol=1e-6, rtol=0)
+
+
+TEACHER_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+from dmvae_lib import teacher_stage as tst
+from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.distributed import cleanup, init_distributed
+from dmvae_lib.references import TensorReference
+from dmvae_lib.runs import RunDir
+
+out = Path(sys.argv[1])
+ctx = init_distributed("cpu")
+cfg = make_config("teacher", "smoke", {"fit.steps": 3, "fit.batch": 8, "fit.log_every": 1, "fit.ckpt_every": 2,
+                                       "fit.warmup_steps": 1, "fit.precision": "fp32", "net.patch_size": 2})
+g = torch.Generator().manual_seed(0)
+ref = TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
+run = RunDir.create(out, "30_teacher_fitting", f"rank{ctx.rank}", to_dict(cfg))  # one folder per rank
+net, stats = tst.fit_teacher(cfg, ref, run, ctx.device, progress=False, ctx=ctx)
+torch.save({"world_size": ctx.world_size, "ema": net.state_dict(), "stats": stats}, out / f"rank{ctx.rank}.pt")
+cleanup(ctx)
+"""
+
+
+@pytest.mark.slow
+def test_fit_teacher_under_torchrun_writes_on_rank0_only(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(TEACHER_WORKER))
+    launch(2, str(script), [str(tmp_path)], timeout=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    main, other = (tmp_path / "30_teacher_fitting" / f"rank{r}" for r in range(2))
+    assert [m["step"] for m in RunDir(main).read_metrics()] == [1, 2, 3]
+    assert (main / "ckpt" / "teacher" / "last.pt").exists()
+    assert not (other / "metrics.jsonl").exists() and not (other / "ckpt").exists()
+    for k, v in ranks[0]["ema"].items():
+        assert torch.equal(v, ranks[1]["ema"][k]), k
+    assert ranks[0]["stats"]["fm_loss"] == ranks[1]["stats"]["fm_loss"]  # the all-reduced mean
+
+
+@pytest.mark.slow
+def test_launch_raises_with_stderr_tail(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import sys\nsys.stderr.write('boom from the worker\\n')\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="boom from the worker"):
+        launch(1, str(script), [], timeout=60)
+
+
+# --- (c) single-process fallback ---------------------------------------------------------------------------
+def test_single_process_fallback(monkeypatch):
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main, ctx.device) == (0, 1, 0, True, torch.device("cpu"))
+    assert not dist.is_initialized()
+    net = torch.nn.Linear(2, 2)
+    assert wrap_ddp(net, ctx) is net
+    assert all_reduce_mean(2.5, ctx) == 2.5
+    barrier(ctx)
+    cleanup(ctx)
+    run = RunDir("unused")
+    assert main_only_run(run, ctx) is run and main_only_run(run, DistContext(rank=1, world_size=2)) is None
+
+
+def test_world_size_without_master_raises(monkeypatch):
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT"):
+        init_distributed("cpu")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2"):
+        init_distributed("cpu")
+
+
+def test_shard_batch_and_rank_generator():
+    two = DistContext(rank=1, world_size=2)
+    assert shard_batch(8, two) == 4 and shard_batch(8, DistContext()) == 8
+    with pytest.raises(ValueError, match=r"fit\.batch=10 is not divisible by the world size 3"):
+        shard_batch(10, DistContext(world_size=3), "fit.batch")
+    for ctx, seed in ((DistContext(), 7), (two, 1007)):
+        assert torch.equal(torch.rand(4, generator=rank_generator(7, ctx)),
+                           torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_fit_teacher_with_single_process_ctx_is_unchanged():
+    from dmvae_lib import teacher_stage as tst
+    from dmvae_lib.configs import make_config
+    from dmvae_lib.references import TensorReference
+
+    cfg = make_config("teacher", "smoke", {"fit.steps": 2, "fit.batch": 6, "fit.precision": "fp32",
+                                           "net.patch_size": 2})
+    ref = TensorReference(torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
+    a, _ = tst.fit_teacher(cfg, ref, None, "cpu", progress=False)
+    b, _ = tst.fit_teacher(cfg, ref, None, "cpu", progress=False, ctx=DistContext())
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
