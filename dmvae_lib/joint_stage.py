@@ -31,7 +31,7 @@ from .loop import train
 from .phases import apply_update, disc_step, flow_matching_step, frozen, tokenizer_step
 from .projection_heads import make_head
 from .recon_losses import PatchDiscriminator
-from .runs import RunDir, RunError, save_checkpoint
+from .runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
 from .samplers import guided
 from .tokenizer import Tokenizer
 from .tokenizer_stage import ImageData, batches, load_data, perceptual_loss, reconstruct, to_float
@@ -68,8 +68,12 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
 
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
+                disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),
                 progress: bool = True) -> tuple[Tokenizer, nn.Module, dict]:
-    """Joint DM training from a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats)."""
+    """Joint DM training from a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
+
+    `disc_state`: the stage-1 discriminator's weights (`stage1_discriminator`), else a fresh PatchGAN of
+    `disc_arch` = (ndf, layers) (stage 1's `train.disc_ndf`, `train.disc_layers`)."""
     t, dev = cfg.train, torch.device(device)
     tok = copy.deepcopy(tokenizer).to(device).train()
     torch.manual_seed(cfg.seed + 3)  # the projection head's initialisation
@@ -85,7 +89,10 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     params = tok_params + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     sched = _warmup(opt, t.warmup_steps)
-    disc = PatchDiscriminator(3, 32, 2).to(device)  # fresh, as the authors (initialised under the seed above)
+    disc = PatchDiscriminator(3, *disc_arch)  # initialised under the seed above
+    if disc_state is not None:
+        load_state_strict(disc, disc_state, "stage-1 discriminator")
+    disc = disc.to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4)
     use_dm = dm_weight > 0
     fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None
@@ -220,6 +227,15 @@ class Upstream:
     data: ImageData
     latents: Tensor
     reference: object
+    disc_arch: tuple[int, int]
+    disc_state: Optional[dict]  # stage 1's final discriminator, when its training checkpoint is there
+
+    def joint_kwargs(self, cfg: JointStageConfig) -> dict:
+        """The discriminator arguments of `train_joint` for cfg.train.disc_init."""
+        if cfg.train.disc_init == "stage1" and self.disc_state is None:
+            raise RunError("train.disc_init='stage1' but the stage-1 run has no ckpt/tokenizer/last.pt; "
+                           "use train.disc_init='fresh'")
+        return {"disc_arch": self.disc_arch, "disc_state": self.disc_state if cfg.train.disc_init == "stage1" else None}
 
 
 def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Path) -> Upstream:
@@ -237,4 +253,15 @@ def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Pat
     data = load_data(tok_cfg, cache_dir)
     latents, labels = tst.latents_for(tok, tok_file, data, RunDir(teacher_dir), device, flip=tcfg.reference.flip)
     ref = tst.build_reference(tcfg, latents, labels, encoders, data, device)
-    return Upstream(tok, tok_cfg, encoders, tok_file, teacher, ck, data, latents, ref)
+    has_disc = (tokenizer_dir / "ckpt" / "tokenizer" / "last.pt").is_file()
+    return Upstream(tok, tok_cfg, encoders, tok_file, teacher, ck, data, latents, ref,
+                    (tok_cfg.train.disc_ndf, tok_cfg.train.disc_layers),
+                    stage1_discriminator(tokenizer_dir) if has_disc else None)
+
+
+def stage1_discriminator(tokenizer_dir: Path) -> dict:
+    """The PatchGAN weights at the end of stage 1 (from its training checkpoint), for `disc_init="stage1"`."""
+    ck = load_checkpoint(tokenizer_dir / "ckpt" / "tokenizer" / "last.pt", required=("state",))
+    if "disc" not in ck["state"]:
+        raise RunError(f"{tokenizer_dir / 'ckpt/tokenizer/last.pt'} holds no discriminator state")
+    return ck["state"]["disc"]

@@ -189,3 +189,59 @@ def bar_chart(x: Sequence[float], y: Sequence[float], title: str = "", x_title: 
     fig = go.Figure(go.Bar(x=list(x), y=list(y)))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=360, width=700)
     return fig
+
+
+def class_colors(n: int) -> list[str]:
+    """A qualitative palette of n colours (plotly's 10, else Light24, cycled beyond 24)."""
+    import plotly.colors as pc
+
+    palette = pc.qualitative.Plotly if n <= 10 else pc.qualitative.Light24
+    return [palette[i % len(palette)] for i in range(n)]
+
+
+def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor | None], *,
+                     index: Mapping[str, Tensor | None] | None = None, titles: Mapping[str, str] | None = None,
+                     class_names: Sequence[str] = (), highlight: int | None = None, size: int = 340,
+                     title: str = "") -> go.Figure:
+    """One panel per 2-D point set (N, 2), coloured by class (paper Fig. 4 layout).
+
+    A legend entry per class toggles that class in every panel. Hover names the class and the image index
+    (`index[name]`, (N,), the row of the image each point encodes; the row in the set when None).
+    `highlight`: an image index starred in every panel that holds it (the same image across embeddings).
+    """
+    import torch
+
+    names = list(points)
+    all_classes = sorted({int(c) for y in labels.values() if y is not None for c in y.tolist()})
+    color = dict(zip(all_classes, class_colors(len(all_classes))))
+    fig = make_subplots(1, len(names), subplot_titles=[(titles or {}).get(n, n) for n in names],
+                        horizontal_spacing=0.03)
+    shown: set = set()
+    for i, name in enumerate(names):
+        p, y = points[name], labels.get(name)
+        idx = (index or {}).get(name)
+        ids, what = (idx, "image") if idx is not None else (torch.arange(len(p)), "sample")
+        groups = [(None, torch.ones(len(p), dtype=torch.bool))] if y is None else [(c, y == c) for c in all_classes]
+        for c, mask in groups:
+            if not bool(mask.any()):
+                continue
+            cname = "unlabelled" if c is None else (class_names[c] if c < len(class_names) else f"class {c}")
+            fig.add_trace(go.Scatter(
+                x=p[mask, 0].tolist(), y=p[mask, 1].tolist(), mode="markers", name=cname, legendgroup=cname,
+                showlegend=cname not in shown, customdata=ids[mask].tolist(),
+                marker=dict(size=4, opacity=0.75, color=color.get(c, "gray")),
+                hovertemplate=f"<b>{cname}</b><br>{what} #%{{customdata}}<br>{name}<extra></extra>"), 1, i + 1)
+            shown.add(cname)
+        if highlight is not None and idx is not None and bool((idx == highlight).any()):
+            j = int((idx == highlight).nonzero()[0, 0])
+            fig.add_trace(go.Scatter(x=[float(p[j, 0])], y=[float(p[j, 1])], mode="markers", showlegend=False,
+                                     marker=dict(symbol="star", size=16, color="black",
+                                                 line=dict(color="white", width=1)),
+                                     hovertemplate=f"image #{highlight}<extra></extra>"), 1, i + 1)
+    fig.update_xaxes(showticklabels=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, zeroline=False)
+    fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor, scaleratio=1))
+    fig.update_annotations(font_size=11)
+    fig.update_layout(title=title, height=size + 150, width=size * len(names) + 40,
+                      legend=dict(orientation="h", y=-0.04), margin=dict(l=10, r=10, t=110, b=10))
+    return fig

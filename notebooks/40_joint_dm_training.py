@@ -78,11 +78,11 @@ same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has 
 start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device, n=cfg.train.eval_samples,
                                    seed=seed, val_u8=data.val[:500]) if same_shape else {}
 dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
-                                        dm_weight=cfg.train.dm_weight, tag="joint")
+                                        dm_weight=cfg.train.dm_weight, tag="joint", **u.joint_kwargs(cfg))
 runs = {"DM": "joint"}
 if cfg.train.control:
     ctl_tok, ctl_head, _ = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device, dm_weight=0.0,
-                                          tag="control")
+                                          tag="control", **u.joint_kwargs(cfg))
     runs["λ = 0 control"] = "control"
 
 # %%

@@ -175,3 +175,19 @@ def test_joint_config_errors():
         make_config("teacher", "cpu", {"reference.name": "clip"})
     with pytest.raises(ConfigError, match="unknown config key"):
         make_config("joint", "cpu", {"train.lambda": 3.0})
+
+
+def test_stage1_discriminator_is_reused(upstream, teacher):
+    root, tok_dir, data = upstream
+    _, trun, tok, _, ref, net, _, _ = teacher
+    state = js.stage1_discriminator(tok_dir)
+    cfg = make_config("joint", "smoke", {**TINY_JOINT, "train.steps": 2, "train.tokenizer_every": 1,
+                                         "train.disc_start": 0, "train.eval_every": 0, "train.control": False})
+    _, _, stats = js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
+                                 disc_arch=(8, 2), progress=False)
+    assert "d_loss" in stats and stats["nonfinite"] == 0
+    with pytest.raises(RunError, match="stage-1 discriminator"):
+        js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state, disc_arch=(16, 2),
+                       progress=False)
+    with pytest.raises(RunError, match="no discriminator state|does not exist"):
+        js.stage1_discriminator(root)

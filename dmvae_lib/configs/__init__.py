@@ -16,13 +16,15 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from . import joint, teacher, tokenizer, toy
+from . import generation, joint, latents, teacher, tokenizer, toy
 
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
     "tokenizer": (tokenizer.TokenizerStageConfig, tokenizer.PRESETS),
     "teacher": (teacher.TeacherStageConfig, teacher.PRESETS),
     "joint": (joint.JointStageConfig, joint.PRESETS),
+    "latents": (latents.LatentsStageConfig, latents.PRESETS),
+    "generation": (generation.GenerationStageConfig, generation.PRESETS),
 }
 
 

@@ -1,0 +1,105 @@
+"""Configuration of stage 4: the final generator on the DM tokenizer's latents, sampling and evaluation
+(notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .teacher import DiTConfig
+
+SAMPLERS = ("ode", "sde")
+
+
+@dataclass(frozen=True)
+class GeneratorFitConfig:
+    """The flow-matching fit of the generator (teacher_stage.fit_teacher reads exactly these fields)."""
+
+    steps: int = 1600  # ≈ 3.5 min for Micro/4 at batch 256 in bf16 on 2 cores (as the cpu teacher)
+    batch: int = 256
+    lr: float = 1e-3  # AdamW (0.9, 0.95), linear warm-up then constant
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # the EMA weights are what gets sampled unless sample.ema = False
+    precision: str = "bf16"
+    compile: bool = False  # torch.compile the net (GPU)
+    log_every: int = 50
+    ckpt_every: int = 500
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n: int = 2000  # images generated (50 000 for gFID-50K); class-balanced labels, i mod num_classes
+    sampler: str = "ode"  # "ode" (Euler, probability flow) | "sde" (Euler–Maruyama, the authors' evaluation)
+    steps: int = 50  # network evaluations per sample (250 at full scale)
+    cfg_scale: float = 1.0  # classifier-free guidance (1: none, the paper's Tab. 3 setting)
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guide only for t in [lo, hi] (t = 0 noise, t = 1 data)
+    shift: float = 1.0  # ODE time-grid shift of the noise level (1: uniform); the SDE grid is uniform
+    diffusion_norm: float = 1.0  # SDE: w(t) = norm·(1 − t) ("sigma" diffusion of SiT/LightningDiT)
+    last_step: float = 0.04  # SDE: final deterministic mean step from t = 1 − last_step to 1
+    ema: bool = True  # sample the EMA weights (False: the raw weights of the last checkpoint)
+    batch: int = 500  # samples per sampler call (and per decoder call)
+    precision: str = "fp32"  # sampler and decoder numerics (fp32 | bf16 autocast)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    real_images: int = 10000  # real training images (val when streamed) behind the SSL-space statistics
+    floor_images: int = 2000  # val images for the real-vs-real noise floor and the reconstruction FD (rFD)
+    feature_batch: int = 500
+    inception_weights: str = ""  # torch-fidelity Inception file; "" -> $TORCH_HOME/hub/checkpoints; never downloaded
+    reference_batch: str = ""  # ADM reference .npz (mu/sigma [+ arr_0]); "" -> statistics of the real images
+    isc_splits: int = 10  # Inception-score splits (torch-fidelity default, as the authors' sample_50k.py)
+    prc_neighborhood: int = 3  # k of the k-NN balls of precision/recall (ADM evaluator: 3)
+    png_limit: int = 500  # individual PNGs written (all N go into the .npz)
+    grid_per_class: int = 8  # grid columns; one row per class (at most 10 rows)
+
+
+@dataclass(frozen=True)
+class GenerationStageConfig:
+    seed: int = 0
+    threads: int = 0
+    joint_run: str = ""  # a notebook-40 run folder (resolved by the notebook)
+    tokenizer_file: str = "tokenizer.pt"  # in joint_run: tokenizer.pt (DM) | control_tokenizer.pt (λ = 0 baseline)
+    flip: bool = False  # also cache horizontally flipped images (doubles the latent cache)
+    encode_batch: int = 500
+    net: DiTConfig = field(default_factory=DiTConfig)
+    fit: GeneratorFitConfig = field(default_factory=GeneratorFitConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        from . import ConfigError
+
+        s = self.sample
+        if s.sampler not in SAMPLERS:
+            raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
+        if s.sampler == "sde" and s.shift != 1.0:
+            raise ConfigError("sample.shift only applies to the ODE sampler (the authors' SDE run passes a shift "
+                              "that has no effect); leave it at 1.0 with sampler 'sde'")
+        if s.sampler == "sde" and (s.steps < 2 or not 0.0 < s.last_step < 1.0):
+            raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, {s.last_step}")
+        lo, hi = s.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
+        for key, value in (("fit.precision", self.fit.precision), ("sample.precision", s.precision)):
+            if value not in ("fp32", "bf16"):
+                raise ConfigError(f"{key} {value!r} unknown; use fp32 or bf16")
+        if s.n < 2:
+            raise ConfigError(f"sample.n must be at least 2 (a Fréchet distance needs 2 samples), got {s.n}")
+
+
+PRESETS: dict[str, dict] = {
+    "smoke": {"fit.steps": 100, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 50, "net.size": "tiny",
+              "sample.n": 300, "sample.steps": 20, "metrics.real_images": 2048, "metrics.floor_images": 300,
+              "metrics.png_limit": 40, "metrics.grid_per_class": 6},
+    "cpu": {},
+    # The authors' final DiT (§5.2) and 50K evaluation (§5.4): XL/1, EMA 0.9999, no warm-up; 64 epochs of
+    # ImageNet at batch 1024 ≈ 80k steps; SDE Euler–Maruyama, 250 steps, no CFG (paper Tab. 3).
+    "imagenet256": {"net.size": "XL", "net.patch_size": 1, "net.grad_checkpoint": True, "fit.steps": 80000,
+                    "fit.batch": 1024, "fit.lr": 2e-4, "fit.warmup_steps": 0, "fit.ema_decay": 0.9999,
+                    "fit.ckpt_every": 10000, "fit.log_every": 100, "flip": True, "encode_batch": 256,
+                    "sample.n": 50000, "sample.sampler": "sde", "sample.steps": 250, "sample.batch": 250,
+                    "sample.precision": "bf16", "metrics.real_images": 50000, "metrics.floor_images": 10000,
+                    "metrics.feature_batch": 250},
+}  # fmt: skip
