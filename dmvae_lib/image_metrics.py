@@ -11,7 +11,9 @@ Images are in [−1, 1] (the tokenizer's convention); PSNR and SSIM map them to 
 FD is computed in float64 with symmetric eigendecompositions, which stay real and stable when the
 covariances are singular; with fewer samples than dimensions an exact (N_a, N_b) SVD form is used.
 Every FD carries the name of its feature space: only `fid_inception` (the TF-ported Inception-v3 pool3
-weights, through torch-fidelity) is "FID"; an FD in any other space must not be reported as FID. The
+weights, through torch-fidelity; `load_inception` + `inception_features` expose the same network, also for the
+Inception score's logits, and `frechet_distance_from_moments` scores against precomputed reference statistics)
+is "FID"; an FD in any other space must not be reported as FID. The
 reference computes rFID with torchmetrics on the same Inception network after a bicubic resize to 299;
 torch-fidelity resizes uint8 images itself (TF-style bilinear), so the two differ slightly on non-299
 inputs. The reference PSNR does not clamp x̂ (bf16), so it can differ for out-of-range reconstructions.
@@ -120,6 +122,61 @@ def _batches(images: Images, batch_size: int) -> Iterable[Tensor]:
         yield from images
 
 
+def _check_inception_file(weights_path: Optional[str | Path], caller: str) -> Path:
+    if weights_path is None or not Path(weights_path).is_file():
+        raise RuntimeError(
+            f"{caller} needs the FID Inception weights as a local file (got {weights_path!r}); nothing "
+            f"is downloaded at runtime. Fetch {INCEPTION_URL} on a machine with network and pass "
+            "weights_path=<that file>. Without it, use frechet_distance in another, labelled feature space.")
+    return Path(weights_path)
+
+
+def load_inception(weights_path: Optional[str | Path], features: tuple[str, ...] = ("2048",),
+                   device: Optional[torch.device | str] = None):
+    """torch-fidelity's Inception-v3 ("inception-v3-compat") from a local weights file, returning `features`
+    ("2048": pool3, FID and precision/recall; "logits_unbiased": the Inception score's logits).
+
+    Raises:
+        RuntimeError: no weights file; the message says where to get it. Nothing is downloaded.
+    """
+    path = _check_inception_file(weights_path, "load_inception")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=str(path))
+    return net.to(device or "cpu")
+
+
+@torch.no_grad()
+def inception_features(net, images: Images, batch_size: int = 64) -> tuple[Tensor, ...]:
+    """The net's features (float64, CPU), one (N, D) tensor per requested feature.
+
+    Images are (N, 3, H, W) floats in [−1, 1] (quantised to uint8 as the reference does) or uint8 already;
+    torch-fidelity resizes them to 299² (TF1-style bilinear).
+    """
+    device = next(net.parameters()).device
+    outs = []
+    for batch in _batches(images, batch_size):
+        if batch.dtype != torch.uint8:
+            batch = ((batch.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        outs.append([f.double().cpu() for f in net(batch.to(device))])
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def frechet_distance_from_moments(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor,
+                                  feature_space: str, n_a: int = 0, n_b: int = 0) -> FD:
+    """FD between N(mu_a, cov_a) and N(mu_b, cov_b) (e.g. against precomputed reference statistics)."""
+    if not feature_space:
+        raise ValueError("name the feature space: an unlabelled Fréchet distance cannot be interpreted")
+    mu_a, mu_b, cov_a, cov_b = (torch.as_tensor(m).double() for m in (mu_a, mu_b, cov_a, cov_b))
+    if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (len(mu_a), len(mu_a)):
+        raise ValueError(f"moments do not match: {tuple(mu_a.shape)}, {tuple(cov_a.shape)} vs "
+                         f"{tuple(mu_b.shape)}, {tuple(cov_b.shape)}")
+    root_a = _sqrt_psd((cov_a + cov_a.T) / 2)
+    tr_covmean = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    value = ((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean
+    return FD(float(value), feature_space, n_a, n_b)
+
+
 def fid_inception(images_a: Images, images_b: Images, *, weights_path: Optional[str | Path],
                   batch_size: int = 64, device: Optional[torch.device | str] = None) -> FD:
     """FID: FD of Inception-v3 pool3 features (torch-fidelity's network, local weights only).
@@ -130,23 +187,7 @@ def fid_inception(images_a: Images, images_b: Images, *, weights_path: Optional[
     Raises:
         RuntimeError: no weights file; the message says where to get it. Nothing is downloaded.
     """
-    if weights_path is None or not Path(weights_path).is_file():
-        raise RuntimeError(
-            f"fid_inception needs the FID Inception weights as a local file (got {weights_path!r}); nothing "
-            f"is downloaded at runtime. Fetch {INCEPTION_URL} on a machine with network and pass "
-            "weights_path=<that file>. Without it, use frechet_distance in another, labelled feature space.")
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                      feature_extractor_weights_path=str(weights_path))
-    net = net.to(device or "cpu")
-
-    @torch.no_grad()
-    def features(images: Images) -> Tensor:
-        out = []
-        for batch in _batches(images, batch_size):
-            uint8 = ((batch.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            out.append(net(uint8.to(next(net.parameters()).device))[0].double().cpu())
-        return torch.cat(out)
-
-    return frechet_distance(features(images_a), features(images_b), INCEPTION_SPACE)
+    _check_inception_file(weights_path, "fid_inception")
+    net = load_inception(weights_path, ("2048",), device)
+    (fa,), (fb,) = inception_features(net, images_a, batch_size), inception_features(net, images_b, batch_size)
+    return frechet_distance(fa, fb, INCEPTION_SPACE)

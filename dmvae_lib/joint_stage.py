@@ -102,6 +102,8 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     k_classes = reference.num_classes
     perceptual = perceptual_loss(t.lpips)
     gen = torch.Generator().manual_seed(cfg.seed + 29)
+    # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
+    fm_gen = gen if dev.type == "cpu" else torch.Generator(dev).manual_seed(cfg.seed + 37)
     stream = batches(data, t.batch, gen, 0)
     autocast = lambda: autocast_ctx(dev, t.precision)  # noqa: E731
 
@@ -148,8 +150,8 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
             return {**last_turn, "nonfinite": 0}
         stats = {**last_turn, **stats}  # logged records carry the latest tokenizer turn's numbers
         if use_dm:
-            yy = drop_labels(y, t.label_dropout, k_classes, gen) if k_classes else None
-            f = flow_matching_step(fake, fopt, target, gen, y=yy, scheduler=fsched, grad_clip=t.grad_clip,
+            yy = drop_labels(y.cpu(), t.label_dropout, k_classes, gen).to(device) if k_classes else None
+            f = flow_matching_step(fake, fopt, target, fm_gen, y=yy, scheduler=fsched, grad_clip=t.grad_clip,
                                    autocast=autocast)
             stats = {**stats, "fake_fm_loss": f["fm_loss"], "nonfinite": stats.get("nonfinite", 0) + f["nonfinite"]}
         return stats
@@ -169,6 +171,8 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
              "head": head, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "gen": gen}
     if use_dm:
         state.update(fake=fake, fopt=fopt, fsched=fsched)
+    if fm_gen is not gen:
+        state["fm_gen"] = fm_gen
     stats = train(step, max_steps=t.steps, state=state, run=run, tag=tag, log_every=t.log_every,
                   ckpt_every=t.ckpt_every, hooks=hooks, progress=progress)
     if t.refine_steps:

@@ -106,8 +106,11 @@ def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int)
 
 
 def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
-                ctx: Optional[DistContext] = None) -> tuple[nn.Module, dict]:
+                ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
     """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
+
+    Also fits the final generator of notebook 60 (`tag="generator"`): `cfg` may be any config with `seed`, a
+    `net` (DiTConfig) and a `fit` holding the training fields read here (configs.generation.GeneratorFitConfig).
 
     With a multi-process `ctx` (`distributed.init_distributed` under torchrun) each rank draws
     fit.batch / world_size samples from its own generator, gradients are averaged by DDP, the logged fm_loss
@@ -116,8 +119,8 @@ a non-finite loss on only some ranks (they skip backward while the others wait i
     """
     f = cfg.fit
     ctx = ctx or DistContext()
-    if ctx.distributed and all_reduce_mean(float(run is not None and run.ckpt_path("teacher").exists()), ctx) > 0:
-        raise RunError(f"{run.path if run else 'the run'} holds a teacher checkpoint; resuming a multi-process fit "
+    if ctx.distributed and all_reduce_mean(float(run is not None and run.ckpt_path(tag).exists()), ctx) > 0:
+        raise RunError(f"{run.path if run else 'the run'} holds a {tag} checkpoint; resuming a multi-process fit "
                        "is not supported yet (the non-writing ranks would restart from step 0)")
     batch = shard_batch(f.batch, ctx, "fit.batch")
     torch.manual_seed(cfg.seed)  # the net's initialisation (the same on every rank)
@@ -129,21 +132,26 @@ a non-finite loss on only some ranks (they skip backward while the others wait i
     model = wrap_ddp(net, ctx)
     model = torch.compile(model) if f.compile else model
     gen = rank_generator(cfg.seed + 23, ctx)  # rank 0 (or one process): the single-process stream
+    # t and noise are drawn on the training device: a CPU generator cannot draw CUDA tensors.
+    on_cpu = torch.device(device).type == "cpu"
+    noise_gen = gen if on_cpu else rank_generator(cfg.seed + 29, ctx, device)
     autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
 
     def step(k: int) -> dict:
         x, y = reference.sample(batch, gen)
         if y is not None:
             y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
-        stats = flow_matching_step(model, opt, x.to(device), gen, y=y, scheduler=sched, grad_clip=f.grad_clip,
-                                   autocast=autocast)
+        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched,
+                                   grad_clip=f.grad_clip, autocast=autocast)
         ema.update(net, step=k + 1)
         if ctx.distributed:
             stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)
         return stats
 
     state = {"net": net, "opt": opt, "sched": sched, "ema": ema, "gen": gen}
-    stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag="teacher",
+    if not on_cpu:
+        state["noise_gen"] = noise_gen
+    stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag=tag,
                   log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main)
     return ema.module.eval().requires_grad_(False), stats
 

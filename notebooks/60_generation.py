@@ -1,0 +1,168 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 60 · Generation and evaluation: a LightningDiT on the DM tokenizer's latents
+#
+# > What DMVAE is for (paper §5, Tab. 3): latents shaped by distribution matching should be *easier to
+# > generate*. This notebook fits the final generator on the DM tokenizer's latents, samples images from it and
+# > scores them, every number stored with the protocol that produced it.
+#
+# **What you'll see.** The latent cache of the DM tokenizer; the generator's flow-matching fit (the teacher's
+# code of notebook 30: LightningDiT, label dropout, EMA); class-balanced samples by Euler ODE or Euler–Maruyama
+# SDE (optionally with CFG inside a guidance interval), decoded and saved as PNGs and as an `.npz` in the ADM
+# evaluator's format; a Fréchet distance in the SSL encoder's feature space (not FID) read against the
+# real-vs-real floor and the tokenizer's reconstruction FD; FID / IS / precision-recall when the Inception
+# weights are on disk.
+#
+# **What it needs.** A finished run of `40_joint_dm_training` (the run of the same `run_name`, else the newest
+# at this preset, or `joint_run=<folder>`). `tokenizer_file="control_tokenizer.pt"` runs the λ = 0 baseline
+# through the same code. Time on a 2-core CPU: `smoke` ≈ 1 min, `cpu` ≤ 10 min.
+
+# %% tags=["parameters"]
+preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU)
+seed: int = 0  # seeds initialisation, sampling noise and every generator of the run
+device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
+run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
+run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
+joint_run: str = ""  # a notebook-40 run folder; "" -> the run named run_name, else the newest at this preset
+tokenizer_file: str = "tokenizer.pt"  # "tokenizer.pt" (DM) | "control_tokenizer.pt" (the control: no DM term)
+overrides: dict = {}  # dotted config keys, e.g. {"sample.sampler": "sde", "sample.cfg_scale": 2.0}
+
+# %%
+import time
+
+import torch
+
+from dmvae_lib import evaluation as ev
+from dmvae_lib import generation_stage as gs
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib.session import resolve_run_root, start, upstream_run
+
+# %%
+joint_dir = upstream_run("40_joint_dm_training", tokenizer_file, path=joint_run, run_name=run_name,
+                         run_root=run_root, preset=preset)
+s = start("generation", "60_generation", preset,
+          {"joint_run": str(joint_dir), "tokenizer_file": tokenizer_file, **overrides},
+          seed=seed, device=device, run_root=run_root, run_name=run_name)
+cfg = s.cfg
+print(f"tokenizer: {joint_dir / tokenizer_file}\nrun: {s.run.path}\ndevice: {s.device}")
+cfg
+
+# %% [markdown]
+# ## 1 · The generator's data: the DM tokenizer's latent cache
+# Every training image is encoded once and normalised with the latent mean/scale that notebook 40 re-measured
+# after DM training, so `decode(denormalize(sample))` maps a generated latent back to an image. The cache
+# records the tokenizer's hash: a cache built by another tokenizer is rejected.
+
+# %%
+tok, tok_cfg, encoders, tok_file = gs.upstream_tokenizer(joint_dir, cfg.tokenizer_file, s.device)
+data = ts.load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
+train_set = gs.generator_data(cfg, tok, tok_file, data, s.run, s.device)
+lat = train_set.bank
+print(f"{train_set.name}: {tuple(lat.shape)}, mean {lat.mean():.3f}, std {lat.std():.3f}, "
+      f"{train_set.num_classes} classes")
+assert abs(float(lat.mean())) < 0.2 and 0.7 < float(lat.std()) < 1.3, "latents are not normalised"
+
+# %% [markdown]
+# ## 2 · Fit the generator
+# Flow matching (x_t = t·data + (1 − t)·noise, target data − noise) on the cached latents with label dropout
+# (the null label gives classifier-free guidance), through notebook 30's `fit_teacher`: one loop, one loss.
+# Its EMA weights are what gets sampled (`sample.ema`).
+
+# %%
+net, fit_stats = gs.fit_generator(cfg, train_set, s.run, s.device)
+gs.save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
+s.figures.save(ts.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
+first = next(r for r in s.run.read_metrics() if r.get("tag") == "generator")
+print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
+assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
+
+# %% [markdown]
+# ## 3 · Sample latents
+# Labels are class-balanced (label i mod K, as the authors' `sample_50k.py`). The ODE sampler integrates
+# dx/dt = v; the SDE adds the score-weighted drift and noise of the "sigma" diffusion and ends with a
+# deterministic mean step (the authors' 250-step evaluation). With `sample.cfg_scale` > 1 the velocity is
+# v_null + s·(v_cond − v_null) for t inside `sample.cfg_interval`. First check: do the samples look like the
+# latent cache? (A distance is read against two independent draws of the cache.)
+
+# %%
+sampler_net = net if cfg.sample.ema else gs.raw_generator(cfg, train_set, s.run, s.device)
+t0 = time.perf_counter()
+latents, labels = gs.sample_latents(sampler_net, train_set.shape, train_set.num_classes, cfg.sample, seed, s.device)
+sample_s = time.perf_counter() - t0
+fit = gs.latent_fit(latents, train_set, seed)
+print(f"{len(latents)} latents, {cfg.sample.sampler} × {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale} on "
+      f"{cfg.sample.cfg_interval}, {'EMA' if cfg.sample.ema else 'raw'} weights: {sample_s:.1f} s")
+print(f"latent FD to the cache {fit['samples_vs_cache']['fd']:.2f} ({fit['fd_ratio']:.2f}× the floor), "
+      f"SW2 {fit['sw2_ratio']:.2f}× the floor")
+assert torch.isfinite(latents).all(), "non-finite samples"
+
+# %% [markdown]
+# ## 4 · Decode and save
+# `samples.npz` holds all N images as `arr_0` (uint8, N × H × W × 3) and the labels as `arr_1`: the format of
+# the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) that DiT, LightningDiT, REPA and RAE
+# report with. `samples_grid.png` has one row per class; `samples/` holds the first `metrics.png_limit` PNGs.
+
+# %%
+images = gs.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
+paths = gs.write_samples(s.run, images, labels, cfg.metrics)
+back, back_labels = ev.load_adm_npz(paths["npz"])
+assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:]) and torch.equal(back, images)
+assert back_labels is None or torch.equal(back_labels, labels)
+real, real_labels = data.val, data.val_labels
+fig = gs.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
+                        title="generated (each row) and real val images (the row below) per class")
+s.figures.save(fig, "samples")
+
+# %% [markdown]
+# ## 5 · Evaluate
+# * `fd_ssl`: Fréchet distance between SSL-encoder features of the samples and of real training images (at
+#   this scale the stand-in for gFID; it is *not* FID). Read it against `fd_ssl_floor` (val vs train images:
+#   two real sets, no generator) and `rfd_ssl` (val images vs their reconstructions: what the tokenizer loses).
+# * `inception`: FID, IS and precision/recall with torch-fidelity's Inception-v3, only from a local weights
+#   file (and an ADM reference batch for ImageNet's `mu`/`sigma`); otherwise a record that says what to fetch.
+#
+# Every record carries its protocol: N, sampler and steps, CFG scale and interval, EMA, seed, and the SHA-256
+# of the generator, the tokenizer, the scored `.npz`, and any weights or statistics file.
+
+# %%
+files = {"generator": s.run.path / "generator.pt", "tokenizer": tok_file, "samples": paths["npz"]}
+records = gs.evaluate(cfg, images, tok, encoders, data, files, s.device)
+eval_file = gs.save_evaluation(s.run, records)
+by_name = {r["metric"]: r for r in records}
+print(by_name["inception"].get("reason", "Inception metrics computed"))
+gs.metrics_table(records)
+
+# %%
+assert all(set(ev.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in records), "a metric lacks its protocol"
+assert by_name["fd_ssl"]["protocol"]["files"]["generator"]["sha256"], "the generator's hash is missing"
+fd, floor, rfd = (by_name[k]["value"] for k in ("fd_ssl", "fd_ssl_floor", "rfd_ssl"))
+print(f"SSL-space FD: samples {fd:.3f} | real-vs-real floor {floor:.3f} | reconstructions {rfd:.3f}")
+assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
+
+# %% [markdown]
+# ## 6 · Save and summarise
+# `generator.pt` (EMA weights, the tokenizer's hash), `samples.npz`, the PNGs and `evaluation.json` (metrics and
+# protocols) stay in the run folder; the summary repeats the headline numbers.
+
+# %%
+summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer_file, "fit": fit_stats,
+                    "latent_fit": fit, "sampling_seconds": sample_s, "metrics": {r["metric"]: r for r in records},
+                    "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
+                    "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})
+print(f"run directory: {s.run.path}")
