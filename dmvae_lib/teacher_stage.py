@@ -37,13 +37,7 @@ from .tokenizer_stage import ImageData, load_tokenizer
 
 def file_digest(path: Path) -> str:
     """Short content hash of a file (identifies the upstream checkpoint a cache or teacher came from)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return latent_cache.file_sha256(path)[:16]
 
 
 def train_images(data: ImageData) -> tuple[Tensor, Tensor]:
