@@ -35,16 +35,14 @@ from .references import TensorReference
 from .runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
 from .samplers import euler_maruyama, euler_ode, guided
 from .tokenizer import Tokenizer
-from .tokenizer_stage import ImageData, load_tokenizer, reconstruct
+from .tokenizer_stage import ImageData, reconstruct
 
 SSL_SPACE = "SSL-encoder pooled features (not Inception; not FID)"
 
 
 def upstream_tokenizer(joint_dir: Path, tokenizer_file: str, device) -> tuple[Tokenizer, Any, dict, Path]:
     """The DM (or control) tokenizer saved by notebook 40: (tokenizer, its stage-1 config, encoders, file)."""
-    file = Path(joint_dir) / tokenizer_file
-    tok, tok_cfg, encoders = load_tokenizer(file, device)
-    return tok, tok_cfg, encoders, file
+    return tst.upstream_tokenizer(Path(joint_dir), device, tokenizer_file)
 
 
 def generator_data(cfg: GenerationStageConfig, tok: Tokenizer, tok_file: Path, data: ImageData, run: RunDir,

@@ -235,8 +235,10 @@ def pca_2d(reference_samples: Tensor, *others: Tensor) -> list[Tensor]:
     return [(x.flatten(1).float() - mean) @ v for x in (reference_samples, *others)]
 
 
-def upstream_tokenizer(folder: Path, device) -> tuple[Tokenizer, object, dict, Path]:
-    file = folder / "tokenizer.pt"
+def upstream_tokenizer(folder: Path, device, name: str = "tokenizer.pt") -> tuple[Tokenizer, object, dict, Path]:
+    """A tokenizer saved in a run folder (stage 1's, or notebook 40's DM/control one): (tokenizer, its stage-1
+    config, encoders, file)."""
+    file = Path(folder) / name
     tok, tcfg, encoders = load_tokenizer(file, device)
     return tok, tcfg, encoders, file
 
