@@ -18,6 +18,7 @@ local file, FID / IS / precision-recall (`evaluation.inception_metrics`). Each m
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import embedding
 from . import evaluation as ev
 from . import probes
 from . import teacher_stage as tst
@@ -168,6 +170,16 @@ def latent_fit(latents: Tensor, data: TensorReference, seed: int) -> dict:
     fit, floor = tst.distribution_distances(latents, a, seed), tst.distribution_distances(b, a, seed)
     return {"samples_vs_cache": fit, "noise_floor": floor, "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),
             "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12)}
+
+
+def latent_clustering(data: TensorReference, n: int, seed: int, k: int = 10) -> dict:
+    """How the classes cluster in the generator's training latents: leave-one-out kNN accuracy and silhouette
+    on a class-balanced subset of about `n` cached latents (chance = 1 / classes). NaN without labels."""
+    if data.labels is None:
+        return {"knn": math.nan, "silhouette": math.nan, "n": 0, "chance": math.nan}
+    idx = embedding.balanced_indices(data.labels, n, seed=seed)
+    sc = embedding.clustering_scores(data.bank[idx].float(), data.labels[idx], k=k)
+    return {"knn": sc.knn, "silhouette": sc.silhouette, "n": len(idx), "k": k, "chance": 1.0 / data.num_classes}
 
 
 def write_samples(run: RunDir, images: Tensor, labels: Tensor | None, m: MetricsConfig) -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """Run the workbook's notebooks in order through papermill: `python -m dmvae_lib.pipeline --preset cpu`.
 
-Each notebook `notebooks/NN_name.ipynb` executes into `runs/NN_name/<name>/executed.ipynb` with parameters
+Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
 `preset`, `run_name=<name>` and `run_root`. Parameters are checked against each notebook's parameters cell
 before any work starts. A stage whose run folder already holds a `summary.json` is skipped, and an
 interrupted stage resumes from its checkpoints (the notebooks reopen a run with the same config). A
@@ -19,6 +19,8 @@ from pathlib import Path
 from .session import REPO_ROOT, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# Studies run the pipeline many times over (notebook 70: ≈ 2 h at `cpu`); they run when named with --only.
+OPT_IN = ("70",)
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -36,10 +38,24 @@ def check_parameters(nb: Path, params: dict) -> None:
         raise SystemExit(f"error: {nb.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
 
 
-def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None) -> Path:
+def execute(nb: Path, out_dir: Path, params: dict) -> str:
+    """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir/summary.json` exists; return what happened.
+
+    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in out_dir."""
     import papermill
 
-    stages = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
+    if (out_dir / "summary.json").exists():
+        return "skipped (already finished)"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
+                               kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+    return f"ran in {time.perf_counter() - t0:.0f} s"
+
+
+def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None) -> Path:
+    stages = [nb for nb in notebooks() if (any(nb.stem.startswith(o) for o in only) if only
+                                           else not nb.stem.startswith(OPT_IN))]
     if not stages:
         raise SystemExit(f"error: no notebook matches {only} in {NOTEBOOK_DIR}")
     params = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
@@ -50,16 +66,8 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     for nb in stages:
         out_dir = run_root / nb.stem / name
         summary_file = out_dir / "summary.json"
-        if summary_file.exists():
-            print(f"[skip] {nb.stem}: finished ({summary_file})")
-            status = "skipped (already finished)"
-        else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            print(f"[run ] {nb.stem} -> {out_dir}")
-            t0 = time.perf_counter()
-            papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
-                                       kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
-            status = f"ran in {time.perf_counter() - t0:.0f} s"
+        print(f"[{'skip' if summary_file.exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+        status = execute(nb, out_dir, params)
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         report += [f"## {nb.stem}: {status}", "", f"Run folder: `{out_dir}`", "", "```json",
                    json.dumps(summary, indent=1, default=str)[:4000], "```", ""]

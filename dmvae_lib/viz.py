@@ -245,3 +245,28 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
     fig.update_layout(title=title, height=size + 150, width=size * len(names) + 40,
                       legend=dict(orientation="h", y=-0.04), margin=dict(l=10, r=10, t=110, b=10))
     return fig
+
+
+def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles: Mapping[str, str],
+                     title: str = "", cols: int = 3) -> go.Figure:
+    """One panel per metric: per condition, the mean ± sample standard deviation of its seeds (bar and error
+    bar) and every seed as a dot. `points[metric][condition]` lists the seeds' values; `titles[metric]` names it."""
+    import statistics
+
+    names = list(points)
+    rows, cols = _grid(len(names), cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[titles.get(m, m) for m in names])
+    for i, m in enumerate(names):
+        r, c = i // cols + 1, i % cols + 1
+        conds = [k for k, v in points[m].items() if any(not math.isnan(x) for x in v)]
+        vals = [[x for x in points[m][k] if not math.isnan(x)] for k in conds]
+        means = [statistics.fmean(v) for v in vals]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        fig.add_trace(go.Bar(x=conds, y=means, error_y={"type": "data", "array": errs}, marker_color="#9db4d3",
+                             showlegend=False, hovertemplate="%{x}: %{y:.4g}<extra>mean</extra>"), row=r, col=c)
+        fig.add_trace(go.Scatter(x=[k for k, v in zip(conds, vals) for _ in v], y=[x for v in vals for x in v],
+                                 mode="markers", marker={"color": "black", "size": 6}, showlegend=False,
+                                 hovertemplate="%{x}: %{y:.4g}<extra>one seed</extra>"), row=r, col=c)
+    fig.update_layout(title=title, height=330 * rows, width=360 * cols, margin={"t": 80})
+    fig.update_xaxes(tickangle=30)
+    return fig

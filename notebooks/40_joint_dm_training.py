@@ -102,7 +102,7 @@ table = table[[c for c in ("ref_fd", "ref_sw2", "val_psnr", "latent_std") if c i
 table
 
 # %%
-assert dm_stats["nonfinite"] == 0 and "dm_loss" in dm_stats
+assert dm_stats["nonfinite"] == 0 and ("dm_loss" in dm_stats) == (cfg.train.dm_weight > 0)
 if cfg.train.control and preset != "smoke":
     dm_fd, ctl_fd = final["DM"]["ref_fd"], final["λ = 0 control"]["ref_fd"]
     print(f"FD to the reference: DM {dm_fd:.3f} vs control {ctl_fd:.3f}; PSNR gap "

@@ -77,6 +77,9 @@ lat = train_set.bank
 print(f"{train_set.name}: {tuple(lat.shape)}, mean {lat.mean():.3f}, std {lat.std():.3f}, "
       f"{train_set.num_classes} classes")
 assert abs(float(lat.mean())) < 0.2 and 0.7 < float(lat.std()) < 1.3, "latents are not normalised"
+clusters = gs.latent_clustering(train_set, cfg.metrics.cluster_latents, seed)
+print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clusters['chance']:.2f}), "
+      f"silhouette {clusters['silhouette']:.3f}")
 
 # %% [markdown]
 # ## 2 · Fit the generator
@@ -162,7 +165,7 @@ assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
 
 # %%
 summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer_file, "fit": fit_stats,
-                    "latent_fit": fit, "sampling_seconds": sample_s, "metrics": {r["metric"]: r for r in records},
+                    "latent_fit": fit, "latent_clustering": clusters, "sampling_seconds": sample_s, "metrics": {r["metric"]: r for r in records},
                     "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
                     "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})
 print(f"run directory: {s.run.path}")

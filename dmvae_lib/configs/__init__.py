@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from . import generation, joint, latents, teacher, tokenizer, toy
+from . import generation, joint, latents, study, teacher, tokenizer, toy
 
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "joint": (joint.JointStageConfig, joint.PRESETS),
     "latents": (latents.LatentsStageConfig, latents.PRESETS),
     "generation": (generation.GenerationStageConfig, generation.PRESETS),
+    "study": (study.StudyConfig, study.PRESETS),
 }
 
 
@@ -70,6 +71,10 @@ def _apply(obj: Any, key: str, value: Any, full_key: str) -> Any:
         if not dataclasses.is_dataclass(child):
             raise ConfigError(f"config key {full_key!r}: {head!r} has no sub-keys")
         return dataclasses.replace(obj, **{head: _apply(child, rest, value, full_key)})
+    if hints[head] is dict:  # a mapping field (e.g. a study's per-notebook overrides): keys merge into it
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {full_key!r} expects a mapping, got {value!r}")
+        return dataclasses.replace(obj, **{head: {**getattr(obj, head), **value}})
     return dataclasses.replace(obj, **{head: _coerce(value, hints[head], full_key)})
 
 
@@ -95,7 +100,7 @@ def make_config(stage: str, preset: str, overrides: Mapping[str, Any] | None = N
     if preset not in presets:
         raise ConfigError(f"unknown preset {preset!r} for {stage}; known: {', '.join(presets)}")
     cfg = cls()
-    for key, value in {**presets[preset], **dict(overrides or {})}.items():
+    for key, value in [*presets[preset].items(), *dict(overrides or {}).items()]:  # a preset, then overrides
         cfg = _apply(cfg, key, value, key)
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -53,6 +53,7 @@ class MetricsConfig:
     prc_neighborhood: int = 3  # k of the k-NN balls of precision/recall (ADM evaluator: 3)
     png_limit: int = 500  # individual PNGs written (all N go into the .npz)
     grid_per_class: int = 8  # grid columns; one row per class (at most 10 rows)
+    cluster_latents: int = 2000  # class-balanced cached latents behind the clustering score (kNN, silhouette)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class GenerationStageConfig:
 PRESETS: dict[str, dict] = {
     "smoke": {"fit.steps": 100, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 50, "net.size": "tiny",
               "sample.n": 300, "sample.steps": 20, "metrics.real_images": 2048, "metrics.floor_images": 300,
-              "metrics.png_limit": 40, "metrics.grid_per_class": 6},
+              "metrics.png_limit": 40, "metrics.grid_per_class": 6, "metrics.cluster_latents": 300},
     "cpu": {},
     # The authors' final DiT (§5.2) and 50K evaluation (§5.4): XL/1, EMA 0.9999, no warm-up; 64 epochs of
     # ImageNet at batch 1024 ≈ 80k steps; SDE Euler–Maruyama, 250 steps, no CFG (paper Tab. 3).
