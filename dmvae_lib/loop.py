@@ -10,15 +10,25 @@ with the step and the last good checkpoint named, or counts the skip when `on_no
 
 `state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
+
+Several processes (`ctx` from `distributed.init_distributed`, `run` given on rank 0 only): every rank must call
+`train` with the same arguments. Rank 0 reads the checkpoint and broadcasts it, so every rank resumes from the
+same step and state; each rank's generators are gathered into rank 0's checkpoint (`rank_generators`) at every
+save and each rank restores its own, since every rank draws different data. All other state is taken from
+rank 0 (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
+ranks, so all ranks raise, or all skip, at the same step. A checkpoint resumes only under the world size that
+wrote it (the per-rank data streams are part of the state).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import DistContext, all_reduce_max, broadcast_object, gather_objects
 from .runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
 
 
@@ -58,6 +68,28 @@ def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) ->
             raise RunError(f"cannot restore state {name!r} of type {type(obj).__name__}")
 
 
+def _resume_point(run: RunDir | None, tag: str, ctx: DistContext) -> tuple[dict | None, Path | None]:
+    """(checkpoint or None, its path) as rank 0 sees them, on every rank; a RunError on rank 0 raises on all."""
+    file = None if run is None else run.ckpt_path(tag)
+    saved, error = None, None
+    if file is not None and file.exists():
+        try:
+            saved = load_checkpoint(file, required=("step", "state"))
+        except RunError as exc:
+            if not ctx.distributed:
+                raise
+            error = str(exc)
+    if ctx.distributed:  # the other ranks have no run: they wait for rank 0's answer
+        saved, file, error = broadcast_object((saved, file, error), ctx)
+    if error is not None:
+        raise RunError(error)
+    writers = len(saved.get("rank_generators", [None])) if saved else ctx.world_size
+    if writers != ctx.world_size:
+        raise RunError(f"{file} was written by {writers} process(es); resume it with {writers}, not "
+                       f"{ctx.world_size} (each rank's data generator is part of the state)")
+    return saved, file
+
+
 def train(
     step_fn: Callable[[int], Mapping[str, float]],
     *,
@@ -71,30 +103,43 @@ def train(
     hooks: Sequence[tuple[int, Callable[[int], None]]] = (),
     on_nonfinite: str = "raise",
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> dict[str, float]:
     """Run `step_fn` from the last checkpoint (or 0) to `max_steps`; return the last step's numbers."""
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    ctx = ctx or DistContext()
     start, last_ckpt, skipped, stats = 0, None, 0, {}
-    if run is not None and run.ckpt_path(tag).exists():
-        last_ckpt = run.ckpt_path(tag)
-        saved = load_checkpoint(last_ckpt, required=("step", "state"))
+    saved, ckpt_file = _resume_point(run, tag, ctx)
+    if saved is not None:
+        last_ckpt = ckpt_file
         _restore(state, saved["state"], str(last_ckpt))
+        if ctx.distributed:
+            for name, gen_state in saved["rank_generators"][ctx.rank].items():
+                state[name].set_state(gen_state)
         start, stats = saved["step"], saved.get("stats", {})
 
     def checkpoint(step: int) -> None:
         nonlocal last_ckpt
+        generators = None
+        if ctx.distributed:  # a collective: every rank takes part, rank 0 writes
+            mine = {k: v.get_state() for k, v in state.items() if isinstance(v, torch.Generator)}
+            generators = gather_objects(mine, ctx)
+        last_ckpt = ckpt_file
         if run is None:
             return
         payload = {"step": step, "tag": tag, "state": _capture(state), "stats": dict(stats)}
+        if generators is not None:
+            payload["rank_generators"] = generators
         save_checkpoint(run.ckpt_path(tag), payload)
         if keep_every and step % keep_every == 0:
             save_checkpoint(run.ckpt_path(tag, step), payload)
-        last_ckpt = run.ckpt_path(tag)
 
     bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start, total=max_steps)
     for step in bar:
         stats = dict(step_fn(step))
+        if ctx.distributed and "nonfinite" in stats:  # one decision for all ranks
+            stats["nonfinite"] = int(all_reduce_max(stats["nonfinite"], ctx))
         if stats.get("nonfinite", 0) > 0:
             if on_nonfinite == "raise":
                 raise NonFiniteError(f"{tag}: non-finite values at step {step} ({stats}); "

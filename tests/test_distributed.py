@@ -3,6 +3,9 @@
 (a) one flow-matching step on two shards of a fixed global batch equals the single-process step on the whole
     batch (loss and gradients to 1e-6), and the ranks hold identical parameters after the optimizer step;
 (b) the real `fit_teacher` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
+    a 2-process fit interrupted and resumed ends bit-identical to an uninterrupted one (every rank restores
+    rank 0's checkpoint with its own generator state); a non-finite loss on one rank only makes both ranks
+    skip the update together and raise, or skip, at the same step;
 (c) the single-process fallback.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import textwrap
+import time
 
 import pytest
 import torch
@@ -31,8 +35,9 @@ from dmvae_lib.distributed import (
     wrap_ddp,
 )  # fmt: skip
 from dmvae_lib.lightning_dit import lightning_dit
+from dmvae_lib.loop import NonFiniteError, train
 from dmvae_lib.phases import apply_update
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -142,6 +147,150 @@ def test_launch_raises_with_stderr_tail(tmp_path):
     with pytest.raises(RuntimeError, match="boom from the worker"):
         launch(1, str(script), [], timeout=60)
 
+
+
+def _spawn(worker, out, timeout: float = 120) -> None:
+    """mp.spawn two ranks of `worker(rank, 2, port, out)`; fail (instead of hanging) if they fall out of step."""
+    procs = mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=1):  # re-raises a rank's exception
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"{worker.__name__} did not finish within {timeout} s: ranks out of step in a collective?")
+
+
+def _join(rank: int, world_size: int, port: int) -> DistContext:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    return init_distributed("cpu")
+
+
+def _tiny_teacher(steps: int):
+    from dmvae_lib.configs import make_config
+    from dmvae_lib.references import TensorReference
+
+    cfg = make_config("teacher", "smoke", {"fit.steps": steps, "fit.batch": 8, "fit.log_every": 1,
+                                           "fit.ckpt_every": 2, "fit.warmup_steps": 1, "fit.precision": "fp32",
+                                           "net.patch_size": 2})
+    g = torch.Generator().manual_seed(0)
+    return cfg, TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
+
+
+class _Faulty:
+    """A reference whose draw number `at` (0-based; one draw per step) goes through `fault(x, y)`."""
+
+    def __init__(self, ref, at: int, fault):
+        self.ref, self.at, self.fault, self.calls = ref, at, fault, 0
+        self.shape, self.num_classes, self.name = ref.shape, ref.num_classes, ref.name
+
+    def sample(self, n, generator):
+        x, y = self.ref.sample(n, generator)
+        self.calls += 1
+        return self.fault(x, y) if self.calls - 1 == self.at else (x, y)
+
+
+def _interrupt(x, y):
+    raise KeyboardInterrupt
+
+
+def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from dmvae_lib import teacher_stage as tst
+
+    ctx = _join(rank, world_size, port)
+    try:
+        cfg, ref = _tiny_teacher(steps=5)  # checkpoints at steps 2, 4 and 5
+        runs = {name: RunDir.create(out, "30_teacher_fitting", name, {}) for name in ("straight", "resumed")}
+        straight, _ = tst.fit_teacher(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
+        try:  # every rank stops at the draw of step 3: the last checkpoint is step 2's
+            tst.fit_teacher(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False, ctx=ctx)
+        except KeyboardInterrupt:
+            pass
+        step_at_stop = load_checkpoint(runs["resumed"].ckpt_path("teacher"))["step"] if rank == 0 else None
+        resumed, _ = tst.fit_teacher(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
+        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(), "step_at_stop": step_at_stop},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        cleanup(ctx)
+
+
+@pytest.mark.slow
+def test_two_process_fit_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    _spawn(_resume_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["step_at_stop"] == 2
+    final = {name: load_checkpoint(tmp_path / "30_teacher_fitting" / name / "ckpt" / "teacher" / "last.pt")
+             for name in ("straight", "resumed")}
+    assert final["straight"]["step"] == final["resumed"]["step"] == 5
+    gens = final["straight"]["rank_generators"]
+    assert len(gens) == 2 and not torch.equal(gens[0]["gen"], gens[1]["gen"])  # two different data streams
+    for r in range(2):
+        assert torch.equal(final["resumed"]["rank_generators"][r]["gen"], gens[r]["gen"])
+    for part in ("net", "ema"):
+        for k, v in final["straight"]["state"][part].items():
+            assert torch.equal(v, final["resumed"]["state"][part][k]), (part, k)
+    for r in ranks:  # both ranks return the same EMA net, equal to the uninterrupted one
+        for k, v in ranks[0]["straight"].items():
+            assert torch.equal(v, r["resumed"][k]), k
+
+
+def test_checkpoint_of_two_processes_does_not_resume_in_one(tmp_path):
+    run = RunDir.create(tmp_path, "nb", "r", {})
+    gen = torch.Generator().manual_seed(0)
+    save_checkpoint(run.ckpt_path("t"), {"step": 1, "tag": "t", "state": {"gen": gen.get_state()}, "stats": {},
+                                         "rank_generators": [{"gen": gen.get_state()}] * 2})
+    with pytest.raises(RunError, match="written by 2 process.*not 1"):
+        train(lambda k: {}, max_steps=2, state={"gen": gen}, run=run, tag="t", progress=False)
+
+
+def _nan_data(x, y):
+    return torch.full_like(x, float("nan")), y
+
+
+def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from dmvae_lib import teacher_stage as tst
+
+    ctx = _join(rank, world_size, port)
+    result = {}
+    try:
+        cfg, ref = _tiny_teacher(steps=4)
+        run = RunDir.create(out, "30_teacher_fitting", "nan", {})
+        faulty = _Faulty(ref, 2, _nan_data) if rank == 1 else ref  # rank 1 only, at step 2
+        try:
+            tst.fit_teacher(cfg, faulty, run, "cpu", progress=False, ctx=ctx)
+        except NonFiniteError as exc:
+            result["raised"] = str(exc)
+        # on_nonfinite="skip": the same one-rank fault, skipped by both ranks, and training goes on
+        torch.manual_seed(0)
+        net = lightning_dit("tiny", input_size=4, in_channels=4, num_classes=3, patch_size=2)
+        model, opt, gen = wrap_ddp(net, ctx), torch.optim.SGD(net.parameters(), lr=0.1), rank_generator(3, ctx)
+        faulty = _Faulty(ref, 1, _nan_data) if rank == 1 else ref
+        seen = []
+
+        def step(k):
+            x, y = faulty.sample(4, gen)
+            stats = tst.flow_matching_step_all_ranks(model, opt, x, gen, ctx, y=y)
+            seen.append(stats["nonfinite"])
+            return stats
+
+        train(step, max_steps=3, state={"net": net, "opt": opt, "gen": gen}, on_nonfinite="skip", progress=False,
+              ctx=ctx)
+        result.update(seen=seen, params=torch.cat([p.detach().flatten() for p in net.parameters()]))
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        cleanup(ctx)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank(tmp_path):
+    _spawn(_nonfinite_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert "non-finite values at step 2" in r["raised"] and "last good checkpoint" in r["raised"]
+        assert r["seen"] == [0, 1, 0]  # rank 0's loss was finite at step 1, and it skipped too
+    assert ranks[0]["raised"].endswith(str(tmp_path / "30_teacher_fitting" / "nan" / "ckpt" / "teacher" / "last.pt"))
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 # --- (c) single-process fallback ---------------------------------------------------------------------------
 def test_single_process_fallback(monkeypatch):
