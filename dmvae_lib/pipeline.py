@@ -3,8 +3,11 @@
 Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
 `preset`, `run_name=<name>` and `run_root`. Parameters are checked against each notebook's parameters cell
 before any work starts. A stage whose run folder already holds a `summary.json` is skipped, and an
-interrupted stage resumes from its checkpoints (the notebooks reopen a run with the same config). A
-Markdown report of the stages' summaries is written to `runs/pipeline/<name>/report.md`.
+interrupted stage resumes from its checkpoints (the notebooks reopen a run with the same config). A run name
+is tied to its preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an
+error, never a silent overwrite. Parameters come from the command line or a YAML file (`--params`). A
+Markdown report (each stage's status and headline numbers, metrics with their protocol records, figures) is
+written to `runs/pipeline/<name>/report.md` and its path printed.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from .runs import atomic_write_bytes
 from .session import REPO_ROOT, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -53,43 +58,162 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
     return f"ran in {time.perf_counter() - t0:.0f} s"
 
 
-def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None) -> Path:
+def load_params_file(path: str | Path) -> dict:
+    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix).
+
+        preset: cpu
+        name: lambda1
+        params: {seed: 1}
+        notebooks:
+          "40": {overrides: {train.dm_weight: 1.0}}
+
+    Unknown top-level keys raise; the notebooks' parameters are checked like command-line ones."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: cannot read parameter file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping with keys {sorted(PARAM_FILE_KEYS)}")
+    unknown = sorted(set(data) - PARAM_FILE_KEYS)
+    if unknown:
+        raise SystemExit(f"error: {path} has unknown key(s) {unknown}; allowed: {sorted(PARAM_FILE_KEYS)}")
+    for key in ("params", "notebooks"):
+        if not isinstance(data.get(key, {}), dict):
+            raise SystemExit(f"error: {path}: {key!r} must be a mapping")
+    data["notebooks"] = {str(k): v for k, v in data.get("notebooks", {}).items()}
+    return data
+
+
+PARAM_FILE_KEYS = {"preset", "name", "params", "notebooks"}
+
+
+def _claim(record_file: Path, identity: dict) -> None:
+    """Tie a pipeline run name to its preset and parameters: reusing the name with others raises."""
+    if record_file.exists():
+        old = json.loads(record_file.read_text())
+        if old != identity:
+            raise SystemExit(f"error: pipeline run {record_file.parent.name!r} already exists with other settings "
+                             f"({old}); re-run it with the same ones to resume, or pick another --name "
+                             f"(or delete {record_file.parent} and the stage folders of that name)")
+        return
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(record_file, lambda f: f.write(json.dumps(identity, indent=1, sort_keys=True).encode()))
+
+
+def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None,
+        per_notebook: dict[str, dict] | None = None) -> Path:
+    """Run the stages in order (validated first); write and return the Markdown report."""
+    per_notebook = per_notebook or {}
     stages = [nb for nb in notebooks() if (any(nb.stem.startswith(o) for o in only) if only
                                            else not nb.stem.startswith(OPT_IN))]
     if not stages:
         raise SystemExit(f"error: no notebook matches {only} in {NOTEBOOK_DIR}")
-    params = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
+    stray = sorted(k for k in per_notebook if not any(nb.stem.startswith(k) for nb in notebooks()))
+    if stray:
+        raise SystemExit(f"error: per-notebook parameters for {stray}: no such notebook in {NOTEBOOK_DIR}")
+    base = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
+    params = {nb: {**base, **next((v for k, v in per_notebook.items() if nb.stem.startswith(k)), {})}
+              for nb in stages}
     for nb in stages:  # validate everything before running anything
-        check_parameters(nb, params)
-    report = [f"# Pipeline run `{name}` (preset `{preset}`)", "",
-              f"Started {_dt.datetime.now():%Y-%m-%d %H:%M:%S}.", ""]
+        check_parameters(nb, params[nb])
+    _claim(run_root / "pipeline" / name / "pipeline.json",
+           json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook}, default=str)))
+    rows = []
     for nb in stages:
         out_dir = run_root / nb.stem / name
-        summary_file = out_dir / "summary.json"
-        print(f"[{'skip' if summary_file.exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
-        status = execute(nb, out_dir, params)
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        report += [f"## {nb.stem}: {status}", "", f"Run folder: `{out_dir}`", "", "```json",
-                   json.dumps(summary, indent=1, default=str)[:4000], "```", ""]
-    report_file = run_root / "pipeline" / name / "report.md"
-    report_file.parent.mkdir(parents=True, exist_ok=True)
-    report_file.write_text("\n".join(report))
-    return report_file
+        print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+        rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
+    return write_report(run_root / "pipeline" / name / "report.md", name, preset, rows)
+
+
+def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
+    """(dotted key, value) of the numeric leaves of a summary (lists, protocol records and paths left out)."""
+    out = []
+    if isinstance(d, dict) and depth < 4:
+        for k, v in d.items():
+            if k in ("figures", "protocol", "cells", "tables") or k.endswith(("_run", "_label")):
+                continue
+            key = f"{prefix}{k}"
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                label = d.get(f"{k}_label") or (d.get("feature_space") if k == "value" else None)
+                out.append((f"{key} [{label}]" if isinstance(label, str) else key, float(v)))
+            elif isinstance(v, dict):
+                out += _numbers(v, key + ".", depth + 1)
+    return out
+
+
+def _protocol_rows(out_dir: Path) -> list[str]:
+    file = out_dir / "evaluation.json"
+    if not file.exists():
+        return []
+    rows = ["| metric | value | feature space | N | sampler × steps | CFG | EMA | seed | SHA-256 (first 12) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in json.loads(file.read_text()):
+        p = r.get("protocol", {})
+        hashes = ", ".join(f"{k} {v.get('sha256', '')[:12]}" for k, v in p.get("files", {}).items())
+        value = r.get("value")
+        rows.append(f"| {r.get('metric')} | {value if value is None else f'{value:.4g}'} | "
+                    f"{r.get('feature_space', '')} | {p.get('n_samples', '')} | {p.get('sampler', '')} × "
+                    f"{p.get('steps', '')} | {p.get('cfg_scale', '')} | {p.get('ema', '')} | {p.get('seed', '')} | "
+                    f"{hashes} |")
+    return rows
+
+
+def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
+    """Markdown: stage table, each stage's headline numbers, metric protocol records, figures (as PNG links)."""
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, file.parent)
+
+    intro = (f"Written {_dt.datetime.now():%Y-%m-%d %H:%M:%S}. Each stage's run folder holds its executed "
+             "notebook, config, metrics.jsonl, figures and checkpoints.")
+    out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "", "| stage | this invocation | run folder |",
+           "|---|---|---|"]
+    out += [f"| {stage} | {status} | [{rel(d)}]({rel(d)}) |" for stage, status, d in rows]
+    for stage, _, d in rows:
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        out += ["", f"## {stage}", ""]
+        if not summary:
+            out.append("No summary.json: the stage did not finish.")
+            continue
+        nums = _numbers(summary)
+        if nums:
+            out += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in nums[:60]]
+            if len(nums) > 60:
+                out.append(f"({len(nums) - 60} more in `{rel(d / 'summary.json')}`)")
+        protocol = _protocol_rows(d)
+        if protocol:
+            out += ["", "Metrics with their protocol records (`evaluation.json`):", ""] + protocol
+        pngs = [f for f in summary.get("figures", []) if f.endswith(".png")]
+        if pngs:
+            out += [""] + [f"![{Path(f).stem}]({rel(d / f)})" for f in pngs]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(file, lambda f: f.write("\n".join(out).encode()))
+    return file
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="cpu", choices=["smoke", "cpu", "imagenet256"])
+    ap.add_argument("--preset", default=None, choices=["smoke", "cpu", "imagenet256"],
+                    help="default: the parameter file's, else cpu")
     ap.add_argument("--name", default="", help="run name shared by every stage (default: <preset>_main); "
                                                  "re-running the same name resumes and skips finished stages")
     ap.add_argument("--run-root", default="", help="default: $DMVAE_RUNS or <repo>/runs")
-    ap.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 10 20")
+    ap.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
+                                              "when named)")
+    ap.add_argument("--params", default="", metavar="YAML", help="parameter file (preset, name, params, notebooks)")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
-                    help="extra notebook parameter, JSON-decoded, e.g. -p seed 3")
+                    help="extra notebook parameter for every notebook, JSON-decoded, e.g. -p seed 3")
     args = ap.parse_args(argv)
-    extra = {k: json.loads(v) for k, v in args.param}
-    name = args.name or f"{args.preset}_main"
-    report = run(args.preset, name, resolve_run_root(args.run_root), extra, args.only)
+    file = load_params_file(args.params) if args.params else {}
+    preset = args.preset or file.get("preset", "cpu")
+    if preset not in ("smoke", "cpu", "imagenet256"):
+        raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use smoke, cpu or imagenet256")
+    extra = {**file.get("params", {}), **{k: json.loads(v) for k, v in args.param}}
+    name = args.name or file.get("name") or f"{preset}_main"
+    report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}))
     print(f"report: {report}")
     return 0
 

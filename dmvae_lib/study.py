@@ -246,19 +246,20 @@ def formatted(agg: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
 
 
 def verdict(agg: pd.DataFrame, reference: str = "ssl", metric: str = "gen_fd_ssl") -> dict:
-    """Does `reference`'s condition give the lowest mean `metric` of all conditions, and is its lead larger than
-    the seeds' spread? (the paper's Tab. 1 finding is that the SSL reference generates best)."""
+    """Does `reference`'s condition give the best mean `metric` of all conditions (lowest, or highest for a
+    metric that METRICS marks higher-is-better), and is its lead larger than the seeds' spread? (The paper's
+    Tab. 1 finding is that the SSL reference generates best.)"""
     mean, std = agg[("mean", metric)].dropna(), agg[("std", metric)]
     if mean.empty:
         return {"metric": metric, "best": None, "reference_is_best": False, "note": "no finished cells"}
-    ranking = mean.sort_values()
+    ranking = mean.sort_values(ascending=METRICS.get(metric, ("", True))[1])
     best = str(ranking.index[0])
     mine = next((c for c in mean.index if c.startswith(f"{reference} ·")), None)
     out = {"metric": metric, "ranking": {str(k): float(v) for k, v in ranking.items()}, "best": best,
            "reference_condition": mine, "reference_is_best": mine == best}
     if len(ranking) > 1:
         second = str(ranking.index[1])
-        gap = float(ranking.iloc[1] - ranking.iloc[0])
+        gap = abs(float(ranking.iloc[1] - ranking.iloc[0]))
         spread = float(max(std.get(best, 0.0), std.get(second, 0.0)))
         out.update(runner_up=second, gap=gap, largest_spread=spread,
                    gap_exceeds_spread=bool(not math.isnan(spread) and gap > spread))

@@ -30,3 +30,51 @@ def test_unknown_parameter_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="no parameter"):
         pipeline.run("smoke", "t", tmp_path, {"presett": 1}, only=["10"])
     assert not (tmp_path / "10_toy_gradient_fields").exists()
+
+
+def test_parameter_file_is_strict(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("preset: smoke\nparams: {seed: 2}\nnotebooks:\n  40: {overrides: {train.dm_weight: 1.0}}\n")
+    data = pipeline.load_params_file(f)
+    assert data["params"] == {"seed": 2} and data["notebooks"] == {"40": {"overrides": {"train.dm_weight": 1.0}}}
+    f.write_text("preset: smoke\nparamz: {seed: 2}\n")
+    with pytest.raises(SystemExit, match="unknown key.*paramz"):
+        pipeline.load_params_file(f)
+    f.write_text("params: [1, 2\n")
+    with pytest.raises(SystemExit, match="cannot read parameter file"):
+        pipeline.load_params_file(f)
+
+
+def test_unknown_per_notebook_parameter_or_notebook_fails_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="30_teacher_fitting.ipynb has no parameter"):
+        pipeline.run("smoke", "t", tmp_path, {}, only=["30"], per_notebook={"30": {"referense": "gmm"}})
+    with pytest.raises(SystemExit, match=r"\['99'\]"):
+        pipeline.run("smoke", "t", tmp_path, {}, only=["30"], per_notebook={"99": {"seed": 1}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_run_name_is_never_reused_with_other_settings(tmp_path):
+    record = tmp_path / "pipeline" / "x" / "pipeline.json"
+    pipeline._claim(record, {"preset": "cpu", "params": {}, "notebooks": {}})
+    pipeline._claim(record, {"preset": "cpu", "params": {}, "notebooks": {}})  # same settings: resume
+    with pytest.raises(SystemExit, match="already exists with other settings"):
+        pipeline._claim(record, {"preset": "cpu", "params": {"seed": 1}, "notebooks": {}})
+    with pytest.raises(SystemExit, match="already exists with other settings"):
+        pipeline.main(["--preset", "smoke", "--name", "x", "--run-root", str(tmp_path), "--only", "10"])
+
+
+def test_report_lists_numbers_with_their_labels_protocols_and_figures(tmp_path):
+    d = tmp_path / "60_generation" / "r"
+    (d / "figures").mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"fit": {"fm_loss": 0.5}, "fd": 1.25, "fd_label": "SSL space (not FID)",
+                                                "figures": ["figures/samples.png", "figures/samples.html"]}))
+    (d / "evaluation.json").write_text(json.dumps([{"metric": "fd_ssl", "value": 2.5, "feature_space": "SSL",
+        "protocol": {"n_samples": 10, "sampler": "ode", "steps": 5, "cfg_scale": 1.0, "ema": True, "seed": 0,
+                     "files": {"generator": {"path": "g.pt", "sha256": "abcdef0123456789"}}}}]))
+    report = pipeline.write_report(tmp_path / "pipeline" / "r" / "report.md", "r", "cpu",
+                                   [("60_generation", "ran in 3 s", d), ("70_reference_study", "failed", tmp_path / "none")])
+    text = report.read_text()
+    assert "| fit.fm_loss | 0.5 |" in text and "| fd [SSL space (not FID)] | 1.25 |" in text
+    assert "| fd_ssl | 2.5 | SSL | 10 | ode × 5 | 1.0 | True | 0 | generator abcdef012345 |" in text
+    assert "![samples](../../60_generation/r/figures/samples.png)" in text and "samples.html" not in text
+    assert "did not finish" in text
