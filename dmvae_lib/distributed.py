@@ -4,7 +4,7 @@
     n_local = shard_batch(cfg.fit.batch, ctx)  # each rank draws its share of the global batch
     gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
     model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
-    train(..., run=main_only_run(run, ctx), ctx=ctx)  # rank 0 writes; every rank resumes from its checkpoint
+    train(..., run=main_only_run(run, ctx))    # only rank 0 writes metrics and checkpoints
     cleanup(ctx)
 
 Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
@@ -136,46 +136,14 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
-def _all_reduce(value: float, ctx: DistContext, op) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=op)
-    return float(t)
-
-
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """The mean of `value` over ranks, for logging (every rank must call it; identity in one process)."""
     if not ctx.distributed:
         return float(value)
-    return _all_reduce(value, ctx, dist.ReduceOp.SUM) / ctx.world_size
-
-
-def all_reduce_sum(value: float, ctx: DistContext) -> float:
-    """The sum of `value` over ranks, e.g. how many ranks saw a non-finite loss (identity in one process)."""
-    return _all_reduce(value, ctx, dist.ReduceOp.SUM) if ctx.distributed else float(value)
-
-
-def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """The largest `value` over ranks, so that every rank takes the same decision (identity in one process)."""
-    return _all_reduce(value, ctx, dist.ReduceOp.MAX) if ctx.distributed else float(value)
-
-
-def broadcast_object(obj, ctx: DistContext, src: int = 0):
-    """Rank `src`'s `obj` (any picklable object, tensors included) on every rank; `obj` itself in one process."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.device.type == "cuda" else None)
-    return box[0]
-
-
-def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
-    """[obj of rank 0, obj of rank 1, …] on rank `dst` and None on the others; [obj] in one process."""
-    if not ctx.distributed:
-        return [obj]
-    out = [None] * ctx.world_size if ctx.rank == dst else None
-    dist.gather_object(obj, out, dst=dst)
-    return out
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / ctx.world_size
 
 
 def cleanup(ctx: DistContext) -> None:
@@ -207,3 +175,52 @@ def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: 
         last = "\n".join(proc.stderr.splitlines()[-tail:])
         raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) ---\n{last}")
     return proc
+
+
+def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of `tensor` over ranks, as a new detached tensor (`tensor` itself in one process).
+
+    For quantities that must be those of the global batch, such as the adaptive GAN weight's gradients
+    (every rank must call it with a tensor of the same shape).
+    """
+    if not ctx.distributed:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(ctx.world_size)
+
+
+def reduce_stats(stats: Mapping[str, float], ctx: DistContext, max_keys: Sequence[str] = ("nonfinite",)) -> dict:
+    """A step's numbers averaged over ranks; counts in `max_keys` take their maximum over ranks (ints stay ints).
+
+    Every rank logs the same record and sees the same `nonfinite`, so every rank takes the same decision.
+    Every rank must pass the same keys. The identity in one process.
+    """
+    if not ctx.distributed:
+        return dict(stats)
+    out = {}
+    for keys, op in (([k for k in stats if k not in max_keys], dist.ReduceOp.SUM),
+                     ([k for k in stats if k in max_keys], dist.ReduceOp.MAX)):
+        if not keys:
+            continue
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64,
+                         device=ctx.device if ctx.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=op)
+        for k, v in zip(keys, t.tolist()):
+            out[k] = v / ctx.world_size if op == dist.ReduceOp.SUM else round(v)
+    return {k: out[k] for k in stats}  # the caller's key order
+
+
+def average_buffers(module: nn.Module, ctx: DistContext) -> None:
+    """Average `module`'s floating-point buffers over ranks in place (no-op in one process).
+
+    DDP broadcasts rank 0's buffers before each forward, but a training forward then updates each rank's
+    BatchNorm running statistics from its own shard. Averaging them afterwards keeps the ranks identical
+    between steps (what rank 0 checkpoints is what every rank holds) and uses every shard, not rank 0's.
+    """
+    if not ctx.distributed:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(ctx.world_size)
