@@ -4,7 +4,7 @@
     n_local = shard_batch(cfg.fit.batch, ctx)  # each rank draws its share of the global batch
     gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
     model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
-    train(..., run=main_only_run(run, ctx))    # only rank 0 writes metrics and checkpoints
+    train(..., run=main_only_run(run, ctx), ctx=ctx)  # rank 0 writes; every rank resumes from its checkpoint
     cleanup(ctx)
 
 Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
@@ -136,14 +136,46 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
+def _all_reduce(value: float, ctx: DistContext, op) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=op)
+    return float(t)
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """The mean of `value` over ranks, for logging (every rank must call it; identity in one process)."""
     if not ctx.distributed:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / ctx.world_size
+    return _all_reduce(value, ctx, dist.ReduceOp.SUM) / ctx.world_size
+
+
+def all_reduce_sum(value: float, ctx: DistContext) -> float:
+    """The sum of `value` over ranks, e.g. how many ranks saw a non-finite loss (identity in one process)."""
+    return _all_reduce(value, ctx, dist.ReduceOp.SUM) if ctx.distributed else float(value)
+
+
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    """The largest `value` over ranks, so that every rank takes the same decision (identity in one process)."""
+    return _all_reduce(value, ctx, dist.ReduceOp.MAX) if ctx.distributed else float(value)
+
+
+def broadcast_object(obj, ctx: DistContext, src: int = 0):
+    """Rank `src`'s `obj` (any picklable object, tensors included) on every rank; `obj` itself in one process."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.device.type == "cuda" else None)
+    return box[0]
+
+
+def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
+    """[obj of rank 0, obj of rank 1, …] on rank `dst` and None on the others; [obj] in one process."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 def cleanup(ctx: DistContext) -> None:
