@@ -6,6 +6,12 @@
         summary.json     final numbers that downstream notebooks and reports read
         figures/         .html (interactive) and .png (static, when a Chrome is available)
         ckpt/<tag>/last.pt, step_XXXXXXX.pt
+        tensorboard/     the same scalars as metrics.jsonl, only when TensorBoard logging is on
+
+TensorBoard logging is off by default (and then costs no import). Turn it on with the environment variable
+DMVAE_TENSORBOARD=1 (it reaches papermill kernels and torchrun workers) or `RunDir(..., tensorboard=True)`;
+it needs the optional `tensorboard` package (`pip install -e '.[logging]'`). metrics.jsonl stays the record
+that notebooks and tests read.
 
 Re-opening an existing run with the same config resumes it; with a different config it raises, so nothing
 already written is overwritten silently. Checkpoints are written atomically (temp file, then rename) and
@@ -19,7 +25,7 @@ import json
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,16 +60,44 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+TENSORBOARD_ENV = "DMVAE_TENSORBOARD"
+
+
+def _tensorboard_env() -> bool:
+    value = os.environ.get(TENSORBOARD_ENV, "").strip().lower()
+    if value not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"{TENSORBOARD_ENV}={value!r}: use 1 (log to TensorBoard too) or 0")
+    return value in ("1", "true")
+
+
+def _summary_writer_class():
+    """torch's SummaryWriter, imported only when TensorBoard logging is on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(f"TensorBoard logging is on ({TENSORBOARD_ENV}=1 or RunDir(tensorboard=True)) but the "
+                          "tensorboard package is missing: pip install tensorboard (or pip install -e '.[logging]'), "
+                          f"or turn it off with {TENSORBOARD_ENV}=0") from exc
+    return SummaryWriter
+
+
 @dataclass
 class RunDir:
     path: Path
+    tensorboard: bool | None = None  # also write scalars to <path>/tensorboard/; None: DMVAE_TENSORBOARD decides
+    _writer: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, root: str | os.PathLike, notebook: str, name: str, config: Mapping[str, Any],
-               device: str = "") -> "RunDir":
-        """Create runs/<notebook>/<name>/ and write config.json, or reopen it if the config is identical."""
+               device: str = "", tensorboard: bool | None = None) -> "RunDir":
+        """Create runs/<notebook>/<name>/ and write config.json, or reopen it if the config is identical.
+
+        With TensorBoard logging on, a missing tensorboard package raises here, before any training.
+        """
         path = Path(root) / notebook / name
-        run = cls(path)
+        run = cls(path, tensorboard)
+        if run.tensorboard_on:
+            _summary_writer_class()  # a missing package fails now, not at the first logged step
         record = {"config": dict(config), "git_sha": _git_sha(), "torch": torch.__version__,
                   "python": platform.python_version(), "device": device}
         cfg_file = path / "config.json"
@@ -82,9 +116,28 @@ class RunDir:
     def figures(self) -> Path:
         return self.path / "figures"
 
+    @property
+    def tensorboard_on(self) -> bool:
+        return _tensorboard_env() if self.tensorboard is None else self.tensorboard
+
     def log_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append `record` to metrics.jsonl (and, with TensorBoard on, its numbers as scalars `<tag>/<key>`)."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(record)) + "\n")
+        if self.tensorboard_on:
+            self._log_scalars(record)
+
+    def _log_scalars(self, record: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            self._writer = _summary_writer_class()(log_dir=str(self.path / "tensorboard"))
+        prefix = f"{record['tag']}/" if isinstance(record.get("tag"), str) else ""
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(prefix + key, value, global_step=record.get("step"))
+        self._writer.flush()  # records are rare (log_every) and a notebook may end any time
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_writer": None}  # a live SummaryWriter does not pickle
 
     def read_metrics(self) -> list[dict]:
         file = self.path / "metrics.jsonl"
