@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from . import embedding
+from . import embedding, probes
 from . import evaluation as ev
-from . import probes
 from . import teacher_stage as tst
 from .configs import to_dict
 from .configs.generation import GenerationStageConfig, MetricsConfig, SampleConfig
@@ -103,7 +103,7 @@ def sampling_protocol(cfg: GenerationStageConfig) -> ev.SamplingProtocol:
 
 @torch.no_grad()
 def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: SampleConfig, seed: int,
-                   device) -> tuple[Tensor, Tensor | None]:
+                   device, progress: bool = True) -> tuple[Tensor, Tensor | None]:
     """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels."""
     dev = torch.device(device)
     noise_gen = torch.Generator().manual_seed(seed)
@@ -111,7 +111,7 @@ def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: 
     labels = class_balanced_labels(s.n, num_classes)
     velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
     out = []
-    for start in range(0, s.n, s.batch):
+    for start in tqdm(range(0, s.n, s.batch), desc="sampling (batches)", disable=not progress, leave=False):
         m = min(s.batch, s.n - start)
         noise = torch.randn(m, *shape, generator=noise_gen).to(dev)
         y = None if labels is None else labels[start:start + m].to(dev)
@@ -126,10 +126,11 @@ def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: 
 
 
 @torch.no_grad()
-def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, precision: str = "fp32") -> Tensor:
+def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, precision: str = "fp32",
+                   progress: bool = True) -> Tensor:
     """Normalised latents → uint8 (N, H, W, 3) images: decode(denormalize(latents)), clamped and rounded."""
     dev, out = torch.device(device), []
-    for start in range(0, len(latents), batch):
+    for start in tqdm(range(0, len(latents), batch), desc="decoding (batches)", disable=not progress, leave=False):
         with autocast_ctx(dev, precision), denormals_flushed():
             x = tok.decode(tok.denormalize(latents[start:start + batch].to(dev)))
         out.append(ev.to_uint8(x.float().clamp(-1, 1).cpu()))

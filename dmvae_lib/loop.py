@@ -17,7 +17,8 @@ same step and state; each rank's generators are gathered into rank 0's checkpoin
 save and each rank restores its own, since every rank draws different data. All other state is taken from
 rank 0 (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
 ranks, so all ranks raise, or all skip, at the same step. A checkpoint resumes only under the world size that
-wrote it (the per-rank data streams are part of the state).
+wrote it (the per-rank data streams are part of the state); a finished one loads under any world size, which is
+how a notebook picks up the result of a fit that `ddp_fit` ran in several processes.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) ->
             raise RunError(f"cannot restore state {name!r} of type {type(obj).__name__}")
 
 
-def _resume_point(run: RunDir | None, tag: str, ctx: DistContext) -> tuple[dict | None, Path | None]:
+def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None, Path | None]:
     """(checkpoint or None, its path) as rank 0 sees them, on every rank; a RunError on rank 0 raises on all."""
     file = None if run is None else run.ckpt_path(tag)
     saved, error = None, None
@@ -84,7 +85,7 @@ def _resume_point(run: RunDir | None, tag: str, ctx: DistContext) -> tuple[dict 
     if error is not None:
         raise RunError(error)
     writers = len(saved.get("rank_generators", [None])) if saved else ctx.world_size
-    if writers != ctx.world_size:
+    if writers != ctx.world_size and saved["step"] < max_steps:  # a finished fit loads under any world size
         raise RunError(f"{file} was written by {writers} process(es); resume it with {writers}, not "
                        f"{ctx.world_size} (each rank's data generator is part of the state)")
     return saved, file
@@ -110,11 +111,11 @@ def train(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     ctx = ctx or DistContext()
     start, last_ckpt, skipped, stats = 0, None, 0, {}
-    saved, ckpt_file = _resume_point(run, tag, ctx)
+    saved, ckpt_file = _resume_point(run, tag, ctx, max_steps)
     if saved is not None:
         last_ckpt = ckpt_file
         _restore(state, saved["state"], str(last_ckpt))
-        if ctx.distributed:
+        if ctx.distributed and "rank_generators" in saved:
             for name, gen_state in saved["rank_generators"][ctx.rank].items():
                 state[name].set_state(gen_state)
         start, stats = saved["step"], saved.get("stats", {})

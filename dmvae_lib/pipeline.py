@@ -104,8 +104,13 @@ def _claim(record_file: Path, identity: dict) -> None:
 
 
 def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None,
-        per_notebook: dict[str, dict] | None = None) -> Path:
-    """Run the stages in order (validated first); write and return the Markdown report."""
+        per_notebook: dict[str, dict] | None = None, nproc: int = 1) -> Path:
+    """Run the stages in order (validated first); write and return the Markdown report.
+
+    `nproc` > 1 is passed to the notebooks that declare an `nproc` parameter (their fits then run with DDP
+    under torchrun in that many processes on this node)."""
+    import papermill
+
     per_notebook = per_notebook or {}
     stages = [nb for nb in notebooks() if (any(nb.stem.startswith(o) for o in only) if only
                                            else not nb.stem.startswith(OPT_IN))]
@@ -117,6 +122,11 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     base = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
     params = {nb: {**base, **next((v for k, v in per_notebook.items() if nb.stem.startswith(k)), {})}
               for nb in stages}
+    if nproc < 1:
+        raise SystemExit(f"error: --nproc must be at least 1, got {nproc}")
+    for nb in stages:
+        if nproc > 1 and "nproc" in papermill.inspect_notebook(str(nb)):
+            params[nb]["nproc"] = nproc
     for nb in stages:  # validate everything before running anything
         check_parameters(nb, params[nb])
     _claim(run_root / "pipeline" / name / "pipeline.json",
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-root", default="", help="default: $DMVAE_RUNS or <repo>/runs")
     ap.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
                                               "when named)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per fit (DDP under torchrun) for the notebooks "
+                                                         "with an `nproc` parameter; one node")
     ap.add_argument("--params", default="", metavar="YAML", help="parameter file (preset, name, params, notebooks)")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                     help="extra notebook parameter for every notebook, JSON-decoded, e.g. -p seed 3")
@@ -213,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use smoke, cpu or imagenet256")
     extra = {**file.get("params", {}), **{k: json.loads(v) for k, v in args.param}}
     name = args.name or file.get("name") or f"{preset}_main"
-    report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}))
+    report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}),
+                 nproc=args.nproc)
     print(f"report: {report}")
     return 0
 

@@ -38,6 +38,7 @@ run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/run
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
+nproc: int = 1  # processes for the fit (DDP under torchrun, one node); >1 needs that many GPUs or CPU cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
 # %%
@@ -46,6 +47,7 @@ import torch
 from dmvae_lib import teacher_stage as tst
 from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib import viz
+from dmvae_lib.distributed import launch
 from dmvae_lib.session import resolve_run_root, start, upstream_run
 
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
@@ -86,6 +88,8 @@ print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.nu
 # matching on fresh reference samples with label dropout; its EMA weights are the teacher.
 
 # %%
+if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
+    launch(nproc, "dmvae_lib.ddp_fit", ["teacher", str(s.run.path), "--device", device])
 teacher, fit_stats = tst.fit_teacher(cfg, ref, s.run, s.device)
 s.figures.save(ts.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "teacher")

@@ -41,6 +41,7 @@ run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 joint_run: str = ""  # a notebook-40 run folder; "" -> the run named run_name, else the newest at this preset
 tokenizer_file: str = "tokenizer.pt"  # "tokenizer.pt" (DM) | "control_tokenizer.pt" (the control: no DM term)
+nproc: int = 1  # processes for the fit (DDP under torchrun, one node); >1 needs that many GPUs or CPU cores
 overrides: dict = {}  # dotted config keys, e.g. {"sample.sampler": "sde", "sample.cfg_scale": 2.0}
 
 # %%
@@ -51,6 +52,7 @@ import torch
 from dmvae_lib import evaluation as ev
 from dmvae_lib import generation_stage as gs
 from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib.distributed import launch
 from dmvae_lib.session import resolve_run_root, start, upstream_run
 
 # %%
@@ -88,6 +90,8 @@ print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clust
 # Its EMA weights are what gets sampled (`sample.ema`).
 
 # %%
+if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
+    launch(nproc, "dmvae_lib.ddp_fit", ["generator", str(s.run.path), "--device", device])
 net, fit_stats = gs.fit_generator(cfg, train_set, s.run, s.device)
 gs.save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
 s.figures.save(ts.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
