@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import flow
+from .distributed import DistContext, all_reduce_tensor_mean, average_buffers, reduce_stats
 from .dmd import Objective
 
 
@@ -29,6 +30,12 @@ def frozen(*modules: nn.Module):
             m.train(training)
             for p, flag in zip(m.parameters(), flags):
                 p.requires_grad_(flag)
+
+
+def _agreed(nonfinite: int, ctx: Optional[DistContext]) -> int:
+    """The largest non-finite count over ranks: under DDP all ranks skip an update together (a rank that skips
+    backward would leave the others waiting in the gradient all-reduce)."""
+    return nonfinite if ctx is None else reduce_stats({"nonfinite": nonfinite}, ctx)["nonfinite"]
 
 
 def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
@@ -92,6 +99,21 @@ def objective_step(
             "nonfinite": stats.nonfinite}
 
 
+class TokenizerParts(nn.Module):
+    """The tokenizer's trainable parts as one module, encoder features → (z, x̂): the unit DDP wraps.
+
+    Its state_dict keys are `projector.*` and `decoder.*`, those of nn.ModuleDict(projector=…, decoder=…).
+    """
+
+    def __init__(self, projector: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.projector, self.decoder = projector, decoder
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.projector(features)
+        return z, self.decoder(z)
+
+
 def tokenizer_step(
     tokenizer: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -110,17 +132,22 @@ def tokenizer_step(
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     latent_loss: Optional[Callable[[Tensor], tuple[Tensor, dict]]] = None,
+    model: Optional[nn.Module] = None,
+    ctx: Optional[DistContext] = None,
 ) -> tuple[dict[str, float], Tensor]:
     """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂).
 
     `latent_loss(z) -> (loss, stats)` adds a term on the projector's output z (joint training: λ·L_DM through
     the projection head); it reaches the projector/encoder only, never the decoder.
+    Data parallel (`ctx`): `model` is the DDP-wrapped `TokenizerParts` of `tokenizer` (default: unwrapped
+    parts) and `disc` the unwrapped discriminator (the generator term needs no discriminator gradients); the
+    adaptive weight is the global batch's (`adaptive_gan_weight`'s grad_mean) and the skip is agreed.
     """
     from .recon_losses import adaptive_gan_weight, diff_augment, g_loss
 
+    model = TokenizerParts(tokenizer.projector, tokenizer.decoder) if model is None else model
     with autocast():
-        z = tokenizer.project(features)
-        x_hat = tokenizer.decode(z)
+        z, x_hat = model(features)
     x_hat32 = x_hat.float()
     rec = l1 * (x_hat32 - images).abs().mean() + l2 * ((x_hat32 - images) ** 2).mean()
     stats = {"l1": float((x_hat32 - images).abs().mean().detach())}
@@ -131,13 +158,14 @@ def tokenizer_step(
     if disc is not None:
         with frozen(disc), autocast():
             gl = g_loss(disc(diff_augment(x_hat32, generator)).float())
-        w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer())
+        grad_mean = (lambda g: all_reduce_tensor_mean(g, ctx)) if ctx is not None and ctx.distributed else None
+        w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer(), grad_mean=grad_mean)
         loss = rec + disc_weight * w * gl
         stats.update(g_loss=float(gl.detach()), gan_weight=float(w))
     if latent_loss is not None:
         extra, extra_stats = latent_loss(z)
         loss, stats = loss + extra, {**stats, **extra_stats}
-    bad = int(not torch.isfinite(loss)) + int(stats.pop("nonfinite", 0))
+    bad = _agreed(int(not torch.isfinite(loss)) + int(stats.pop("nonfinite", 0)), ctx)
     stats.update(rec_loss=float(rec.detach()), grad_norm=apply_update(loss, optimizer, params, grad_clip, bad, scheduler),
                  nonfinite=bad)
     return stats, x_hat32.detach()
@@ -145,8 +173,14 @@ def tokenizer_step(
 
 def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, fakes: Tensor,
               generator: torch.Generator, *, bcr: float = 1.0, grad_clip: float = 1.0,
-              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
-    """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation (reference §4.5)."""
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+              ctx: Optional[DistContext] = None) -> dict[str, float]:
+    """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation (reference §4.5).
+
+    Data parallel (`ctx`, `disc` DDP-wrapped): BatchNorm normalises each rank's shard with its own statistics
+    (as multi-GPU PatchGAN training does; SyncBatchNorm has no CPU path); the running statistics are averaged
+    over ranks after the step, so the ranks stay identical.
+    """
     from .recon_losses import bcr_loss, d_hinge_loss, diff_augment
 
     both = torch.cat([images, fakes.detach()])
@@ -156,7 +190,9 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
         hinge = d_hinge_loss(real, fake)
         reg = bcr_loss(lambda x: disc(x).float(), both, logits, generator=generator, weight=bcr) if bcr > 0 else 0.0
     loss = hinge + reg
-    bad = int(not torch.isfinite(loss))
+    bad = _agreed(int(not torch.isfinite(loss)), ctx)
     norm = apply_update(loss, optimizer, disc.parameters(), grad_clip, bad)
+    if ctx is not None:
+        average_buffers(disc, ctx)
     return {"d_loss": float(hinge.detach()), "d_real_acc": float((real > 0).float().mean()),
             "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm, "nonfinite": bad}

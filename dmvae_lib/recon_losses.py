@@ -206,11 +206,17 @@ def bcr_loss(disc: Callable[[Tensor], Tensor], images: Tensor, logits_aug: Tenso
 
 
 def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, *,
-                        max_weight: float = 1e4, eps: float = 1e-6) -> Tensor:
+                        max_weight: float = 1e4, eps: float = 1e-6,
+                        grad_mean: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """‖∇_W rec_loss‖ / (‖∇_W gan_loss‖ + eps), clamped to [0, max_weight] and detached (VQGAN Eq. 7).
 
     Uses torch.autograd.grad(retain_graph=True), so both losses can still be backpropagated afterwards.
+    autograd.grad bypasses DDP's gradient averaging; under data parallelism `grad_mean` averages the
+    stacked (∇_W rec_loss, ∇_W gan_loss) over ranks first. For batch-mean losses on equal shards that mean
+    is the gradient of the global-batch loss, so the weight is the single-process one, not a per-rank one.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    if grad_mean is not None:
+        rec_grad, gan_grad = grad_mean(torch.stack([rec_grad, gan_grad])).unbind(0)
     return (rec_grad.norm() / (gan_grad.norm() + eps)).clamp(0.0, max_weight).detach()
