@@ -25,8 +25,9 @@ from . import image_metrics, probes, shapes_dataset
 from .configs import to_dict
 from .configs.tokenizer import TokenizerStageConfig
 from .device import autocast_ctx
+from .distributed import DistContext, main_only_run, rank_generator, reduce_stats, shard_batch, wrap_ddp
 from .loop import train
-from .phases import disc_step, tokenizer_step
+from .phases import TokenizerParts, disc_step, tokenizer_step
 from .recon_losses import PatchDiscriminator, PerceptualLoss, default_vgg16_path
 from .runs import RunDir, RunError, atomic_write_bytes, load_checkpoint, load_state_strict, save_checkpoint
 from .ssl_encoder import SUPERVISED_OVERRIDES, SmallResNet, train_ssl, train_supervised
@@ -171,9 +172,20 @@ def batches(data: ImageData, batch: int, gen: torch.Generator, workers: int) -> 
 
 
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
-                    progress: bool = True) -> tuple[Tokenizer, dict]:
-    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer, stats)."""
-    t, tok = cfg.train, tok.to(device)
+                    progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
+    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer, stats).
+
+    With a multi-process `ctx` (torchrun) each rank draws train.batch / world_size images (and its DiffAug
+    draws) from its own generator; the projector + decoder and the discriminator train under DDP (the frozen
+    encoder is not wrapped; every parameter is used in every forward, so find_unused_parameters stays off).
+    The adaptive GAN weight is that of the global batch (its last-layer gradients are averaged over ranks).
+    The discriminator's BatchNorm normalises with per-rank shard statistics, as in multi-GPU PatchGAN
+    training; its running statistics are averaged over ranks after each update. A non-finite value on any
+    rank makes every rank skip that update (and the loop raise at the same step). Logged numbers are rank
+    means; only rank 0 writes. Resuming restores rank 0's checkpoint on every rank, each with its own data
+    generator (`loop.train`), under the same world size.
+    """
+    t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
     params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
     warm = lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))  # noqa: E731
@@ -182,12 +194,13 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         torch.manual_seed(cfg.seed + 6)
         disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    trainable = nn.ModuleDict({"projector": tok.projector, "decoder": tok.decoder})
+    trainable = TokenizerParts(tok.projector, tok.decoder)
+    model, disc_model = wrap_ddp(trainable, ctx), wrap_ddp(disc, ctx)
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
-    gen = torch.Generator().manual_seed(cfg.seed + 11)
-    stream = batches(data, t.batch, gen, cfg.data.workers)
+    gen = rank_generator(cfg.seed + 11, ctx)  # rank 0 (or one process): the single-process stream
+    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 
     def step(k: int) -> dict:
@@ -198,16 +211,17 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2,
                                       perceptual=perceptual, lpips_weight=t.lpips_weight, disc=gan,
                                       disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
-                                      autocast=autocast)
+                                      autocast=autocast, model=model, ctx=ctx)
         if gan is not None:
-            d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
+            d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast,
+                          ctx=ctx)
             stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
         ema.update(trainable, step=k + 1)
-        return stats
+        return reduce_stats(stats, ctx)
 
     state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema, "gen": gen}
-    stats = train(step, max_steps=t.steps, state=state, run=run, tag="tokenizer", log_every=t.log_every,
-                  ckpt_every=t.ckpt_every, progress=progress)
+    stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
+                  log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
     trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights
     return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
 
