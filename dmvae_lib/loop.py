@@ -12,10 +12,10 @@ with the step and the last good checkpoint named, or counts the skip when `on_no
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
 
 Several processes (`ctx` from `distributed.init_distributed`, `run` given on rank 0 only): every rank must call
-`train` with the same arguments. Rank 0 reads the checkpoint and broadcasts it, so every rank resumes from the
-same step and state; each rank's generators are gathered into rank 0's checkpoint (`rank_generators`) at every
-save and each rank restores its own, since every rank draws different data. All other state is taken from
-rank 0 (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
+`train` with the same arguments. Rank 0 names its checkpoint and every rank reads that file (one node, or a
+shared filesystem), so every rank resumes from the same step and state. Each rank's generators are gathered
+into rank 0's checkpoint (`rank_generators`) at every save and each rank restores its own, since every rank
+draws different data; all other state is rank 0's (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
 ranks, so all ranks raise, or all skip, at the same step. A checkpoint resumes only under the world size that
 wrote it (the per-rank data streams are part of the state); a finished one loads under any world size, which is
 how a notebook picks up the result of a fit that `ddp_fit` ran in several processes.
@@ -70,20 +70,31 @@ def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) ->
 
 
 def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None, Path | None]:
-    """(checkpoint or None, its path) as rank 0 sees them, on every rank; a RunError on rank 0 raises on all."""
+    """(checkpoint or None, rank 0's checkpoint path) on every rank; a checkpoint any rank cannot read raises on all.
+
+    Rank 0 (the only one with `run`) names the file and every rank reads it itself, so the run folder must be
+    visible to all ranks (one node, or a shared filesystem); broadcasting a full-scale checkpoint instead would
+    pass the weights, EMA and optimizer moments through every GPU's memory at once.
+    """
     file = None if run is None else run.ckpt_path(tag)
+    exists = file is not None and file.exists()
+    if ctx.distributed:  # the other ranks have no run: they wait for rank 0's answer
+        file, exists = broadcast_object((file, exists), ctx)
     saved, error = None, None
-    if file is not None and file.exists():
+    if exists:
         try:
             saved = load_checkpoint(file, required=("step", "state"))
         except RunError as exc:
             if not ctx.distributed:
                 raise
-            error = str(exc)
-    if ctx.distributed:  # the other ranks have no run: they wait for rank 0's answer
-        saved, file, error = broadcast_object((saved, file, error), ctx)
-    if error is not None:
-        raise RunError(error)
+            error = f"rank {ctx.rank}: {exc}"
+    if ctx.distributed:
+        if all_reduce_max(float(error is not None), ctx) > 0:
+            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads the "
+                                    "checkpoint itself: one node, or the run folder on a shared filesystem")
+        step = -1 if saved is None else saved["step"]
+        if all_reduce_max(step, ctx) != -all_reduce_max(-step, ctx):  # e.g. a stale network-filesystem cache
+            raise RunError(f"the ranks read different checkpoints at {file} (this rank: step {step})")
     writers = len(saved.get("rank_generators", [None])) if saved else ctx.world_size
     if writers != ctx.world_size and saved["step"] < max_steps:  # a finished fit loads under any world size
         raise RunError(f"{file} was written by {writers} process(es); resume it with {writers}, not "

@@ -4,7 +4,7 @@
     batch (loss and gradients to 1e-6), and the ranks hold identical parameters after the optimizer step;
 (b) the real `fit_teacher` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
     a 2-process fit interrupted and resumed ends bit-identical to an uninterrupted one (every rank restores
-    rank 0's checkpoint with its own generator state); a non-finite loss on one rank only makes both ranks
+    rank 0's checkpoint with its own generator state), and a checkpoint one rank cannot read stops both; a non-finite loss on one rank only makes both ranks
     skip the update together and raise, or skip, at the same step;
 (c) the single-process fallback.
 """
@@ -195,7 +195,12 @@ def _interrupt(x, y):
     raise KeyboardInterrupt
 
 
+def _unreadable(path, required=()):
+    raise RunError(f"checkpoint {path} does not exist")
+
+
 def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from dmvae_lib import loop
     from dmvae_lib import teacher_stage as tst
 
     ctx = _join(rank, world_size, port)
@@ -209,8 +214,15 @@ def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
             pass
         step_at_stop = load_checkpoint(runs["resumed"].ckpt_path("teacher"))["step"] if rank == 0 else None
         resumed, _ = tst.fit_teacher(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
-        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(), "step_at_stop": step_at_stop},
-                   os.path.join(out, f"rank{rank}.pt"))
+        if rank == 1:  # as on a node that does not see the run folder: every rank must stop, not only this one
+            loop.load_checkpoint = _unreadable
+        try:
+            tst.fit_teacher(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
+            error = None
+        except RunError as exc:
+            error = str(exc)
+        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(), "step_at_stop": step_at_stop,
+                    "error": error}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         cleanup(ctx)
 
@@ -233,6 +245,8 @@ def test_two_process_fit_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     for r in ranks:  # both ranks return the same EMA net, equal to the uninterrupted one
         for k, v in ranks[0]["straight"].items():
             assert torch.equal(v, r["resumed"][k]), k
+    assert ranks[1]["error"].startswith("rank 1: checkpoint") and "does not exist" in ranks[1]["error"]
+    assert "another rank could not read" in ranks[0]["error"] and "shared filesystem" in ranks[0]["error"]
 
 
 def test_checkpoint_of_two_processes_does_not_resume_in_one(tmp_path):
