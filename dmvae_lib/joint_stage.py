@@ -26,9 +26,10 @@ from . import dmd, flow, image_metrics
 from . import teacher_stage as tst
 from .configs.joint import JointStageConfig
 from .device import autocast_ctx
+from .distributed import DistContext, main_only_run, rank_generator, reduce_stats, shard_batch, wrap_ddp
 from .lightning_dit import drop_labels
 from .loop import train
-from .phases import apply_update, disc_step, flow_matching_step, frozen, tokenizer_step
+from .phases import TokenizerParts, apply_update, disc_step, flow_matching_step, frozen, tokenizer_step
 from .projection_heads import make_head
 from .recon_losses import PatchDiscriminator
 from .runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
@@ -69,12 +70,16 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
                 disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),
-                progress: bool = True) -> tuple[Tokenizer, nn.Module, dict]:
+                progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, nn.Module, dict]:
     """Joint DM training from a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
 
     `disc_state`: the stage-1 discriminator's weights (`stage1_discriminator`), else a fresh PatchGAN of
-    `disc_arch` = (ndf, layers) (stage 1's `train.disc_ndf`, `train.disc_layers`)."""
-    t, dev = cfg.train, torch.device(device)
+    `disc_arch` = (ndf, layers) (stage 1's `train.disc_ndf`, `train.disc_layers`).
+    A multi-process `ctx` (torchrun) works as in `tokenizer_stage.train_tokenizer`: train.batch is sharded over
+    ranks with per-rank generators; projector + decoder, the encoder when trained, a learnable head, the fake
+    net and the discriminator train under DDP; the teacher and the frozen uses of the fake net (DM term) and
+    the discriminator (generator term) stay unwrapped; diagnostics and writes happen on rank 0 only."""
+    t, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
     tok = copy.deepcopy(tokenizer).to(device).train()
     torch.manual_seed(cfg.seed + 3)  # the projection head's initialisation
     latent_shape = (tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size)
@@ -101,14 +106,18 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     fsched = _warmup(fopt, t.warmup_steps) if use_dm else None
     k_classes = reference.num_classes
     perceptual = perceptual_loss(t.lpips)
-    gen = torch.Generator().manual_seed(cfg.seed + 29)
+    gen = rank_generator(cfg.seed + 29, ctx)  # rank 0 (or one process): the single-process stream
     # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
-    fm_gen = gen if dev.type == "cpu" else torch.Generator(dev).manual_seed(cfg.seed + 37)
-    stream = batches(data, t.batch, gen, 0)
+    fm_gen = gen if dev.type == "cpu" else rank_generator(cfg.seed + 37, ctx, dev)
+    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
+    model, disc_model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx), wrap_ddp(disc, ctx)
+    encoder = wrap_ddp(tok.encoder, ctx) if t.train_encoder else tok.encoder
+    head_model = wrap_ddp(head, ctx) if use_dm and any(p.requires_grad for p in head.parameters()) else head
+    fake_model = wrap_ddp(fake, ctx) if use_dm else None
     autocast = lambda: autocast_ctx(dev, t.precision)  # noqa: E731
 
     def dm_term(z: Tensor, y: Optional[Tensor], k: int):
-        target = head(tok.normalize(z.float()))
+        target = head_model(tok.normalize(z.float()))
         lo, hi = (t.t_min, t.t_max)
         if t.anneal_steps:
             lo, hi = flow.annealed_t_range(k, t.anneal_steps, (t.t_min, t.t_max), (t.anneal_t_min, t.t_max))
@@ -130,15 +139,16 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         stats: dict = {}
         if k % t.tokenizer_every == 0:
             with autocast(), torch.set_grad_enabled(t.train_encoder):
-                feats = tok.encode_features(images)
+                feats = encoder(images)
             gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
             stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=0.0,
                                           perceptual=perceptual, lpips_weight=t.lpips_weight, disc=gan,
                                           disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
-                                          autocast=autocast,
+                                          autocast=autocast, model=model, ctx=ctx,
                                           latent_loss=(lambda z: dm_term(z, y, k)) if use_dm else None)
             if gan is not None:
-                d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
+                d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip,
+                              autocast=autocast, ctx=ctx)
                 stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
             target = holder.pop("target", None)
             last_turn.clear()
@@ -147,18 +157,22 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
             with torch.no_grad(), autocast():
                 target = head(tok.normalize(tok.encode(images).float())).float()
         else:
-            return {**last_turn, "nonfinite": 0}
+            return reduce_stats({**last_turn, "nonfinite": 0}, ctx)
         stats = {**last_turn, **stats}  # logged records carry the latest tokenizer turn's numbers
         if use_dm:
             yy = drop_labels(y.cpu(), t.label_dropout, k_classes, gen).to(device) if k_classes else None
-            f = flow_matching_step(fake, fopt, target, fm_gen, y=yy, scheduler=fsched, grad_clip=t.grad_clip,
-                                   autocast=autocast)
+            if ctx.distributed:  # skip-before-backward agreed by all ranks
+                f = tst.flow_matching_step_all_ranks(fake_model, fopt, target, fm_gen, ctx, y=yy, scheduler=fsched,
+                                                     grad_clip=t.grad_clip, autocast=autocast)
+            else:
+                f = flow_matching_step(fake, fopt, target, fm_gen, y=yy, scheduler=fsched, grad_clip=t.grad_clip,
+                                       autocast=autocast)
             stats = {**stats, "fake_fm_loss": f["fm_loss"], "nonfinite": stats.get("nonfinite", 0) + f["nonfinite"]}
-        return stats
+        return reduce_stats(stats, ctx)
 
     images_u8 = data.train[0] if data.train is not None else data.val
-    hooks = []
-    if t.eval_every:
+    hooks, run = [], main_only_run(run, ctx)
+    if t.eval_every and ctx.is_main:
         def diag(done: int) -> None:
             tok.eval()
             rec = latent_diagnostics(tok, head, images_u8, reference, device, n=t.eval_samples, seed=cfg.seed,
@@ -174,20 +188,21 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     if fm_gen is not gen:
         state["fm_gen"] = fm_gen
     stats = train(step, max_steps=t.steps, state=state, run=run, tag=tag, log_every=t.log_every,
-                  ckpt_every=t.ckpt_every, hooks=hooks, progress=progress)
+                  ckpt_every=t.ckpt_every, hooks=hooks, progress=progress and ctx.is_main, ctx=ctx)
     if t.refine_steps:
-        refine_decoder(cfg, tok, data, run, device, tag=f"{tag}_refine", progress=progress)
+        refine_decoder(cfg, tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
     return tok.eval(), head.eval(), stats
 
 
 def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device, *,
-                   tag: str, progress: bool = True) -> dict:
-    """Decoder-only refinement with the encoder and projector frozen (reconstruction loss only)."""
-    t = cfg.train
+                   tag: str, progress: bool = True, ctx: Optional[DistContext] = None) -> dict:
+    """Decoder-only refinement with the encoder and projector frozen (reconstruction loss only; DDP as train_joint)."""
+    t, ctx = cfg.train, ctx or DistContext()
     params = list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 31)
-    stream = batches(data, t.batch, gen, 0)
+    gen = rank_generator(cfg.seed + 31, ctx)
+    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
+    decoder = wrap_ddp(tok.decoder, ctx)
     perceptual = perceptual_loss(t.lpips)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 
@@ -196,16 +211,17 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
         with torch.no_grad(), autocast():
             z = tok.project(tok.encode_features(images)).float()
         with autocast():
-            x_hat = tok.decode(z).float()
+            x_hat = decoder(z).float()
         loss = t.l1 * (x_hat - images).abs().mean()
         if perceptual is not None:
             loss = loss + t.lpips_weight * perceptual(x_hat, images).mean()
-        bad = int(not torch.isfinite(loss))
-        return {"l1": float(loss.detach()), "grad_norm": apply_update(loss, opt, params, t.grad_clip, bad),
-                "nonfinite": bad}
+        bad = reduce_stats({"nonfinite": int(not torch.isfinite(loss))}, ctx)["nonfinite"]  # agreed by all ranks
+        return reduce_stats({"l1": float(loss.detach()), "grad_norm": apply_update(loss, opt, params, t.grad_clip, bad),
+                             "nonfinite": bad}, ctx)
 
-    return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen}, run=run,
-                 tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress)
+    return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen},
+                 run=main_only_run(run, ctx), tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every,
+                 progress=progress and ctx.is_main, ctx=ctx)
 
 
 def save_head(path, head: nn.Module, reference) -> None:

@@ -1,0 +1,107 @@
+"""Stage-3 joint DM training under DDP: the real `train_joint` in two gloo processes under `launch` (torchrun).
+
+Upstream: a tiny stage-1 tokenizer and a teacher fitted on the "supervised" reference, whose shape differs from
+the latents', so the projection head is learnable and trains under DDP too. Checks: only rank 0 writes
+(metrics, evaluation records, checkpoints), the ranks end with identical tokenizer, head, fake net and
+discriminator (BatchNorm statistics included), the logged numbers
+are the same on both ranks (rank means), and the decoder refinement afterwards runs under DDP as well.
+The DDP steps themselves (tokenizer, GAN weight, discriminator) are checked against one process in
+tests/test_distributed_tokenizer.py; the fake net's flow-matching step is the teacher's (tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from dmvae_lib.distributed import launch
+from dmvae_lib.runs import RunDir
+from test_joint_stage import TINY_JOINT, TINY_TEACHER, TINY_TOK
+
+JOINT_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+from dmvae_lib import joint_stage as js
+from dmvae_lib import teacher_stage as tst
+from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.distributed import cleanup, init_distributed
+from dmvae_lib.runs import RunDir
+
+root = Path(sys.argv[1])
+ctx = init_distributed("cpu")
+u = js.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r", "cpu",
+                     root / "_cache")
+cfg = make_config("joint", "smoke", {JOINT})
+seen = {{}}  # the nets train_joint does not return: the fake net and the discriminator, as their steps see them
+
+
+def spy(name, step):
+    def wrapped(net, *args, **kwargs):
+        seen[name] = net
+        return step(net, *args, **kwargs)
+    return wrapped
+
+
+tst.flow_matching_step_all_ranks = spy("fake", tst.flow_matching_step_all_ranks)
+js.disc_step = spy("disc", js.disc_step)
+run = RunDir.create(root, "40_joint_dm_training", f"rank{{ctx.rank}}", to_dict(cfg))  # one folder per rank
+tok, head, stats = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device, dm_weight=10.0,
+                                  progress=False, ctx=ctx, **u.joint_kwargs(cfg))
+torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "head": head.state_dict(), "stats": stats,
+            "head_kind": type(head).__name__,
+            **{{name: net.module.state_dict() for name, net in seen.items()}}}}, root / f"rank{{ctx.rank}}.pt")
+cleanup(ctx)
+"""
+JOINT = {**TINY_JOINT, "train.batch": 8, "train.refine_steps": 2, "train.control": False}
+
+
+def _upstream(root):
+    """Stage 1 and 2 in this process (tokenizer.pt, teacher.pt and the latent cache the workers read)."""
+    from dmvae_lib import teacher_stage as tst
+    from dmvae_lib import tokenizer_stage as ts
+    from dmvae_lib.configs import make_config, to_dict
+
+    cfg = make_config("tokenizer", "smoke", TINY_TOK)
+    run = RunDir.create(root, "20_tokenizer_pretraining", "r", {"preset": "smoke", **to_dict(cfg)})
+    data = ts.load_data(cfg, root / "_cache")
+    enc = ts.reference_encoders(cfg, data, run, "cpu")
+    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
+    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
+    tcfg = make_config("teacher", "smoke", {"tokenizer_run": str(run.path), **TINY_TEACHER,
+                                            "reference.name": "supervised"})
+    trun = RunDir.create(root, "30_teacher_fitting", "r", {"preset": "smoke", **to_dict(tcfg)})
+    tok, _, enc, tok_file = tst.upstream_tokenizer(run.path, "cpu")
+    latents, labels = tst.latents_for(tok, tok_file, data, trun, "cpu", batch=32)
+    ref = tst.build_reference(tcfg, latents, labels, enc, data, "cpu")
+    net, _ = tst.fit_teacher(tcfg, ref, trun, "cpu", progress=False)
+    tst.save_teacher(trun.path / "teacher.pt", tcfg, net, ref, tok_file)
+
+
+@pytest.mark.slow
+def test_train_joint_under_torchrun_writes_on_rank0_only_and_ranks_agree(tmp_path):
+    _upstream(tmp_path)
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(JOINT_WORKER).format(JOINT=JOINT))
+    launch(2, str(script), [str(tmp_path)], timeout=180)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["head_kind"] == "MLPHead" and any(v.numel() for v in ranks[0]["head"].values())
+    main, other = (tmp_path / "40_joint_dm_training" / f"rank{r}" for r in range(2))
+    records = RunDir(main).read_metrics()
+    by_tag = {tag: [m["step"] for m in records if m["tag"] == tag] for tag in ("joint", "joint_eval", "joint_refine")}
+    assert by_tag == {"joint": [2, 4, 6], "joint_eval": [3, 6], "joint_refine": [2]}
+    assert (main / "ckpt" / "joint" / "last.pt").exists() and (main / "ckpt" / "joint_refine" / "last.pt").exists()
+    assert not (other / "metrics.jsonl").exists() and not (other / "ckpt").exists()
+    for part in ("tok", "head", "fake", "disc"):  # fake and disc were seen DDP-wrapped (.module)
+        for k, v in ranks[0][part].items():
+            assert torch.equal(v, ranks[1][part][k]), (part, k)
+    stats = ranks[0]["stats"]
+    assert stats == ranks[1]["stats"] and stats["nonfinite"] == 0  # rank means
+    assert {"dm_loss", "fake_fm_loss", "d_loss", "gan_weight"} <= stats.keys()
