@@ -222,8 +222,9 @@ def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tens
     return out.div_(ctx.world_size)
 
 
-def reduce_stats(stats: Mapping[str, float], ctx: DistContext, max_keys: Sequence[str] = ("nonfinite",)) -> dict:
-    """A step's numbers averaged over ranks; counts in `max_keys` take their maximum over ranks (ints stay ints).
+def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
+                 max_keys: Sequence[str] = ("nonfinite",)) -> dict:
+    """A step's numbers averaged over ranks; counts in `max_keys` take their maximum (ints stay ints).
 
     Every rank logs the same record and sees the same `nonfinite`, so every rank takes the same decision.
     Every rank must pass the same keys. The identity in one process.

@@ -70,15 +70,16 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
                 disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),
-                progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, nn.Module, dict]:
+                progress: bool = True,
+                ctx: Optional[DistContext] = None) -> tuple[Tokenizer, nn.Module, dict]:
     """Joint DM training from a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
 
     `disc_state`: the stage-1 discriminator's weights (`stage1_discriminator`), else a fresh PatchGAN of
     `disc_arch` = (ndf, layers) (stage 1's `train.disc_ndf`, `train.disc_layers`).
-    A multi-process `ctx` (torchrun) works as in `tokenizer_stage.train_tokenizer`: train.batch is sharded over
-    ranks with per-rank generators; projector + decoder, the encoder when trained, a learnable head, the fake
-    net and the discriminator train under DDP; the teacher and the frozen uses of the fake net (DM term) and
-    the discriminator (generator term) stay unwrapped; diagnostics and writes happen on rank 0 only."""
+    A multi-process `ctx` (torchrun) works as in `tokenizer_stage.train_tokenizer`: train.batch is sharded
+    over ranks with per-rank generators; projector + decoder, the encoder when trained, a learnable head,
+    the fake net and the discriminator train under DDP; the teacher and the frozen uses of the fake net
+    (DM term) and of the discriminator (generator term) stay unwrapped; diagnostics and writes on rank 0."""
     t, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
     tok = copy.deepcopy(tokenizer).to(device).train()
     torch.manual_seed(cfg.seed + 3)  # the projection head's initialisation
@@ -161,12 +162,11 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         stats = {**last_turn, **stats}  # logged records carry the latest tokenizer turn's numbers
         if use_dm:
             yy = drop_labels(y.cpu(), t.label_dropout, k_classes, gen).to(device) if k_classes else None
+            kw = {"y": yy, "scheduler": fsched, "grad_clip": t.grad_clip, "autocast": autocast}
             if ctx.distributed:  # skip-before-backward agreed by all ranks
-                f = tst.flow_matching_step_all_ranks(fake_model, fopt, target, fm_gen, ctx, y=yy, scheduler=fsched,
-                                                     grad_clip=t.grad_clip, autocast=autocast)
+                f = tst.flow_matching_step_all_ranks(fake_model, fopt, target, fm_gen, ctx, **kw)
             else:
-                f = flow_matching_step(fake, fopt, target, fm_gen, y=yy, scheduler=fsched, grad_clip=t.grad_clip,
-                                       autocast=autocast)
+                f = flow_matching_step(fake, fopt, target, fm_gen, **kw)
             stats = {**stats, "fake_fm_loss": f["fm_loss"], "nonfinite": stats.get("nonfinite", 0) + f["nonfinite"]}
         return reduce_stats(stats, ctx)
 
@@ -196,7 +196,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
 
 def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device, *,
                    tag: str, progress: bool = True, ctx: Optional[DistContext] = None) -> dict:
-    """Decoder-only refinement with the encoder and projector frozen (reconstruction loss only; DDP as train_joint)."""
+    """Decoder-only refinement, encoder and projector frozen (reconstruction loss; DDP as in train_joint)."""
     t, ctx = cfg.train, ctx or DistContext()
     params = list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
@@ -215,9 +215,9 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
         loss = t.l1 * (x_hat - images).abs().mean()
         if perceptual is not None:
             loss = loss + t.lpips_weight * perceptual(x_hat, images).mean()
-        bad = reduce_stats({"nonfinite": int(not torch.isfinite(loss))}, ctx)["nonfinite"]  # agreed by all ranks
-        return reduce_stats({"l1": float(loss.detach()), "grad_norm": apply_update(loss, opt, params, t.grad_clip, bad),
-                             "nonfinite": bad}, ctx)
+        bad = reduce_stats({"nonfinite": int(not torch.isfinite(loss))}, ctx)["nonfinite"]  # all ranks agree
+        norm = apply_update(loss, opt, params, t.grad_clip, bad)
+        return reduce_stats({"l1": float(loss.detach()), "grad_norm": norm, "nonfinite": bad}, ctx)
 
     return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen},
                  run=main_only_run(run, ctx), tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every,

@@ -158,7 +158,7 @@ def tokenizer_step(
     if disc is not None:
         with frozen(disc), autocast():
             gl = g_loss(disc(diff_augment(x_hat32, generator)).float())
-        grad_mean = (lambda g: all_reduce_tensor_mean(g, ctx)) if ctx is not None and ctx.distributed else None
+        grad_mean = (lambda g: all_reduce_tensor_mean(g, ctx)) if ctx and ctx.distributed else None
         w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer(), grad_mean=grad_mean)
         loss = rec + disc_weight * w * gl
         stats.update(g_loss=float(gl.detach()), gan_weight=float(w))

@@ -213,8 +213,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
                                       disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
                                       autocast=autocast, model=model, ctx=ctx)
         if gan is not None:
-            d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast,
-                          ctx=ctx)
+            d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip,
+                          autocast=autocast, ctx=ctx)
             stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
         ema.update(trainable, step=k + 1)
         return reduce_stats(stats, ctx)

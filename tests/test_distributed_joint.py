@@ -1,12 +1,12 @@
-"""Stage-3 joint DM training under DDP: the real `train_joint` in two gloo processes under `launch` (torchrun).
+"""Stage-3 joint DM training under DDP: the real `train_joint` in two gloo processes under `launch`.
 
-Upstream: a tiny stage-1 tokenizer and a teacher fitted on the "supervised" reference, whose shape differs from
-the latents', so the projection head is learnable and trains under DDP too. Checks: only rank 0 writes
+Upstream: a tiny stage-1 tokenizer and a teacher fitted on the "supervised" reference, whose shape differs
+from the latents', so the projection head is learnable and trains under DDP too. Checks: only rank 0 writes
 (metrics, evaluation records, checkpoints), the ranks end with identical tokenizer, head, fake net and
 discriminator (BatchNorm statistics included), the logged numbers
 are the same on both ranks (rank means), and the decoder refinement afterwards runs under DDP as well.
 The DDP steps themselves (tokenizer, GAN weight, discriminator) are checked against one process in
-tests/test_distributed_tokenizer.py; the fake net's flow-matching step is the teacher's (tests/test_distributed.py).
+tests/test_distributed_tokenizer.py; the fake net's step is the teacher's (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ctx = init_distributed("cpu")
 u = js.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r", "cpu",
                      root / "_cache")
 cfg = make_config("joint", "smoke", {JOINT})
-seen = {{}}  # the nets train_joint does not return: the fake net and the discriminator, as their steps see them
+seen = {{}}  # the nets train_joint does not return (fake net, discriminator), as their steps see them
 
 
 def spy(name, step):
@@ -51,11 +51,11 @@ def spy(name, step):
 tst.flow_matching_step_all_ranks = spy("fake", tst.flow_matching_step_all_ranks)
 js.disc_step = spy("disc", js.disc_step)
 run = RunDir.create(root, "40_joint_dm_training", f"rank{{ctx.rank}}", to_dict(cfg))  # one folder per rank
-tok, head, stats = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device, dm_weight=10.0,
-                                  progress=False, ctx=ctx, **u.joint_kwargs(cfg))
+tok, head, stats = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
+                                  dm_weight=10.0, progress=False, ctx=ctx, **u.joint_kwargs(cfg))
+nets = {{name: net.module.state_dict() for name, net in seen.items()}}
 torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "head": head.state_dict(), "stats": stats,
-            "head_kind": type(head).__name__,
-            **{{name: net.module.state_dict() for name, net in seen.items()}}}}, root / f"rank{{ctx.rank}}.pt")
+            "head_kind": type(head).__name__, **nets}}, root / f"rank{{ctx.rank}}.pt")
 cleanup(ctx)
 """
 JOINT = {**TINY_JOINT, "train.batch": 8, "train.refine_steps": 2, "train.control": False}
@@ -95,9 +95,10 @@ def test_train_joint_under_torchrun_writes_on_rank0_only_and_ranks_agree(tmp_pat
     assert ranks[0]["head_kind"] == "MLPHead" and any(v.numel() for v in ranks[0]["head"].values())
     main, other = (tmp_path / "40_joint_dm_training" / f"rank{r}" for r in range(2))
     records = RunDir(main).read_metrics()
-    by_tag = {tag: [m["step"] for m in records if m["tag"] == tag] for tag in ("joint", "joint_eval", "joint_refine")}
+    by_tag = {tag: [m["step"] for m in records if m["tag"] == tag]
+              for tag in ("joint", "joint_eval", "joint_refine")}
     assert by_tag == {"joint": [2, 4, 6], "joint_eval": [3, 6], "joint_refine": [2]}
-    assert (main / "ckpt" / "joint" / "last.pt").exists() and (main / "ckpt" / "joint_refine" / "last.pt").exists()
+    assert all((main / "ckpt" / tag / "last.pt").exists() for tag in ("joint", "joint_refine"))
     assert not (other / "metrics.jsonl").exists() and not (other / "ckpt").exists()
     for part in ("tok", "head", "fake", "disc"):  # fake and disc were seen DDP-wrapped (.module)
         for k, v in ranks[0][part].items():

@@ -4,8 +4,9 @@
     batch (loss and gradients to 1e-6): the reconstruction step, and the step with the adaptive GAN term,
     whose weight is the global-batch one (without the all-reduce of its gradients it would not be);
     the discriminator step equals it with GroupNorm; with BatchNorm (per-rank shard statistics) it does not,
-    but the ranks stay identical, running statistics included. A NaN on one rank makes both skip the update. DiffAug is replaced by the identity there: each rank draws
-    its own augmentations, so the shards could not see the global batch's draws.
+    but the ranks stay identical, running statistics included. DiffAug is the identity in these comparisons:
+    each rank draws its own augmentations, so the shards could not see the global batch's draws.
+    A NaN on one rank only makes both ranks skip the update.
 (b) the real `train_tokenizer` under `launch` (torchrun): only rank 0 writes, the ranks end identical, and
     a run interrupted after its step-2 checkpoint resumes to the uninterrupted run's weights.
 (c) the single-process path: `ctx=DistContext()` changes nothing; the new helpers are identities.
@@ -41,18 +42,19 @@ N = 8  # the global batch
 
 
 def _tiny_problem():
-    """A tiny tokenizer (no encoder: features are given) and discriminators with perturbed weights, a fixed batch."""
+    """A tiny tokenizer (no encoder: features are given), perturbed discriminators, a fixed batch."""
     torch.manual_seed(0)
-    tok = Tokenizer(None, Projector(8, 4, hidden_channels=16),
-                    Decoder(4, latent_size=4, image_size=16, ch=8, ch_mult=(1, 2), num_res_blocks=0, attn=True,
-                            num_groups=4))
+    decoder = Decoder(4, latent_size=4, image_size=16, ch=8, ch_mult=(1, 2), num_res_blocks=0, attn=True,
+                      num_groups=4)
+    tok = Tokenizer(None, Projector(8, 4, hidden_channels=16), decoder)
     discs = {norm: PatchDiscriminator(3, 8, 2, norm=norm) for norm in ("batch", "group")}
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in (tok, *discs.values()):
             for p in m.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    batch = {"images": torch.rand(N, 3, 16, 16, generator=g) * 2 - 1, "features": torch.randn(N, 8, 4, 4, generator=g),
+    batch = {"images": torch.rand(N, 3, 16, 16, generator=g) * 2 - 1,
+             "features": torch.randn(N, 8, 4, 4, generator=g),
              "fakes": torch.rand(N, 3, 16, 16, generator=g) * 2 - 1}
     return tok, discs, batch
 
@@ -62,7 +64,7 @@ def _flat(tensors) -> torch.Tensor:
 
 
 def _steps(ctx: DistContext, batch: dict) -> dict:
-    """The three steps on `batch` (a shard or the whole), each from a fresh tiny problem; what they produced."""
+    """The steps on `batch` (a shard or the whole), each from a fresh tiny problem; what they produced."""
     recon_losses.diff_augment = lambda x, generator, **kw: x  # see the module docstring
     gen = torch.Generator().manual_seed(2)
     tok, discs, _ = _tiny_problem()  # the adaptive weight this rank would use on its own (no all-reduce)
@@ -83,15 +85,15 @@ def _steps(ctx: DistContext, batch: dict) -> dict:
         _, discs, _ = _tiny_problem()
         disc = discs[norm]
         opt = torch.optim.SGD(disc.parameters(), lr=0.1)
-        stats = disc_step(wrap_ddp(disc, ctx), opt, batch["images"], batch["fakes"], gen, bcr=1.0, grad_clip=0.0,
-                          ctx=ctx)
+        stats = disc_step(wrap_ddp(disc, ctx), opt, batch["images"], batch["fakes"], gen, bcr=1.0,
+                          grad_clip=0.0, ctx=ctx)
         out[f"disc_{norm}"] = {"stats": stats, "grads": _flat(p.grad for p in disc.parameters()),
                                "params": _flat(disc.parameters()), "buffers": dict(disc.named_buffers())}
     return out
 
 
 def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
-    """Steps where only rank 1's shard holds a NaN: every rank must skip (else DDP waits for rank 1 forever)."""
+    """Steps where only rank 1's shard holds a NaN: every rank must skip (else DDP waits for rank 1)."""
     images = shard["images"].clone()
     if ctx.rank == 1:
         images[0, 0, 0, 0] = float("nan")
@@ -99,12 +101,14 @@ def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
     tok, discs, _ = _tiny_problem()
     params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
     before, disc_before = _flat(params), _flat(discs["batch"].parameters())
-    stats, _ = tokenizer_step(tok, torch.optim.SGD(params, lr=0.1), params, images, shard["features"], gen, l1=1.0,
-                              l2=0.0, perceptual=None, lpips_weight=0.0, disc=None, disc_weight=0.0, grad_clip=0.0,
-                              model=wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx), ctx=ctx)
+    model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx)
+    stats, _ = tokenizer_step(tok, torch.optim.SGD(params, lr=0.1), params, images, shard["features"], gen,
+                              l1=1.0, l2=0.0, perceptual=None, lpips_weight=0.0, disc=None, disc_weight=0.0,
+                              grad_clip=0.0, model=model, ctx=ctx)
     d = disc_step(wrap_ddp(discs["batch"], ctx), torch.optim.SGD(discs["batch"].parameters(), lr=0.1), images,
                   shard["fakes"], gen, ctx=ctx)
-    return {"nonfinite": (stats["nonfinite"], d["nonfinite"]), "tok_unchanged": torch.equal(before, _flat(params)),
+    return {"nonfinite": (stats["nonfinite"], d["nonfinite"]),
+            "tok_unchanged": torch.equal(before, _flat(params)),
             "disc_unchanged": torch.equal(disc_before, _flat(discs["batch"].parameters()))}
 
 
@@ -228,8 +232,8 @@ except KeyboardInterrupt:
     pass
 ts.tokenizer_step = real_step
 resumed, _ = fit("resumed")
-torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "stats": stats, "resumed": resumed.state_dict()}},
-           out / f"rank{{ctx.rank}}.pt")
+torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "stats": stats,
+            "resumed": resumed.state_dict()}}, out / f"rank{{ctx.rank}}.pt")
 cleanup(ctx)
 """
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.width": 8, "net.proj_hidden": 16, "net.dec_ch": 8,
@@ -256,17 +260,19 @@ def test_train_tokenizer_under_torchrun_writes_on_rank0_only(tmp_path):
     main, other = (tmp_path / "20_tokenizer_pretraining" / f"straight_rank{r}" for r in range(2))
     records = RunDir(main).read_metrics()
     assert [m["step"] for m in records] == [1, 2, 3, 4]
-    assert "g_loss" not in records[1] and {"g_loss", "gan_weight", "d_loss"} <= records[2].keys()  # GAN from k=2
+    assert "g_loss" not in records[1]  # the GAN term starts at step index 2
+    assert {"g_loss", "gan_weight", "d_loss"} <= records[2].keys()
     assert (main / "ckpt" / "tokenizer" / "last.pt").exists()
     assert not (other / "metrics.jsonl").exists() and not (other / "ckpt").exists()
     for k, v in ranks[0]["tok"].items():
         assert torch.equal(v, ranks[1]["tok"][k]), k
     assert ranks[0]["stats"] == ranks[1]["stats"]  # all-reduced means
     assert ranks[0]["stats"]["nonfinite"] == 0
-    final = {name: load_checkpoint(tmp_path / "20_tokenizer_pretraining" / f"{name}_rank0" / "ckpt" / "tokenizer"
-                                   / "last.pt") for name in ("straight", "resumed")}
-    assert [m["step"] for m in RunDir(tmp_path / "20_tokenizer_pretraining" / "resumed_rank0").read_metrics()] == [
-        1, 2, 3, 4]  # the interrupted run logged steps 1-2, the resumed one 3-4
+    folder = tmp_path / "20_tokenizer_pretraining"
+    final = {name: load_checkpoint(folder / f"{name}_rank0" / "ckpt" / "tokenizer" / "last.pt")
+             for name in ("straight", "resumed")}
+    # the interrupted run logged steps 1-2, the resumed one 3-4
+    assert [m["step"] for m in RunDir(folder / "resumed_rank0").read_metrics()] == [1, 2, 3, 4]
     gens = final["straight"]["rank_generators"]
     assert not torch.equal(gens[0]["gen"], gens[1]["gen"])  # two data streams
     for r in range(2):
@@ -302,7 +308,8 @@ def test_train_tokenizer_with_single_process_ctx_is_unchanged(tmp_path):
     torch.manual_seed(0)
     ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
     a, sa = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, None, "cpu", progress=False)
-    b, sb = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, None, "cpu", progress=False, ctx=DistContext())
+    b, sb = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, None, "cpu", progress=False,
+                               ctx=DistContext())
     assert sa == sb and "g_loss" in sa
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
