@@ -1,12 +1,15 @@
-"""Fit a notebook's velocity net with DDP in several processes, from the notebook's run folder.
+"""Run a notebook's heavy training with DDP in several processes, from the notebook's run folder.
 
+    torchrun --nproc-per-node 8 -m dmvae_lib.ddp_fit tokenizer runs/20_tokenizer_pretraining/<name>
     torchrun --nproc-per-node 8 -m dmvae_lib.ddp_fit teacher   runs/30_teacher_fitting/<name>
+    torchrun --nproc-per-node 8 -m dmvae_lib.ddp_fit joint     runs/40_joint_dm_training/<name>
     torchrun --nproc-per-node 8 -m dmvae_lib.ddp_fit generator runs/60_generation/<name>
 
-Notebooks 30 and 60 do this themselves when their parameter `nproc` is above 1 (`distributed.launch`, one
-node; the pipeline's `--nproc` sets it): the notebook creates the run folder, config and latent cache, the
-processes fit the net (rank 0 writes metrics and checkpoints), and the notebook's own call of the same fit
-then finds the finished checkpoint and loads it. The run folder's `config.json` is the only input, so the
+Notebooks 20, 30, 40 and 60 do this themselves when their parameter `nproc` is above 1 (`distributed.launch`,
+one node; the pipeline's `--nproc` sets it): the notebook creates the run folder and config (and what comes
+before the training: the reference encoders, the latent cache), the processes train (rank 0 writes metrics
+and checkpoints), and the notebook's own call of the same training function then finds the finished
+checkpoint and loads it. `joint` trains the DM run and, when configured, the λ = 0 control. The run folder's `config.json` is the only input, so the
 processes fit exactly what the notebook configured. Multi-node: start the same command on every node with
 torchrun's `--nnodes/--node-rank/--rdzv-endpoint` (the run folder on a shared filesystem).
 """
@@ -19,15 +22,19 @@ import sys
 from pathlib import Path
 
 from . import generation_stage as gs
+from . import joint_stage as js
 from . import teacher_stage as tst
 from . import tokenizer_stage as ts
 from .configs import from_dict
 from .configs.generation import GenerationStageConfig
+from .configs.joint import JointStageConfig
 from .configs.teacher import TeacherStageConfig
+from .configs.tokenizer import TokenizerStageConfig
 from .distributed import DistContext, barrier, cleanup, init_distributed
 from .runs import RunDir, RunError
 
-STAGES = {"teacher": TeacherStageConfig, "generator": GenerationStageConfig}
+STAGES = {"tokenizer": TokenizerStageConfig, "teacher": TeacherStageConfig, "joint": JointStageConfig,
+          "generator": GenerationStageConfig}
 
 
 def load_run_config(stage: str, run_dir: Path):
@@ -40,9 +47,35 @@ def load_run_config(stage: str, run_dir: Path):
     return from_dict(STAGES[stage], body)
 
 
-def training_set(stage: str, cfg, run: RunDir, ctx: DistContext):
-    """The reference (teacher) or latent cache (generator) the notebook built; rank 0 first, so that a missing
-    cache is written once and the other ranks read it."""
+def _rank0_first(ctx: DistContext, build):
+    """`build()` on rank 0, then on the others: whatever it writes (a latent cache) is written once, and the
+    other ranks read it."""
+    if ctx.is_main:
+        out = build()
+    barrier(ctx)
+    return out if ctx.is_main else build()
+
+
+def _fit_tokenizer(cfg, run: RunDir, ctx: DistContext) -> dict:
+    data = ts.load_data(cfg, run.path.parents[1] / "_cache")
+    encoders = _rank0_first(ctx, lambda: ts.reference_encoders(cfg, data, run, ctx.device, scores=False))
+    encoder = encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised")
+    return ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, encoder), data, run, ctx.device, ctx=ctx)[1]
+
+
+def _fit_joint(cfg, run: RunDir, ctx: DistContext) -> dict:
+    u = _rank0_first(ctx, lambda: js.load_upstream(Path(cfg.tokenizer_run), Path(cfg.teacher_run), ctx.device,
+                                                   run.path.parents[1] / "_cache"))
+    runs = [("joint", cfg.train.dm_weight)] + ([("control", 0.0)] if cfg.train.control else [])
+    stats = {}
+    for tag, weight in runs:
+        stats[tag] = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
+                                    dm_weight=weight, tag=tag, ctx=ctx, **u.joint_kwargs(cfg))[2]
+    return stats
+
+
+def _fit_velocity_net(stage: str, cfg, run: RunDir, ctx: DistContext) -> dict:
+    """The teacher on its reference, or the generator on its latent cache, as the notebook built them."""
 
     def build():
         cache_dir = run.path.parents[1] / "_cache"
@@ -55,10 +88,18 @@ def training_set(stage: str, cfg, run: RunDir, ctx: DistContext):
         tok, tok_cfg, _, tok_file = gs.upstream_tokenizer(Path(cfg.joint_run), cfg.tokenizer_file, ctx.device)
         return gs.generator_data(cfg, tok, tok_file, ts.load_data(tok_cfg, cache_dir), run, ctx.device)
 
-    if ctx.is_main:
-        ref = build()
-    barrier(ctx)
-    return ref if ctx.is_main else build()
+    return tst.fit_teacher(cfg, _rank0_first(ctx, build), run, ctx.device, ctx=ctx, tag=stage)[1]
+
+
+def fit(stage: str, run_dir: Path, ctx: DistContext) -> dict:
+    """Train `stage` of the run in `run_dir` on this process's rank; returns the last (rank-mean) numbers."""
+    run = RunDir(Path(run_dir).resolve())
+    cfg = load_run_config(stage, run.path)
+    if stage == "tokenizer":
+        return _fit_tokenizer(cfg, run, ctx)
+    if stage == "joint":
+        return _fit_joint(cfg, run, ctx)
+    return _fit_velocity_net(stage, cfg, run, ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ctx = init_distributed(args.device)
     try:
-        run = RunDir(args.run_dir.resolve())
-        cfg = load_run_config(args.stage, run.path)
-        ref = training_set(args.stage, cfg, run, ctx)
-        _, stats = tst.fit_teacher(cfg, ref, run, ctx.device, ctx=ctx, tag=args.stage)
+        stats = fit(args.stage, args.run_dir, ctx)
         if ctx.is_main:
             print(f"{args.stage} fitted by {ctx.world_size} process(es): {stats}", flush=True)
     finally:

@@ -114,19 +114,24 @@ def evaluate_features(fn, data: ImageData, device, k: int = 20, n_bank: int = 10
             "linear_acc": probes.linear_probe_accuracy(ftr, ytr, fva, yva)}
 
 
-def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional[RunDir], device) -> dict:
-    """Train (or resume) the SSL encoder and the supervised classifier; return models and their scores."""
+def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional[RunDir], device,
+                       scores: bool = True) -> dict:
+    """Train (or resume, or load when finished) the SSL encoder and the supervised classifier; return the models
+    and, with `scores`, their kNN / linear-probe / val scores."""
     e, out = cfg.encoder, {}
     if e.kind == "timm":
         return out
     ssl = train_ssl(dataclasses.replace(e.ssl, seed=cfg.seed), data.train, device=device, run=run, tag="ssl")
     out["ssl"] = ssl.model.eval()
-    out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
+    if scores:
+        out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
     if e.supervised_steps > 0:
         sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": cfg.seed + 1, "steps": e.supervised_steps,
                                                 "batch": e.supervised_batch, "max_seconds": 0.0})
         sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
         out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
+        if not scores:
+            return out
         logits = probes.extract_features(sup.model.eval(), data.val, device=device)
         out["supervised_scores"] = {"val_acc": float((logits.argmax(1) == data.val_labels).float().mean()),
                                     **evaluate_features(out["supervised"], data, device, e.knn_k)}

@@ -37,11 +37,13 @@ seed: int = 0  # seeds data generation, initialisation and every generator of th
 device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
 run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
+nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"train.steps": 2000, "encoder.ssl.steps": 1500}
 
 # %%
 from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib import viz
+from dmvae_lib.distributed import launch
 from dmvae_lib.session import resolve_run_root, start
 
 s = start("tokenizer", "20_tokenizer_pretraining", preset, overrides, seed=seed, device=device,
@@ -86,6 +88,8 @@ if cfg.encoder.kind != "timm":
 
 # %%
 tokenizer = ts.build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
+    launch(nproc, "dmvae_lib.ddp_fit", ["tokenizer", str(s.run.path), "--device", device])
 tokenizer, train_stats = ts.train_tokenizer(cfg, tokenizer, data, s.run, s.device)
 print(f"LPIPS in the loss: {train_stats['lpips_in_loss']}")
 s.figures.save(ts.loss_curves(s.run, "tokenizer", ("l1", "g_loss", "d_loss")), "tokenizer_losses")

@@ -38,7 +38,7 @@ run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/run
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
-nproc: int = 1  # processes for the fit (DDP under torchrun, one node); >1 needs that many GPUs or CPU cores
+nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
 # %%

@@ -38,15 +38,15 @@ run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
 teacher_run: str = ""  # a notebook-30 run folder; "" -> likewise
+nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"train.dm_weight": 1.0, "train.cfg_scale": 1.0}
 
 # %%
 import pandas as pd
 import torch
 
-from dmvae_lib import joint_stage as js
-from dmvae_lib import tokenizer_stage as ts
-from dmvae_lib import viz
+from dmvae_lib import joint_stage as js, tokenizer_stage as ts, viz
+from dmvae_lib.distributed import launch
 from dmvae_lib.session import resolve_run_root, start, upstream_run
 
 up = dict(run_name=run_name, run_root=run_root, preset=preset)
@@ -77,6 +77,8 @@ print(f"reference {ref.name!r} {tuple(ref.shape)}; latents {tuple(latents.shape[
 same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has no head to compare through
 start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device, n=cfg.train.eval_samples,
                                    seed=seed, val_u8=data.val[:500]) if same_shape else {}
+if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
+    launch(nproc, "dmvae_lib.ddp_fit", ["joint", str(s.run.path), "--device", device])
 dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
                                         dm_weight=cfg.train.dm_weight, tag="joint", **u.joint_kwargs(cfg))
 runs = {"DM": "joint"}

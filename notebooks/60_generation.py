@@ -41,7 +41,7 @@ run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 joint_run: str = ""  # a notebook-40 run folder; "" -> the run named run_name, else the newest at this preset
 tokenizer_file: str = "tokenizer.pt"  # "tokenizer.pt" (DM) | "control_tokenizer.pt" (the control: no DM term)
-nproc: int = 1  # processes for the fit (DDP under torchrun, one node); >1 needs that many GPUs or CPU cores
+nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"sample.sampler": "sde", "sample.cfg_scale": 2.0}
 
 # %%
