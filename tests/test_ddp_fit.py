@@ -3,6 +3,7 @@ up by the notebook's own (single-process) call of the same fit, which finds the 
 
 import pytest
 import torch
+from test_joint_stage import TINY_TEACHER, TINY_TOK
 
 from dmvae_lib import ddp_fit
 from dmvae_lib import teacher_stage as tst
@@ -10,8 +11,6 @@ from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.distributed import launch
 from dmvae_lib.runs import RunDir, RunError, load_checkpoint
-
-from test_joint_stage import TINY_TEACHER, TINY_TOK
 
 
 @pytest.mark.slow
@@ -97,6 +96,6 @@ def test_tokenizer_and_joint_stages_in_two_processes_then_loaded(tmp_path):
         assert load_checkpoint(j_run.ckpt_path(tag))["step"] == cfg_j.train.steps
     n_logged = len(j_run.read_metrics())
     u = js.load_upstream(tok_run.path, t_run.path, "cpu", tmp_path / "_cache")
-    dm_tok, _, dm_stats = js.train_joint(cfg_j, u.tokenizer, u.teacher, u.reference, u.data, j_run, "cpu",
+    _, _, dm_stats = js.train_joint(cfg_j, u.tokenizer, u.teacher, u.reference, u.data, j_run, "cpu",
                                          dm_weight=cfg_j.train.dm_weight, progress=False, **u.joint_kwargs(cfg_j))
     assert len(j_run.read_metrics()) == n_logged and "dm_loss" in dm_stats
