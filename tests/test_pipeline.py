@@ -78,3 +78,16 @@ def test_report_lists_numbers_with_their_labels_protocols_and_figures(tmp_path):
     assert "| fd_ssl | 2.5 | SSL | 10 | ode × 5 | 1.0 | True | 0 | generator abcdef012345 |" in text
     assert "![samples](../../60_generation/r/figures/samples.png)" in text and "samples.html" not in text
     assert "did not finish" in text
+
+
+def test_unknown_preset_fails_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--preset", "gpu", "--run-root", str(tmp_path), "--only", "10"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    f = tmp_path / "p.yaml"
+    f.write_text("preset: laptop\n")
+    with pytest.raises(SystemExit, match="unknown preset 'laptop'"):
+        pipeline.main(["--params", str(f), "--run-root", str(tmp_path), "--only", "10"])
+    with pytest.raises(SystemExit, match="--nproc must be at least 1"):
+        pipeline.main(["--nproc", "0", "--run-root", str(tmp_path), "--only", "10"])
+    assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]
