@@ -14,11 +14,12 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import tiny_stages as tiny
 import torch
+from tiny_stages import TINY_JOINT
 
 from dmvae_lib.distributed import launch
 from dmvae_lib.runs import RunDir
-from test_joint_stage import TINY_JOINT, TINY_TEACHER, TINY_TOK
 
 JOINT_WORKER = """
 import sys
@@ -63,25 +64,8 @@ JOINT = {**TINY_JOINT, "train.batch": 8, "train.refine_steps": 2, "train.control
 
 def _upstream(root):
     """Stage 1 and 2 in this process (tokenizer.pt, teacher.pt and the latent cache the workers read)."""
-    from dmvae_lib import teacher_stage as tst
-    from dmvae_lib import tokenizer_stage as ts
-    from dmvae_lib.configs import make_config, to_dict
-
-    cfg = make_config("tokenizer", "smoke", TINY_TOK)
-    run = RunDir.create(root, "20_tokenizer_pretraining", "r", {"preset": "smoke", **to_dict(cfg)})
-    data = ts.load_data(cfg, root / "_cache")
-    enc = ts.reference_encoders(cfg, data, run, "cpu")
-    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
-    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
-    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
-    tcfg = make_config("teacher", "smoke", {"tokenizer_run": str(run.path), **TINY_TEACHER,
-                                            "reference.name": "supervised"})
-    trun = RunDir.create(root, "30_teacher_fitting", "r", {"preset": "smoke", **to_dict(tcfg)})
-    tok, _, enc, tok_file = tst.upstream_tokenizer(run.path, "cpu")
-    latents, labels = tst.latents_for(tok, tok_file, data, trun, "cpu", batch=32)
-    ref = tst.build_reference(tcfg, latents, labels, enc, data, "cpu")
-    net, _ = tst.fit_teacher(tcfg, ref, trun, "cpu", progress=False)
-    tst.save_teacher(trun.path / "teacher.pt", tcfg, net, ref, tok_file)
+    _, run, data, _, _ = tiny.tokenizer_stage(root)
+    tiny.teacher_stage(root, run.path, data, **{"reference.name": "supervised"})
 
 
 @pytest.mark.slow

@@ -4,12 +4,13 @@ gradient routing, strict teacher loading, upstream-run resolution."""
 import json
 
 import pytest
+import tiny_stages as tiny
 import torch
+from tiny_stages import TINY_JOINT, TINY_TEACHER
 
 from dmvae_lib import dmd
 from dmvae_lib import joint_stage as js
 from dmvae_lib import teacher_stage as tst
-from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.lightning_dit import lightning_dit
 from dmvae_lib.phases import tokenizer_step
@@ -18,44 +19,18 @@ from dmvae_lib.runs import RunDir, RunError, save_checkpoint
 from dmvae_lib.session import upstream_run
 from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
 
-TINY_TOK = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
-            "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.supervised_batch": 16,
-            "encoder.knn_k": 5, "net.proj_hidden": 16, "net.dec_ch": 8, "net.dec_groups": 4, "train.steps": 3,
-            "train.batch": 8, "train.disc_start": 2, "train.disc_ndf": 8, "train.log_every": 1,
-            "train.ckpt_every": 0, "train.precision": "fp32"}
-TINY_TEACHER = {"net.size": "tiny", "fit.steps": 4, "fit.batch": 16, "fit.log_every": 2, "fit.ckpt_every": 2,
-                "fit.eval_samples": 32, "fit.sample_steps": 3, "fit.precision": "fp32", "encode_batch": 32}
-TINY_JOINT = {"train.steps": 6, "train.batch": 8, "train.tokenizer_every": 2, "train.disc_start": 2,
-              "train.log_every": 2, "train.ckpt_every": 3, "train.eval_every": 3, "train.eval_samples": 32,
-              "train.precision": "fp32", "train.cfg_scale": 2.0}
-
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    cfg = make_config("tokenizer", "smoke", TINY_TOK)
-    run = RunDir.create(root, "20_tokenizer_pretraining", "r", {"preset": "smoke", **to_dict(cfg)})
-    data = ts.load_data(cfg, root / "_cache")
-    enc = ts.reference_encoders(cfg, data, run, "cpu")
-    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
-    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
-    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
-    run.write_summary({"ok": True})
+    _, run, data, _, _ = tiny.tokenizer_stage(root)
     return root, run.path, data
 
 
 @pytest.fixture(scope="module")
 def teacher(upstream):
     root, tok_dir, data = upstream
-    cfg = make_config("teacher", "smoke", {"tokenizer_run": str(tok_dir), **TINY_TEACHER})
-    run = RunDir.create(root, "30_teacher_fitting", "r", {"preset": "smoke", **to_dict(cfg)})
-    tok, _, enc, tok_file = tst.upstream_tokenizer(tok_dir, "cpu")
-    latents, labels = tst.latents_for(tok, tok_file, data, run, "cpu", batch=32)
-    ref = tst.build_reference(cfg, latents, labels, enc, data, "cpu")
-    net, stats = tst.fit_teacher(cfg, ref, run, "cpu", progress=False)
-    tst.save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
-    run.write_summary({"ok": True})
-    return cfg, run, tok, enc, ref, net, stats, latents
+    return tiny.teacher_stage(root, tok_dir, data)
 
 
 def test_latent_cache_is_normalised_and_reused(upstream, teacher):

@@ -1,0 +1,60 @@
+"""Tiny upstream runs for stage tests: a notebook-20 run (encoders + tokenizer.pt) and a notebook-30 run
+(latent cache + teacher.pt), written the way the notebooks write them, in a few seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmvae_lib import teacher_stage as tst
+from dmvae_lib import tokenizer_stage as ts
+from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.runs import RunDir
+
+TINY_TOK = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
+            "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.supervised_batch": 16,
+            "encoder.knn_k": 5, "net.proj_hidden": 16, "net.dec_ch": 8, "net.dec_groups": 4, "train.steps": 3,
+            "train.batch": 8, "train.disc_start": 2, "train.disc_ndf": 8, "train.log_every": 1,
+            "train.ckpt_every": 0, "train.precision": "fp32"}
+TINY_TEACHER = {"net.size": "tiny", "fit.steps": 4, "fit.batch": 16, "fit.log_every": 2, "fit.ckpt_every": 2,
+                "fit.eval_samples": 32, "fit.sample_steps": 3, "fit.precision": "fp32", "encode_batch": 32}
+TINY_JOINT = {"train.steps": 6, "train.batch": 8, "train.tokenizer_every": 2, "train.disc_start": 2,
+              "train.log_every": 2, "train.ckpt_every": 3, "train.eval_every": 3, "train.eval_samples": 32,
+              "train.precision": "fp32", "train.cfg_scale": 2.0}
+
+
+def run_dir(root: Path, notebook: str, stage: str, cfg, name: str = "r") -> RunDir:
+    """The run folder `session.start` would create for `cfg` (config.json with stage and preset)."""
+    return RunDir.create(root, notebook, name, {"stage": stage, "preset": "smoke", **to_dict(cfg)})
+
+
+def tokenizer_stage(root: Path, train: bool = True):
+    """(cfg, run, data, encoders[, tokenizer]): notebook 20 up to its tokenizer cell, then (with `train`) the
+    tokenizer trained and saved with its latent statistics."""
+    cfg = make_config("tokenizer", "smoke", TINY_TOK)
+    run = run_dir(root, "20_tokenizer_pretraining", "tokenizer", cfg)
+    data = ts.load_data(cfg, root / "_cache")
+    enc = ts.reference_encoders(cfg, data, run, "cpu")
+    if not train:
+        return cfg, run, data, enc
+    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    save_tokenizer(cfg, run, data, tok, enc)
+    return cfg, run, data, enc, tok
+
+
+def save_tokenizer(cfg, run: RunDir, data, tok, enc) -> None:
+    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
+    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
+    run.write_summary({"ok": True})
+
+
+def teacher_stage(root: Path, tok_dir: Path, data, **overrides):
+    """(cfg, run, tokenizer, encoders, reference, net, stats, latents): notebook 30 on the tiny tokenizer."""
+    cfg = make_config("teacher", "smoke", {"tokenizer_run": str(tok_dir), **TINY_TEACHER, **overrides})
+    run = run_dir(root, "30_teacher_fitting", "teacher", cfg)
+    tok, _, enc, tok_file = tst.upstream_tokenizer(tok_dir, "cpu")
+    latents, labels = tst.latents_for(tok, tok_file, data, run, "cpu", batch=32)
+    ref = tst.build_reference(cfg, latents, labels, enc, data, "cpu")
+    net, stats = tst.fit_teacher(cfg, ref, run, "cpu", progress=False)
+    tst.save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
+    run.write_summary({"ok": True})
+    return cfg, run, tok, enc, ref, net, stats, latents
