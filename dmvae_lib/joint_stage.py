@@ -163,10 +163,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         if use_dm:
             yy = drop_labels(y.cpu(), t.label_dropout, k_classes, gen).to(device) if k_classes else None
             kw = {"y": yy, "scheduler": fsched, "grad_clip": t.grad_clip, "autocast": autocast}
-            if ctx.distributed:  # skip-before-backward agreed by all ranks
-                f = tst.flow_matching_step_all_ranks(fake_model, fopt, target, fm_gen, ctx, **kw)
-            else:
-                f = flow_matching_step(fake, fopt, target, fm_gen, **kw)
+            f = flow_matching_step(fake_model, fopt, target, fm_gen, ctx=ctx if ctx.distributed else None, **kw)
             stats = {**stats, "fake_fm_loss": f["fm_loss"], "nonfinite": stats.get("nonfinite", 0) + f["nonfinite"]}
         return reduce_stats(stats, ctx)
 

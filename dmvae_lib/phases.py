@@ -64,14 +64,18 @@ def flow_matching_step(
     scheduler=None,
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ctx: Optional[DistContext] = None,
 ) -> dict[str, float]:
-    """One flow-matching step of `net` on `data` (stop-gradient: data is detached)."""
+    """One flow-matching step of `net` on `data` (stop-gradient: data is detached).
+
+    Under DDP (`net` wrapped, `ctx` given) the skip decision for a non-finite loss is taken by all ranks
+    together (`_agreed`), so no rank waits in the gradient all-reduce for one that skipped backward."""
     data = data.detach()
     t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], generator=generator, device=data.device)
     noise = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
     with autocast():
         loss = flow.flow_matching_loss(net, data, t, noise, y).float().mean()
-    bad = int(not torch.isfinite(loss))
+    bad = _agreed(int(not torch.isfinite(loss)), ctx)
     norm = apply_update(loss, optimizer, net.parameters(), grad_clip, bad, scheduler)
     return {"fm_loss": float(loss.detach()), "fm_grad_norm": norm, "nonfinite": bad}
 

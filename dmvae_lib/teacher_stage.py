@@ -11,15 +11,13 @@ teacher, reference note §5.3).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from timm.utils import ModelEmaV3
+from torch import Tensor, nn
 
 from . import flow, image_metrics, latent_cache
 from .configs import to_dict
@@ -29,7 +27,6 @@ from .distances import sliced_w2
 from .distributed import (
     DistContext,
     all_reduce_mean,
-    all_reduce_sum,
     main_only_run,
     rank_generator,
     shard_batch,
@@ -37,7 +34,7 @@ from .distributed import (
 )  # fmt: skip
 from .lightning_dit import drop_labels, lightning_dit
 from .loop import train
-from .phases import apply_update, flow_matching_step
+from .phases import flow_matching_step
 from .references import make_reference
 from .runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
 from .samplers import euler_ode, guided
@@ -109,28 +106,6 @@ def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int)
                          patch_size=cfg.net.patch_size, grad_checkpoint=cfg.net.grad_checkpoint)
 
 
-def flow_matching_step_all_ranks(model: nn.Module, optimizer: torch.optim.Optimizer, data: Tensor,
-                                 generator: torch.Generator, ctx: DistContext, *, y: Tensor | None = None,
-                                 scheduler=None, grad_clip: float = 1.0,
-                                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
-    """`phases.flow_matching_step` for a DDP-wrapped `model`, with the skip decision taken by all ranks together.
-
-    A rank whose loss is non-finite skips backward; the other ranks would then wait in DDP's gradient
-    all-reduce for it (a hang, or a mismatched collective). So the ranks first sum their non-finite flags and
-    all skip backward, or none does; after backward the gradients, hence the clipped norm and its finiteness,
-    are the same on every rank. `nonfinite` is the number of ranks with a non-finite loss. Same draws from
-    `generator` as flow_matching_step (t, then noise).
-    """
-    data = data.detach()
-    t = flow.sample_t(data.shape[0], t_min=0.0, t_max=1.0, generator=generator, device=data.device)
-    noise = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
-    with autocast():
-        loss = flow.flow_matching_loss(model, data, t, noise, y).float().mean()
-    bad = int(all_reduce_sum(float(not torch.isfinite(loss)), ctx))
-    norm = apply_update(loss, optimizer, model.parameters(), grad_clip, bad, scheduler)
-    return {"fm_loss": float(loss.detach()), "fm_grad_norm": norm, "nonfinite": bad}
-
-
 def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
                 ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
     """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
@@ -143,7 +118,7 @@ def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], devic
     is the mean over ranks, and only rank 0 writes to `run` (the other ranks may pass any `run` or None).
     Resuming works as in one process: every rank restores rank 0's `last.pt`, with its own generator
     states (`loop.train`), under the same world size. A non-finite loss on any rank makes all ranks skip the
-    update together and raise NonFiniteError at the same step (`flow_matching_step_all_ranks`).
+    update together and raise NonFiniteError at the same step (`phases.flow_matching_step` with `ctx`).
     """
     f = cfg.fit
     ctx = ctx or DistContext()
@@ -166,12 +141,8 @@ def fit_teacher(cfg: TeacherStageConfig, reference, run: Optional[RunDir], devic
         x, y = reference.sample(batch, gen)
         if y is not None:
             y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
-        if ctx.distributed:
-            stats = flow_matching_step_all_ranks(model, opt, x.to(device), noise_gen, ctx, y=y, scheduler=sched,
-                                                 grad_clip=f.grad_clip, autocast=autocast)
-        else:
-            stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched,
-                                       grad_clip=f.grad_clip, autocast=autocast)
+        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched, grad_clip=f.grad_clip,
+                                   autocast=autocast, ctx=ctx if ctx.distributed else None)
         ema.update(net, step=k + 1)
         if ctx.distributed:
             stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)

@@ -36,7 +36,7 @@ from dmvae_lib.distributed import (
 )  # fmt: skip
 from dmvae_lib.lightning_dit import lightning_dit
 from dmvae_lib.loop import NonFiniteError, train
-from dmvae_lib.phases import apply_update
+from dmvae_lib.phases import apply_update, flow_matching_step
 from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -284,7 +284,7 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
         def step(k):
             x, y = faulty.sample(4, gen)
-            stats = tst.flow_matching_step_all_ranks(model, opt, x, gen, ctx, y=y)
+            stats = flow_matching_step(model, opt, x, gen, y=y, ctx=ctx)
             seen.append(stats["nonfinite"])
             return stats
 

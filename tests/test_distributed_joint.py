@@ -29,7 +29,6 @@ import torch
 
 torch.set_num_threads(1)
 from dmvae_lib import joint_stage as js
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.distributed import cleanup, init_distributed
 from dmvae_lib.runs import RunDir
@@ -49,7 +48,7 @@ def spy(name, step):
     return wrapped
 
 
-tst.flow_matching_step_all_ranks = spy("fake", tst.flow_matching_step_all_ranks)
+js.flow_matching_step = spy("fake", js.flow_matching_step)
 js.disc_step = spy("disc", js.disc_step)
 run = RunDir.create(root, "40_joint_dm_training", f"rank{{ctx.rank}}", to_dict(cfg))  # one folder per rank
 tok, head, stats = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
