@@ -85,8 +85,11 @@ def cell_params(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, toke
     """The papermill parameters of one teacher (`reference`) or of one cell's notebooks 40 and 60."""
     common = {"preset": preset, "run_root": str(run_root), "device": device}
     if cell is None:
+        # No quality gate on the teacher: how close each teacher gets to its reference is a result of the
+        # study (column teacher_sw2_ratio), not a reason to drop the reference.
         return {"30": {**common, "seed": cfg.seeds[0], "run_name": teacher_name(prefix, reference),
-                       "tokenizer_run": str(tokenizer_dir), "reference": reference, "overrides": dict(cfg.teacher)}}
+                       "tokenizer_run": str(tokenizer_dir), "reference": reference, "overrides": dict(cfg.teacher),
+                       "max_sw2_ratio": 0.0}}
     name = cell.name(prefix)
     teacher_dir = run_root / _notebook("30").stem / teacher_name(prefix, teacher_of(cfg, cell))
     joint_dir = run_root / _notebook("40").stem / name
@@ -160,6 +163,7 @@ def run_study(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokeni
             if ref in failed_teachers:
                 c.status, c.error = "not run", f"teacher {ref} failed: {failed_teachers[ref]}"
             else:
+                c.dirs["30"] = run_root / _notebook("30").stem / teacher_name(prefix, ref)
                 try:
                     params = cell_params(cfg, preset, prefix, run_root, tokenizer_dir, cell, device=device)
                     statuses = []
@@ -208,7 +212,7 @@ def collect(results: Sequence[Result]) -> pd.DataFrame:
     for r in results:
         if r.cell is None:
             continue
-        joint, gen = _summary(r.dirs.get("40")), _summary(r.dirs.get("60"))
+        joint, gen, teacher = _summary(r.dirs.get("40")), _summary(r.dirs.get("60")), _summary(r.dirs.get("30"))
         rows.append({
             "condition": r.cell.condition, "reference": r.cell.reference, "dm_weight": r.cell.dm_weight,
             "seed": r.cell.seed, "status": r.status, "minutes": r.seconds / 60,
@@ -220,6 +224,7 @@ def collect(results: Sequence[Result]) -> pd.DataFrame:
             "silhouette": _value(gen, "latent_clustering", "silhouette"),
             "latent_fd_ratio": _value(gen, "latent_fit", "fd_ratio"),
             "ref_fd": _value(joint, "dm", "ref_fd"),  # in each reference's own space: compare within a row only
+            "teacher_sw2_ratio": _value(teacher, "evaluation", "sw2_ratio") if r.cell.dm_weight > 0 else math.nan,
             "joint_run": str(r.dirs.get("40", "")), "generation_run": str(r.dirs.get("60", "")),
         })  # fmt: skip
     return pd.DataFrame(rows)

@@ -38,6 +38,7 @@ run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/run
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
+max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor: -1 -> 8 (smoke) or 3; 0 -> report only
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
@@ -119,7 +120,10 @@ print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the fl
 print(ev["samples_vs_reference"]["fd_label"])
 
 # %%
-assert ev["sw2_ratio"] < (8.0 if preset == "smoke" else 3.0), f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+gate = max_sw2_ratio if max_sw2_ratio >= 0 else (8.0 if preset == "smoke" else 3.0)
+if ev["sw2_ratio"] >= 3.0:
+    print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; DM pulls toward it")
+assert gate == 0 or ev["sw2_ratio"] < gate, f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
 
 # %% [markdown]
 # ## 5 · Save and summarise

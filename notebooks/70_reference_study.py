@@ -71,12 +71,14 @@ pd.DataFrame([{"cell": c.name(prefix), "condition": c.condition, "teacher": stud
 # ## 2 · Run every cell
 # Finished runs are skipped and interrupted ones resume, so re-executing this notebook continues the study.
 # A failing cell is recorded with its error and the others still run; the check at the end fails if any did.
+# `teacher_sw2_ratio` says how close each reference's teacher came to it (SW2 of its samples over the
+# two-draw noise floor): DM can only pull the latents toward the teacher's model of the reference.
 
 # %%
 results = study.run_study(cfg, preset, prefix, root, tok_dir, device=device)
 table = study.collect(results)
 table.to_csv(s.run.path / "cells.csv", index=False)
-table[["condition", "seed", "status", "minutes", *study.METRICS]]
+table[["condition", "seed", "status", "minutes", *study.METRICS, "teacher_sw2_ratio"]]
 
 # %% [markdown]
 # ## 3 · References at λ = `dm_weight`, against the λ = 0 baseline (paper Tab. 1)

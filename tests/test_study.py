@@ -42,6 +42,7 @@ def test_cell_parameters_wire_the_runs_by_path(tmp_path):
     tok = tmp_path / "20_tokenizer_pretraining" / "x"
     t = study.cell_params(cfg, "cpu", "st", tmp_path, tok, reference="gmm")["30"]
     assert t["run_name"] == "st-teacher-gmm" and t["reference"] == "gmm" and t["tokenizer_run"] == str(tok)
+    assert t["max_sw2_ratio"] == 0.0  # a poor teacher is a result of the study, not a failed cell
     p = study.cell_params(cfg, "cpu", "st", tmp_path, tok, study.Cell("none", 0.0, 1))
     assert p["40"]["teacher_run"] == str(tmp_path / "30_teacher_fitting" / "st-teacher-ssl")
     assert p["40"]["overrides"]["train.dm_weight"] == 0.0 and p["40"]["overrides"]["train.control"] is False
@@ -69,14 +70,15 @@ def test_overrides_of_a_mapping_field_merge_into_the_preset():
 
 
 def _fake_result(tmp_path: Path, cell: study.Cell, gen_fd: float, psnr: float, status="ran") -> study.Result:
-    j, g = tmp_path / "40" / cell.name("p"), tmp_path / "60" / cell.name("p")
-    for d in (j, g):
-        d.mkdir(parents=True)
+    j, g, t = tmp_path / "40" / cell.name("p"), tmp_path / "60" / cell.name("p"), tmp_path / "30" / cell.reference
+    for d in (j, g, t):
+        d.mkdir(parents=True, exist_ok=True)
+    (t / "summary.json").write_text(json.dumps({"evaluation": {"sw2_ratio": 2.5}}))
     (j / "summary.json").write_text(json.dumps({"dm": {"psnr": psnr, "ssim": 0.5, "ref_fd": 1.0}}))
     (g / "summary.json").write_text(json.dumps({
         "metrics": {"fd_ssl": {"value": gen_fd}, "rfd_ssl": {"value": 0.2}, "fd_ssl_floor": {"value": 0.01}},
         "latent_clustering": {"knn": 0.3, "silhouette": 0.01}, "latent_fit": {"fd_ratio": 2.0}}))
-    return study.Result(cell, cell.reference, {"40": j, "60": g}, status=status, seconds=60.0)
+    return study.Result(cell, cell.reference, {"30": t, "40": j, "60": g}, status=status, seconds=60.0)
 
 
 def test_collect_aggregate_and_verdict(tmp_path):
@@ -90,6 +92,7 @@ def test_collect_aggregate_and_verdict(tmp_path):
     ]
     table = study.collect(results)
     assert list(table["gen_fd_ssl"][:2]) == [1.0, 1.2] and math.isnan(table["gen_fd_ssl"].iloc[-1])
+    assert table["teacher_sw2_ratio"].iloc[0] == 2.5 and math.isnan(table["teacher_sw2_ratio"].iloc[4])  # λ = 0
     agg = study.aggregate(table)
     assert list(agg.index) == ["ssl · λ = 10", "gaussian · λ = 10", "λ = 0 (no DM)"]
     assert agg.loc["ssl · λ = 10", ("mean", "gen_fd_ssl")] == pytest.approx(1.1)
