@@ -71,10 +71,7 @@ def _fm_step(model, net, batch) -> dict:
 
 
 def _fm_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    ctx = init_distributed("cpu")
+    ctx = _join(rank, world_size, port)
     try:
         net, batch = _tiny_problem()
         n = shard_batch(len(batch["data"]), ctx)

@@ -26,7 +26,6 @@ from dmvae_lib.distributed import (
     all_reduce_tensor_mean,
     average_buffers,
     cleanup,
-    init_distributed,
     launch,
     reduce_stats,
     shard_batch,
@@ -36,7 +35,7 @@ from dmvae_lib.phases import TokenizerParts, disc_step, tokenizer_step
 from dmvae_lib.recon_losses import PatchDiscriminator
 from dmvae_lib.runs import RunDir, load_checkpoint
 from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer
-from test_distributed import _spawn
+from test_distributed import _join, _spawn
 
 N = 8  # the global batch
 
@@ -113,10 +112,7 @@ def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    ctx = init_distributed("cpu")
+    ctx = _join(rank, world_size, port)
     try:
         _, _, batch = _tiny_problem()
         n = shard_batch(N, ctx)
