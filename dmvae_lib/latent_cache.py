@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .device import autocast_ctx
-from .runs import RunError
+from .runs import RunError, atomic_write_bytes
 
 META_KEY = "dmvae_latent_cache"
 SCHEMA = 1
@@ -112,21 +112,6 @@ def _own_meta(latents: Tensor, labels: Tensor | None) -> dict[str, Any]:
             "labels": labels is not None}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, rename over `path`; remove the temp file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
                meta: Mapping[str, Any]) -> dict[str, Any]:
     """Write latents (N, …), labels (N,) or None and JSON-able `meta` atomically; return the stored metadata.
@@ -150,7 +135,7 @@ def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
     if labels is not None:
         tensors["labels"] = labels.detach().long().cpu().contiguous()
     data = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(stored)})  # serialise before touching disk
-    _atomic_write(Path(path), data)
+    atomic_write_bytes(Path(path), lambda f: f.write(data))
     return stored
 
 

@@ -161,15 +161,19 @@ def _protocol_rows(out_dir: Path) -> list[str]:
         return []
     rows = ["| metric | value | feature space | N | sampler × steps | CFG | EMA | seed | SHA-256 (first 12) |",
             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in json.loads(file.read_text()):
         p = r.get("protocol", {})
-        hashes = ", ".join(f"{k} {v.get('sha256', '')[:12]}" for k, v in p.get("files", {}).items())
+        hashes = ", ".join(f"{k} {v['sha256'][:12]}" for k, v in (p.get("files") or {}).items()
+                           if isinstance(v, dict) and v.get("sha256"))  # a file not used has sha256 None
         value = r.get("value")
-        rows.append(f"| {r.get('metric')} | {value if value is None else f'{value:.4g}'} | "
-                    f"{r.get('feature_space', '')} | {p.get('n_samples', '')} | {p.get('sampler', '')} × "
+        if value is None:
+            notes.append(f"- `{r.get('metric')}` not computed: {r.get('reason', 'no value recorded')}")
+        rows.append(f"| {r.get('metric')} | {'not computed' if value is None else f'{value:.4g}'} | "
+                    f"{r.get('feature_space') or '—'} | {p.get('n_samples', '')} | {p.get('sampler', '')} × "
                     f"{p.get('steps', '')} | {p.get('cfg_scale', '')} | {p.get('ema', '')} | {p.get('seed', '')} | "
                     f"{hashes} |")
-    return rows
+    return rows + ([""] + notes if notes else [])
 
 
 def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import subprocess
+import time as _time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,15 +50,42 @@ def default_run_name(preset: str, seed: int) -> str:
     return f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}_{preset}_s{seed}"
 
 
+STALE_TEMP_SECONDS = 600.0  # a temp file untouched this long belongs to a writer that died (SIGKILL, power loss)
+
+
+def _remove_stale_temps(path: Path, keep: Path) -> None:
+    """Delete `.<name>.tmp<pid>` files beside `path`, other than `keep`, not modified for STALE_TEMP_SECONDS.
+
+    A writer killed mid-write cannot clean up after itself; an active writer keeps touching its file, and only
+    one process (rank 0) writes a given path, so an old temp file is garbage.
+    """
+    now = _time.time()
+    for other in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            if other != keep and now - other.stat().st_mtime > STALE_TEMP_SECONDS:
+                other.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file_obj) on a temp file beside `path`, fsync, then rename over `path`."""
+    """Call write(file_obj) on a temp file beside `path`, fsync, then rename over `path`.
+
+    On an exception the temp file is removed; temp files left by killed writers are removed after a write.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _remove_stale_temps(path, tmp)
 
 
 TENSORBOARD_ENV = "DMVAE_TENSORBOARD"

@@ -1,10 +1,12 @@
 """End-to-end: the pipeline command executes notebooks through papermill, then skips finished stages."""
 
+import hashlib
 import json
 
 import pytest
 
 from dmvae_lib import pipeline
+from dmvae_lib.evaluation import SamplingProtocol, protocol_record
 
 # The smoke budgets (the notebook's asserts must hold), on the three objectives its asserts read.
 TINY = {"objectives": ["dm", "fake_fm_target", "real_fm_target"], "eval.grid_n": 5, "eval.field_noise_draws": 4}
@@ -68,14 +70,22 @@ def test_report_lists_numbers_with_their_labels_protocols_and_figures(tmp_path):
     (d / "figures").mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"fit": {"fm_loss": 0.5}, "fd": 1.25, "fd_label": "SSL space (not FID)",
                                                 "figures": ["figures/samples.png", "figures/samples.html"]}))
+    samples = d / "samples.npz"
+    samples.write_bytes(b"x")
     (d / "evaluation.json").write_text(json.dumps([{"metric": "fd_ssl", "value": 2.5, "feature_space": "SSL",
         "protocol": {"n_samples": 10, "sampler": "ode", "steps": 5, "cfg_scale": 1.0, "ema": True, "seed": 0,
-                     "files": {"generator": {"path": "g.pt", "sha256": "abcdef0123456789"}}}}]))
+                     "files": {"generator": {"path": "g.pt", "sha256": "abcdef0123456789"}}}},
+        {"metric": "inception", "available": False, "reason": "no Inception weights at /x.pth",  # as notebook 60
+         "protocol": protocol_record(SamplingProtocol(10, "ode", 5, 1.0, (0.0, 1.0), True, 0),
+                                     {"samples": samples, "inception_weights": None})}]))
     report = pipeline.write_report(tmp_path / "pipeline" / "r" / "report.md", "r", "cpu",
                                    [("60_generation", "ran in 3 s", d), ("70_reference_study", "failed", tmp_path / "none")])
     text = report.read_text()
     assert "| fit.fm_loss | 0.5 |" in text and "| fd [SSL space (not FID)] | 1.25 |" in text
     assert "| fd_ssl | 2.5 | SSL | 10 | ode × 5 | 1.0 | True | 0 | generator abcdef012345 |" in text
+    sha = hashlib.sha256(b"x").hexdigest()[:12]
+    assert f"| inception | not computed | — | 10 | ode × 5 | 1.0 | True | 0 | samples {sha} |" in text
+    assert "`inception` not computed: no Inception weights at /x.pth" in text
     assert "![samples](../../60_generation/r/figures/samples.png)" in text and "samples.html" not in text
     assert "did not finish" in text
 

@@ -1,11 +1,14 @@
 import json
+import os
+import time
 
 import pytest
 import torch
 
 from dmvae_lib.loop import NonFiniteError, train
 from dmvae_lib.phases import flow_matching_step
-from dmvae_lib.runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
+from dmvae_lib.runs import (STALE_TEMP_SECONDS, RunDir, RunError, atomic_write_bytes, load_checkpoint,
+                            load_state_strict, save_checkpoint)
 from dmvae_lib.score_nets import ToyScoreMLP
 
 
@@ -44,6 +47,26 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     torch.save({"weights": 1}, foreign)
     with pytest.raises(RunError, match="schema"):
         load_checkpoint(foreign)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_removes_stale_temps(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_write_bytes(path, lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, fail)
+    assert path.read_bytes() == b"old" and list(tmp_path.glob(".last.pt.tmp*")) == []
+    stale, fresh = tmp_path / ".last.pt.tmp999991", tmp_path / ".last.pt.tmp999992"  # left by killed writers
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = time.time() - STALE_TEMP_SECONDS - 5
+    os.utime(stale, (old, old))
+    atomic_write_bytes(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and not stale.exists() and fresh.exists()  # a recent one may be live
 
 
 def _fit(run, max_steps, stop_at=None):
