@@ -176,6 +176,15 @@ def _protocol_rows(out_dir: Path) -> list[str]:
     return rows + ([""] + notes if notes else [])
 
 
+def _earlier_run(out_dir: Path) -> str:
+    """'; ran 236 s, ended 2026-11-30 04:46 UTC' from papermill's record in executed.ipynb ('' when unreadable)."""
+    try:
+        meta = json.loads((out_dir / "executed.ipynb").read_text())["metadata"]["papermill"]
+        return f"; ran {meta['duration']:.0f} s, ended {meta['end_time'][:16].replace('T', ' ')} UTC"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
     """Markdown: stage table, each stage's headline numbers, metric protocol records, figures (as PNG links)."""
     def rel(p: Path) -> str:
@@ -185,7 +194,8 @@ def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, 
              "notebook, config, metrics.jsonl, figures and checkpoints.")
     out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "", "| stage | this invocation | run folder |",
            "|---|---|---|"]
-    out += [f"| {stage} | {status} | [{rel(d)}]({rel(d)}) |" for stage, status, d in rows]
+    out += [f"| {stage} | {status}{_earlier_run(d) if status.startswith('skipped') else ''} | [{rel(d)}]({rel(d)}) |"
+            for stage, status, d in rows]
     for stage, _, d in rows:
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         out += ["", f"## {stage}", ""]

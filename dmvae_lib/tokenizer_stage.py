@@ -295,12 +295,16 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
     return tok.to(device).eval(), cfg, encoders
 
 
+def encoder_scores(encoders: dict) -> dict[str, dict[str, float]]:
+    """{encoder: its label-based scores} (labels are used for evaluation only); only the scores each one has."""
+    return {name.removesuffix("_scores"): scores for name, scores in encoders.items() if name.endswith("_scores")}
+
+
 def encoder_table(encoders: dict):
-    """The reference encoders' label-based scores (labels are used for evaluation only)."""
+    """encoder_scores as a table (a score an encoder does not have, e.g. the SSL encoder's val_acc, is NaN)."""
     import pandas as pd
 
-    rows = {name.removesuffix("_scores"): scores for name, scores in encoders.items() if name.endswith("_scores")}
-    return pd.DataFrame(rows).T
+    return pd.DataFrame(encoder_scores(encoders)).T
 
 
 def loss_curves(run: RunDir, tag: str, keys: tuple[str, ...]):

@@ -118,6 +118,6 @@ ts.save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
 # ## 5 · Summary
 
 # %%
-summary = s.finish({"encoders": table.to_dict("index"), "tokenizer": metrics, "checkpoint": "tokenizer.pt"})
+summary = s.finish({"encoders": ts.encoder_scores(encoders), "tokenizer": metrics, "checkpoint": "tokenizer.pt"})
 print(f"run directory: {s.run.path}")
 print("\n".join(summary["figures"]))
