@@ -43,6 +43,9 @@ def check_parameters(nb: Path, params: dict) -> None:
         raise SystemExit(f"error: {nb.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
 
 
+SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run folder holds summary.json
+
+
 def execute(nb: Path, out_dir: Path, params: dict) -> str:
     """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir/summary.json` exists; return what happened.
 
@@ -50,7 +53,7 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
     import papermill
 
     if (out_dir / "summary.json").exists():
-        return "skipped (already finished)"
+        return SKIPPED
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
@@ -194,7 +197,7 @@ def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, 
              "notebook, config, metrics.jsonl, figures and checkpoints.")
     out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "", "| stage | this invocation | run folder |",
            "|---|---|---|"]
-    out += [f"| {stage} | {status}{_earlier_run(d) if status.startswith('skipped') else ''} | [{rel(d)}]({rel(d)}) |"
+    out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
             for stage, status, d in rows]
     for stage, _, d in rows:
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}

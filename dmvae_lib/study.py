@@ -170,7 +170,7 @@ def run_study(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokeni
                     for nb_prefix in ("40", "60"):
                         c.dirs[nb_prefix], status = _execute(nb_prefix, params[nb_prefix], run_root, log)
                         statuses.append(status)
-                    c.status = "skipped (already finished)" if all(s.startswith("skipped") for s in statuses) else "ran"
+                    c.status = pipeline.SKIPPED if all(s == pipeline.SKIPPED for s in statuses) else "ran"
                 except Exception as e:  # noqa: BLE001
                     c.status, c.error = "failed", _last_line(e)
                     log(f"{cell.name(prefix)}: FAILED: {c.error}")
@@ -233,7 +233,7 @@ def collect(results: Sequence[Result]) -> pd.DataFrame:
 def aggregate(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), by: str = "condition") -> pd.DataFrame:
     """Mean, spread (sample standard deviation; NaN for one seed) and seed count of each metric per `by`,
     over the cells that finished, in the table's order of first appearance."""
-    done = table[table["status"].isin(["ran", "skipped (already finished)"])]
+    done = table[table["status"].isin(["ran", pipeline.SKIPPED])]
     order = list(dict.fromkeys(table[by]))
     g = done.groupby(by, sort=False)[list(metrics)]
     out = pd.concat({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()}, axis=1)
@@ -282,5 +282,5 @@ def conditions(cfg: StudyConfig) -> dict[str, list[str]]:
 
 def panel_points(table: pd.DataFrame, rows: Sequence[str], metrics: Sequence[str] = tuple(METRICS)) -> dict:
     """{metric: {condition: [value per finished seed]}} for `viz.condition_panels`, in the order of `rows`."""
-    done = table[table["status"].isin(["ran", "skipped (already finished)"])]
+    done = table[table["status"].isin(["ran", pipeline.SKIPPED])]
     return {m: {c: [float(v) for v in done.loc[done["condition"] == c, m]] for c in rows} for m in metrics}
