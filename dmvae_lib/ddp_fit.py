@@ -30,7 +30,7 @@ from .configs.generation import GenerationStageConfig
 from .configs.joint import JointStageConfig
 from .configs.teacher import TeacherStageConfig
 from .configs.tokenizer import TokenizerStageConfig
-from .distributed import DistContext, barrier, cleanup, init_distributed
+from .distributed import DistContext, barrier, process_group
 from .runs import RunDir, RunError
 
 STAGES = {"tokenizer": TokenizerStageConfig, "teacher": TeacherStageConfig, "joint": JointStageConfig,
@@ -108,13 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    ctx = init_distributed(args.device)
-    try:
+    with process_group(args.device) as ctx:
         stats = fit(args.stage, args.run_dir, ctx)
         if ctx.is_main:
             print(f"{args.stage} fitted by {ctx.world_size} process(es): {stats}", flush=True)
-    finally:
-        cleanup(ctx)
     return 0
 
 

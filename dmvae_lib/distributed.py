@@ -5,7 +5,8 @@
     gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
     model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
     train(..., run=main_only_run(run, ctx), ctx=ctx)  # rank 0 writes; every rank resumes from its checkpoint
-    cleanup(ctx)
+    cleanup(ctx)                               # barrier, then leave the group (`with process_group(…) as ctx:`
+                                               # does init and cleanup, and skips the barrier if the block raised)
 
 Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
 world_size 1, no process group, `wrap_ddp` returns the module itself, and the helpers are no-ops, so a
@@ -26,7 +27,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,10 +180,34 @@ def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
     return out
 
 
-def cleanup(ctx: DistContext) -> None:
-    """Leave the process group (no-op in one process)."""
+def cleanup(ctx: DistContext, *, sync: bool = True) -> None:
+    """Leave the process group (no-op in one process).
+
+    With `sync` (the normal end of a run) every rank first waits at a barrier, so that no rank tears down its
+    connections while a peer is still finishing: a gloo peer whose connections vanish under it can abort the
+    whole process. Pass `sync=False` on an error path, where the peers may never reach the barrier
+    (`process_group` does this for you).
+    """
     if ctx.distributed and dist.is_initialized():
+        if sync:
+            barrier(ctx)
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """`init_distributed(device)` for the `with` block; leaves the group at its end (synchronised unless it raised).
+
+        with process_group("auto") as ctx:
+            train(..., ctx=ctx)
+    """
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    except BaseException:
+        cleanup(ctx, sync=False)
+        raise
+    cleanup(ctx)
 
 
 def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,

@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import textwrap
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +33,7 @@ from dmvae_lib.distributed import (
     init_distributed,
     launch,
     main_only_run,
+    process_group,
     rank_generator,
     shard_batch,
     wrap_ddp,
@@ -71,19 +75,16 @@ def _fm_step(model, net, batch) -> dict:
 
 
 def _fm_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    ctx = _join(rank, world_size, port)
-    try:
+    with _join(rank, world_size, port) as ctx:
         net, batch = _tiny_problem()
         n = shard_batch(len(batch["data"]), ctx)
         shard = {k: v[ctx.rank * n:(ctx.rank + 1) * n] for k, v in batch.items()}
         torch.save(_fm_step(wrap_ddp(net, ctx), net, shard), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        cleanup(ctx)
 
 
 @pytest.mark.slow
 def test_ddp_step_equals_single_process_step(tmp_path):
-    mp.spawn(_fm_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    _spawn(_fm_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     net, batch = _tiny_problem()
     single = _fm_step(net, net, batch)
@@ -147,21 +148,38 @@ def test_launch_raises_with_stderr_tail(tmp_path):
 
 
 def _spawn(worker, out, timeout: float = 120) -> None:
-    """mp.spawn two ranks of `worker(rank, 2, port, out)`; fail (instead of hanging) if they fall out of step."""
-    procs = mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + timeout
-    while not procs.join(timeout=1):  # re-raises a rank's exception
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail(f"{worker.__name__} did not finish within {timeout} s: ranks out of step in a collective?")
+    """mp.spawn two ranks of `worker(rank, 2, port, out)`; fail (instead of hanging) if they fall out of step.
+
+    A rank killed by a signal (no Python traceback: an abort inside the C++ gloo transport, seen once in CI
+    out of hundreds of runs, never reproduced here) gets one fresh retry with a warning. A Python exception
+    in a rank, a second signal death or a hang fails the test.
+    """
+    for attempt in (1, 2):
+        procs = mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while not procs.join(timeout=1):  # re-raises a rank's exception
+                if time.monotonic() > deadline:
+                    for p in procs.processes:
+                        p.kill()
+                    pytest.fail(f"{worker.__name__} did not finish within {timeout} s: ranks out of step in a "
+                                "collective?")
+            return
+        except mp.ProcessExitedException as exc:
+            if attempt == 2 or not exc.signal_name:
+                raise
+            warnings.warn(f"{worker.__name__}: rank {exc.error_index} died by {exc.signal_name}; retrying once",
+                          stacklevel=2)
+            for child in Path(out).iterdir():  # the retry starts from an empty folder, as the first attempt did
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _join(rank: int, world_size: int, port: int) -> DistContext:
+def _join(rank: int, world_size: int, port: int):
+    """The process group of a spawned worker, as torchrun's variables would set it up (`with _join(…) as ctx:`)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    return init_distributed("cpu")
+    return process_group("cpu")
 
 
 def _tiny_teacher(steps: int):
@@ -200,8 +218,7 @@ def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from dmvae_lib import loop
     from dmvae_lib import teacher_stage as tst
 
-    ctx = _join(rank, world_size, port)
-    try:
+    with _join(rank, world_size, port) as ctx:
         cfg, ref = _tiny_teacher(steps=5)  # checkpoints at steps 2, 4 and 5
         runs = {name: RunDir.create(out, "30_teacher_fitting", name, {}) for name in ("straight", "resumed")}
         straight, _ = tst.fit_teacher(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
@@ -220,8 +237,6 @@ def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
             error = str(exc)
         torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(), "step_at_stop": step_at_stop,
                     "error": error}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        cleanup(ctx)
 
 
 @pytest.mark.slow
@@ -262,9 +277,8 @@ def _nan_data(x, y):
 def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from dmvae_lib import teacher_stage as tst
 
-    ctx = _join(rank, world_size, port)
     result = {}
-    try:
+    with _join(rank, world_size, port) as ctx:
         cfg, ref = _tiny_teacher(steps=4)
         run = RunDir.create(out, "30_teacher_fitting", "nan", {})
         faulty = _Faulty(ref, 2, _nan_data) if rank == 1 else ref  # rank 1 only, at step 2
@@ -289,8 +303,6 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
               ctx=ctx)
         result.update(seen=seen, params=torch.cat([p.detach().flatten() for p in net.parameters()]))
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        cleanup(ctx)
 
 
 @pytest.mark.slow
@@ -353,3 +365,27 @@ def test_fit_teacher_with_single_process_ctx_is_unchanged():
     b, _ = tst.fit_teacher(cfg, ref, None, "cpu", progress=False, ctx=DistContext())
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def _aborting_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank 1 aborts (SIGABRT, no traceback) while `<out>.aborts` is below the budget written in it."""
+    budget = Path(out + ".aborts")
+    left = int(budget.read_text())
+    if rank == 1 and left > 0:
+        budget.write_text(str(left - 1))
+        os.abort()
+    Path(out, f"rank{rank}.done").write_text("")
+
+
+@pytest.mark.slow
+def test_spawn_retries_one_signal_death_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale").write_text("")
+    Path(str(out) + ".aborts").write_text("1")
+    with pytest.warns(UserWarning, match="rank 1 died by SIGABRT; retrying once"):
+        _spawn(_aborting_worker, out)
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.done", "rank1.done"]  # the retry began empty
+    Path(str(out) + ".aborts").write_text("2")
+    with pytest.warns(UserWarning), pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        _spawn(_aborting_worker, out)

@@ -25,7 +25,6 @@ from dmvae_lib.distributed import (
     DistContext,
     all_reduce_tensor_mean,
     average_buffers,
-    cleanup,
     launch,
     reduce_stats,
     shard_batch,
@@ -112,16 +111,13 @@ def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    ctx = _join(rank, world_size, port)
-    try:
+    with _join(rank, world_size, port) as ctx:
         _, _, batch = _tiny_problem()
         n = shard_batch(N, ctx)
         shard = {k: v[ctx.rank * n:(ctx.rank + 1) * n] for k, v in batch.items()}
         result = _steps(ctx, shard)
         result["nan"] = _nan_on_rank1(ctx, shard)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        cleanup(ctx)
 
 
 @pytest.fixture(scope="module")
