@@ -327,6 +327,8 @@ def test_single_process_fallback(monkeypatch):
     assert all_reduce_mean(2.5, ctx) == 2.5
     barrier(ctx)
     cleanup(ctx)
+    with process_group("cpu") as same:  # no group to join or leave
+        assert same == ctx and not dist.is_initialized()
     run = RunDir("unused")
     assert main_only_run(run, ctx) is run and main_only_run(run, DistContext(rank=1, world_size=2)) is None
 
