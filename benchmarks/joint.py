@@ -1,7 +1,7 @@
 """Benchmark: teacher fitting and joint DM training, steps/s per preset in fp32 and bf16, and the number of
 velocity-net forward passes per joint step.
 
-The stage functions run as they do in notebooks 30 and 40 (`teacher_stage.fit_teacher`,
+The stage functions run as they do in notebooks 30 and 40 (`fit_velocity_net`,
 `joint_stage.train_joint`), on random stand-ins of the right shapes: random uint8 images, a random-initialised
 tokenizer of the preset (SmallResNet encoder for `smoke`/`cpu`; DINOv2-L at 256 px for `imagenet256`) and a
 Gaussian-bank reference of the latent shape with 10 classes. A global forward hook counts LightningDiT calls
@@ -21,13 +21,14 @@ import time
 
 import torch
 
-from dmvae_lib import joint_stage as js
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config
-from dmvae_lib.lightning_dit import LightningDiT
-from dmvae_lib.references import TensorReference
-from dmvae_lib.ssl_encoder import SmallResNet
-from dmvae_lib.tokenizer_stage import ImageData, build_tokenizer
+from dmvae_lib.data.images import ImageData
+from dmvae_lib.data.references import TensorReference
+from dmvae_lib.models.lightning_dit import LightningDiT
+from dmvae_lib.models.ssl_encoder import SmallResNet
+from dmvae_lib.stages import joint as js
+from dmvae_lib.train.artifacts import build_net, build_tokenizer
+from dmvae_lib.train.velocity import fit_velocity_net
 
 CALLS: list[int] = []
 
@@ -82,9 +83,9 @@ def main() -> None:
         for prec in ("fp32", "bf16"):
             fit = dataclasses.replace(tcfg.fit, steps=steps, precision=prec, log_every=10**9, ckpt_every=0)
             cfg = dataclasses.replace(tcfg, fit=fit)
-            sec = timed(lambda: tst.fit_teacher(cfg, ref, None, "cpu", progress=False))
+            sec = timed(lambda: fit_velocity_net(cfg, ref, None, "cpu", progress=False))
             print(f"{preset:12s} {'teacher':8s} {prec:5s} {fit.batch:5d} {steps / sec:8.2f}", flush=True)
-            teacher = tst.build_net(cfg, ref.shape, ref.num_classes)
+            teacher = build_net(cfg, ref.shape, ref.num_classes)
             for prm in teacher.parameters():  # non-zero outputs (adaLN-Zero starts at v = 0)
                 prm.data.normal_(0, 0.02)
             train = dataclasses.replace(jcfg.train, steps=steps, precision=prec, log_every=10**9, disc_start=0,

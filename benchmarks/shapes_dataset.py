@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from dmvae_lib import shapes_dataset
+from dmvae_lib.data import shapes_dataset
 
 
 def main() -> None:

@@ -21,11 +21,13 @@ import time
 
 import torch
 
-from dmvae_lib import shapes_dataset
-from dmvae_lib.device import autocast_ctx
-from dmvae_lib.probes import extract_features, knn_accuracy, linear_probe_accuracy
-from dmvae_lib.ssl_encoder import SmallResNet, SSLConfig, projector, ssl_step, train_ssl
-from dmvae_lib.views import paired_renders, renders_tensor, sample_views
+from dmvae_lib.configs.ssl import SSLConfig
+from dmvae_lib.data import shapes_dataset
+from dmvae_lib.data.views import paired_renders, renders_tensor, sample_views
+from dmvae_lib.metrics.probes import extract_features, knn_accuracy, linear_probe_accuracy
+from dmvae_lib.models.ssl_encoder import SmallResNet, projector
+from dmvae_lib.runtime.device import autocast_ctx
+from dmvae_lib.train.ssl import ssl_step, train_ssl
 
 
 def throughput(cfg: SSLConfig, renders, batches: list[int], repeats: int) -> None:

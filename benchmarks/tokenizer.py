@@ -21,11 +21,11 @@ import time
 import torch
 
 from dmvae_lib.configs import make_config
-from dmvae_lib.device import autocast_ctx
-from dmvae_lib.phases import disc_step, tokenizer_step
-from dmvae_lib.recon_losses import PatchDiscriminator
-from dmvae_lib.ssl_encoder import SmallResNet
-from dmvae_lib.tokenizer_stage import build_tokenizer
+from dmvae_lib.models.recon_losses import PatchDiscriminator
+from dmvae_lib.models.ssl_encoder import SmallResNet
+from dmvae_lib.runtime.device import autocast_ctx
+from dmvae_lib.train.artifacts import build_tokenizer
+from dmvae_lib.train.phases import disc_step, tokenizer_step
 
 
 def build(preset: str):

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from dmvae_lib import toy_study
 from dmvae_lib.configs import make_config
+from dmvae_lib.stages import toy as toy_study
 
 
 def one_seed(preset: str, seed: int, max_steps: int) -> dict:

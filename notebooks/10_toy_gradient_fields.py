@@ -45,9 +45,11 @@ overrides: dict = {}  # dotted config keys, e.g. {"align.steps": 1000, "objectiv
 import torch
 from IPython.display import Markdown, display
 
-from dmvae_lib import toy2d, toy_study, viz
-from dmvae_lib.session import start
-from dmvae_lib.widgets import toy_explorer
+from dmvae_lib.core import toy2d
+from dmvae_lib.stages import toy as toy_study
+from dmvae_lib.stages.toy import toy_explorer
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow.session import start
 
 s = start("toy", "10_toy_gradient_fields", preset, overrides, seed=seed, device=device, run_root=run_root,
           run_name=run_name)
@@ -84,7 +86,7 @@ s.figures.save(viz.point_clouds({"real-net samples (Euler ODE)": samples}, refs[
 
 # %% [markdown]
 # ## 3 · The objectives
-# Each is a small function in `dmvae_lib.dmd` with one signature; its docstring says where the gradient
+# Each is a small function in `dmvae_lib.core.dmd` with one signature; its docstring says where the gradient
 # reaches the points. DM's direction is (x̂_fake − x̂_real)/mean|x − x̂_real|, applied through a
 # stop-gradient surrogate: no Jacobian of either net is ever computed. "Real/fake-score maximisation" minimise
 # one net's flow-matching loss on the points, "score-difference" minimises ‖v_real − v_fake‖².

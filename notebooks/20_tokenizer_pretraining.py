@@ -41,10 +41,13 @@ nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 
 overrides: dict = {}  # dotted config keys, e.g. {"train.steps": 2000, "encoder.ssl.steps": 1500}
 
 # %%
-from dmvae_lib import tokenizer_stage as ts
-from dmvae_lib import viz
-from dmvae_lib.distributed import launch
-from dmvae_lib.session import resolve_run_root, start
+from dmvae_lib.data.images import load_data, to_float
+from dmvae_lib.metrics.reconstruction import reconstruct
+from dmvae_lib.runtime.distributed import launch
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train.artifacts import build_tokenizer, save_tokenizer
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow.session import resolve_run_root, start
 
 s = start("tokenizer", "20_tokenizer_pretraining", preset, overrides, seed=seed, device=device,
           run_root=run_root, run_name=run_name)
@@ -59,9 +62,9 @@ cfg
 # ("paired views"): a label-free augmentation for self-supervised learning.
 
 # %%
-data = ts.load_data(cfg, resolve_run_root(run_root) / "_cache")
+data = load_data(cfg, resolve_run_root(run_root) / "_cache")
 print(f"val: {tuple(data.val.shape)}" + ("" if data.train is None else f", train: {tuple(data.train.shape)}"))
-rows = {f"class {c}": ts.to_float(data.val[data.val_labels == c][:12]) for c in range(int(data.val_labels.max()) + 1)}
+rows = {f"class {c}": to_float(data.val[data.val_labels == c][:12]) for c in range(int(data.val_labels.max()) + 1)}
 s.figures.save(viz.image_grid(rows, title="validation images by class"), "data_grid")
 
 # %% [markdown]
@@ -87,9 +90,9 @@ if cfg.encoder.kind != "timm":
 # and consistency regularisation on the PatchGAN. The EMA of the projector and decoder is evaluated and saved.
 
 # %%
-tokenizer = ts.build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+tokenizer = build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
-    launch(nproc, "dmvae_lib.ddp_fit", ["tokenizer", str(s.run.path), "--device", device])
+    launch(nproc, "dmvae_lib.workflow.ddp_fit", ["tokenizer", str(s.run.path), "--device", device])
 tokenizer, train_stats = ts.train_tokenizer(cfg, tokenizer, data, s.run, s.device)
 print(f"LPIPS in the loss: {train_stats['lpips_in_loss']}")
 s.figures.save(ts.loss_curves(s.run, "tokenizer", ("l1", "g_loss", "d_loss")), "tokenizer_losses")
@@ -106,13 +109,13 @@ assert train_stats["l1"] < first["l1"], "the reconstruction loss did not decreas
 
 # %%
 metrics = ts.evaluate_tokenizer(tokenizer, data, s.device, encoders.get("ssl"), cfg.train.eval_batch)
-x_hat, _ = ts.reconstruct(tokenizer, data.val[:16], s.device)
-s.figures.save(viz.image_grid({"original": ts.to_float(data.val[:16]), "reconstruction": x_hat}), "reconstructions")
+x_hat, _ = reconstruct(tokenizer, data.val[:16], s.device)
+s.figures.save(viz.image_grid({"original": to_float(data.val[:16]), "reconstruction": x_hat}), "reconstructions")
 metrics
 
 # %%
 assert metrics["psnr"] > 10.0, f"reconstructions are noise (PSNR {metrics['psnr']:.1f} dB)"
-ts.save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
+save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
 
 # %% [markdown]
 # ## 5 · Summary

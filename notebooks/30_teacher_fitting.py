@@ -45,12 +45,17 @@ overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size":
 # %%
 import torch
 
-from dmvae_lib import teacher_stage as tst
-from dmvae_lib import tokenizer_stage as ts
-from dmvae_lib import viz
-from dmvae_lib.distributed import launch
-from dmvae_lib.session import resolve_run_root, start, upstream_run
+from dmvae_lib.data.images import load_data
+from dmvae_lib.data.latents import build_reference, latents_for
+from dmvae_lib.runtime.distributed import launch
+from dmvae_lib.stages import teacher as tst
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train.artifacts import save_teacher, upstream_tokenizer
+from dmvae_lib.train.velocity import fit_velocity_net, fm_loss_per_t_bin
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
+# %%
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
                        run_root=run_root, preset=preset)
 s = start("teacher", "30_teacher_fitting", preset,
@@ -67,9 +72,9 @@ cfg
 # another tokenizer is rejected, never silently reused.
 
 # %%
-tok, tok_cfg, encoders, tok_file = tst.upstream_tokenizer(tok_dir, s.device)
-data = ts.load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
-latents, labels = tst.latents_for(tok, tok_file, data, s.run, s.device, flip=cfg.reference.flip,
+tok, tok_cfg, encoders, tok_file = upstream_tokenizer(tok_dir, s.device)
+data = load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
+latents, labels = latents_for(tok, tok_file, data, s.run, s.device, flip=cfg.reference.flip,
                                   batch=cfg.encode_batch)
 print(f"latents {tuple(latents.shape)}: mean {latents.mean():.3f}, std {latents.std():.3f}")
 assert abs(float(latents.mean())) < 0.2 and 0.7 < float(latents.std()) < 1.3, "latents are not normalised"
@@ -80,7 +85,7 @@ assert abs(float(latents.mean())) < 0.2 and 0.7 < float(latents.std()) < 1.3, "l
 # the class labels, so the teacher is class-conditional with a null label for classifier-free guidance.
 
 # %%
-ref = tst.build_reference(cfg, latents, labels, encoders, data, s.device)
+ref = build_reference(cfg, latents, labels, encoders, data, s.device)
 print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.num_classes or 'none'}")
 
 # %% [markdown]
@@ -90,8 +95,8 @@ print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.nu
 
 # %%
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
-    launch(nproc, "dmvae_lib.ddp_fit", ["teacher", str(s.run.path), "--device", device])
-teacher, fit_stats = tst.fit_teacher(cfg, ref, s.run, s.device)
+    launch(nproc, "dmvae_lib.workflow.ddp_fit", ["teacher", str(s.run.path), "--device", device])
+teacher, fit_stats = fit_velocity_net(cfg, ref, s.run, s.device)
 s.figures.save(ts.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "teacher")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
@@ -104,7 +109,7 @@ assert fit_stats["fm_loss"] < first["fm_loss"], "the teacher did not learn"
 # the same reference are not at distance 0.
 
 # %%
-bins = tst.fm_loss_per_t_bin(teacher, ref, n=min(1000, cfg.fit.eval_samples), bins=10, device=s.device, seed=seed)
+bins = fm_loss_per_t_bin(teacher, ref, n=min(1000, cfg.fit.eval_samples), bins=10, device=s.device, seed=seed)
 fig = viz.bar_chart([b["t"] for b in bins], [b["fm_loss"] for b in bins], x_title="t", y_title="loss",
                     title="held-out flow-matching loss per t-bin (t = 0 noise, t = 1 data)")
 s.figures.save(fig, "loss_per_t_bin")
@@ -131,7 +136,7 @@ assert gate == 0 or ev["sw2_ratio"] < gate, f"teacher samples are far from the r
 # a teacher that does not match.
 
 # %%
-tst.save_teacher(s.run.path / "teacher.pt", cfg, teacher, ref, tok_file)
+save_teacher(s.run.path / "teacher.pt", cfg, teacher, ref, tok_file)
 ev.pop("samples")
 summary = s.finish({"tokenizer_run": str(tok_dir), "reference": ref.name, "reference_shape": list(ref.shape),
                     "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt"})

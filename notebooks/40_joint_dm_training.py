@@ -45,10 +45,14 @@ overrides: dict = {}  # dotted config keys, e.g. {"train.dm_weight": 1.0, "train
 import pandas as pd
 import torch
 
-from dmvae_lib import joint_stage as js, tokenizer_stage as ts, viz
-from dmvae_lib.distributed import launch
-from dmvae_lib.session import resolve_run_root, start, upstream_run
+from dmvae_lib.runtime.distributed import launch
+from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train.artifacts import save_head, save_tokenizer
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
+# %%
 up = dict(run_name=run_name, run_root=run_root, preset=preset)
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, **up)
 teacher_dir = upstream_run("30_teacher_fitting", "teacher.pt", path=teacher_run, **up)
@@ -78,7 +82,7 @@ same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has 
 start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device, n=cfg.train.eval_samples,
                                    seed=seed, val_u8=data.val[:500]) if same_shape else {}
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
-    launch(nproc, "dmvae_lib.ddp_fit", ["joint", str(s.run.path), "--device", device])
+    launch(nproc, "dmvae_lib.workflow.ddp_fit", ["joint", str(s.run.path), "--device", device])
 dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
                                         dm_weight=cfg.train.dm_weight, tag="joint", **u.joint_kwargs(cfg))
 runs = {"DM": "joint"}
@@ -117,12 +121,12 @@ if cfg.train.control and preset != "smoke":
 
 # %%
 m = ts.evaluate_tokenizer(dm_tok, data, s.device, encoders.get("ssl"), 500)
-ts.save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders)
-js.save_head(s.run.path / "head.pt", head, ref)
+save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders)
+save_head(s.run.path / "head.pt", head, ref)
 out = {"dm": {**final["DM"], **{k: v for k, v in m.items() if not k.startswith("fd")}}}
 if cfg.train.control:
     mc = ts.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
-    ts.save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders)
+    save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders)
     out["control"] = {**final["λ = 0 control"], **{k: v for k, v in mc.items() if not k.startswith("fd")}}
 summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,
                     "start": start_diag, **out, "checkpoint": "tokenizer.pt"})

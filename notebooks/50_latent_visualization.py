@@ -44,9 +44,9 @@ overrides: dict = {}  # dotted config keys, e.g. {"embed.points": 1000, "embed.m
 import json
 import math
 
-from dmvae_lib import joint_stage as js
-from dmvae_lib import latent_viz as lv
-from dmvae_lib.session import resolve_run_root, start, upstream_run
+from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import latents as lv
+from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 joint_dir = upstream_run("40_joint_dm_training", "tokenizer.pt", path=joint_run, run_name=run_name,
                          run_root=run_root, preset=preset)

@@ -49,11 +49,13 @@ import time
 
 import torch
 
-from dmvae_lib import evaluation as ev
-from dmvae_lib import generation_stage as gs
-from dmvae_lib import tokenizer_stage as ts
-from dmvae_lib.distributed import launch
-from dmvae_lib.session import resolve_run_root, start, upstream_run
+from dmvae_lib.data.images import load_data
+from dmvae_lib.metrics import evaluation as ev
+from dmvae_lib.runtime.distributed import launch
+from dmvae_lib.stages import generation as gs
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
+from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
 joint_dir = upstream_run("40_joint_dm_training", tokenizer_file, path=joint_run, run_name=run_name,
@@ -72,8 +74,8 @@ cfg
 # records the tokenizer's hash: a cache built by another tokenizer is rejected.
 
 # %%
-tok, tok_cfg, encoders, tok_file = gs.upstream_tokenizer(joint_dir, cfg.tokenizer_file, s.device)
-data = ts.load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
+tok, tok_cfg, encoders, tok_file = upstream_tokenizer(joint_dir, s.device, cfg.tokenizer_file)
+data = load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
 train_set = gs.generator_data(cfg, tok, tok_file, data, s.run, s.device)
 lat = train_set.bank
 print(f"{train_set.name}: {tuple(lat.shape)}, mean {lat.mean():.3f}, std {lat.std():.3f}, "
@@ -86,14 +88,14 @@ print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clust
 # %% [markdown]
 # ## 2 · Fit the generator
 # Flow matching (x_t = t·data + (1 − t)·noise, target data − noise) on the cached latents with label dropout
-# (the null label gives classifier-free guidance), through notebook 30's `fit_teacher`: one loop, one loss.
+# (the null label gives classifier-free guidance), through notebook 30's `fit_velocity_net`: one loop, one loss.
 # Its EMA weights are what gets sampled (`sample.ema`).
 
 # %%
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
-    launch(nproc, "dmvae_lib.ddp_fit", ["generator", str(s.run.path), "--device", device])
+    launch(nproc, "dmvae_lib.workflow.ddp_fit", ["generator", str(s.run.path), "--device", device])
 net, fit_stats = gs.fit_generator(cfg, train_set, s.run, s.device)
-gs.save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
+save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
 s.figures.save(ts.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "generator")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")

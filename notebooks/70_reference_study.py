@@ -33,7 +33,7 @@
 #
 # **What it needs.** A finished run of `20_tokenizer_pretraining` (shared by every cell). Time on a 2-core CPU:
 # `smoke` ≈ 1 min (the SSL reference and the baseline, 1 seed, a few steps each), `cpu` ≤ 2 h (18 cells, 6 teachers).
-# One command: `python -m dmvae_lib.pipeline --preset cpu --only 20 70 --name study`.
+# One command: `python -m dmvae_lib --preset cpu --only 20 70 --name study`.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU, ≤ 2 h) | "imagenet256" (GPU)
@@ -47,8 +47,9 @@ overrides: dict = {}  # e.g. {"references": ["ssl", "gaussian"], "seeds": [0, 1,
 # %%
 import pandas as pd
 
-from dmvae_lib import study, viz
-from dmvae_lib.session import resolve_run_root, start, upstream_run
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow import study
+from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
                        run_root=run_root, preset=preset)

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_env.sh
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m dmvae_lib.pipeline --preset cpu "$@"
+exec .venv/bin/python -m dmvae_lib --preset cpu "$@"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dmvae_lib import shapes_dataset as sd
-from dmvae_lib.image_folders import DatasetError, ImageFolderDataset, center_crop_arr, load_cifar10
+from dmvae_lib.data import shapes_dataset as sd
+from dmvae_lib.data.image_folders import DatasetError, ImageFolderDataset, center_crop_arr, load_cifar10
 
 N_CLASSES = len(sd.CLASS_NAMES)
 
@@ -183,7 +183,7 @@ def test_corrupt_image_skipped_with_warning(folder, caplog):
     bad = folder / "cat" / "aa_bad.png"  # sorts first in its class: skipping must move to the next item
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     ds = ImageFolderDataset(folder, 16, skip_corrupt=True)
-    with caplog.at_level(logging.WARNING, logger="dmvae_lib.image_folders"):
+    with caplog.at_level(logging.WARNING, logger="dmvae_lib.data.image_folders"):
         items = [ds[i] for i in range(len(ds))]
     assert len(ds) == 4 and all(x.numpy().tobytes() in expected for x, _ in items)
     assert str(bad) in caplog.text and caplog.text.count("aa_bad.png") == 1

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmvae_lib import distances
+from dmvae_lib.core import distances
 
 
 def _g(seed=0):

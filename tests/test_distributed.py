@@ -2,7 +2,7 @@
 
 (a) one flow-matching step on two shards of a fixed global batch equals the single-process step on the whole
     batch (loss and gradients to 1e-6), and the ranks hold identical parameters after the optimizer step;
-(b) the real `fit_teacher` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
+(b) the real `fit_velocity_net` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
     a 2-process fit interrupted and resumed ends bit-identical to an uninterrupted one (every rank restores
     rank 0's checkpoint with its own generator state), and a checkpoint one rank cannot read stops both; a non-finite loss on one rank only makes both ranks
     skip the update together and raise, or skip, at the same step;
@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dmvae_lib import flow
-from dmvae_lib.distributed import (
+from dmvae_lib.core import flow
+from dmvae_lib.models.lightning_dit import lightning_dit
+from dmvae_lib.runtime.distributed import (
     DistContext,
     all_reduce_mean,
     barrier,
@@ -38,10 +39,10 @@ from dmvae_lib.distributed import (
     shard_batch,
     wrap_ddp,
 )  # fmt: skip
-from dmvae_lib.lightning_dit import lightning_dit
-from dmvae_lib.loop import NonFiniteError, train
-from dmvae_lib.phases import apply_update, flow_matching_step
-from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
+from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint, save_checkpoint
+from dmvae_lib.train.loop import NonFiniteError, train
+from dmvae_lib.train.phases import apply_update, flow_matching_step
+from dmvae_lib.train.velocity import fit_velocity_net
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -105,9 +106,9 @@ import torch
 torch.set_num_threads(1)
 from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.distributed import cleanup, init_distributed
-from dmvae_lib.references import TensorReference
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runtime.distributed import cleanup, init_distributed
+from dmvae_lib.data.references import TensorReference
+from dmvae_lib.runtime.runs import RunDir
 
 out = Path(sys.argv[1])
 ctx = init_distributed("cpu")
@@ -116,7 +117,7 @@ cfg = make_config("teacher", "smoke", {"fit.steps": 3, "fit.batch": 8, "fit.log_
 g = torch.Generator().manual_seed(0)
 ref = TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
 run = RunDir.create(out, "30_teacher_fitting", f"rank{ctx.rank}", to_dict(cfg))  # one folder per rank
-net, stats = tst.fit_teacher(cfg, ref, run, ctx.device, progress=False, ctx=ctx)
+net, stats = fit_velocity_net(cfg, ref, run, ctx.device, progress=False, ctx=ctx)
 torch.save({"world_size": ctx.world_size, "ema": net.state_dict(), "stats": stats}, out / f"rank{ctx.rank}.pt")
 cleanup(ctx)
 """
@@ -184,7 +185,7 @@ def _join(rank: int, world_size: int, port: int):
 
 def _tiny_teacher(steps: int):
     from dmvae_lib.configs import make_config
-    from dmvae_lib.references import TensorReference
+    from dmvae_lib.data.references import TensorReference
 
     cfg = make_config("teacher", "smoke", {"fit.steps": steps, "fit.batch": 8, "fit.log_every": 1,
                                            "fit.ckpt_every": 2, "fit.warmup_steps": 1, "fit.precision": "fp32",
@@ -215,23 +216,22 @@ def _unreadable(path, required=()):
 
 
 def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    from dmvae_lib import loop
-    from dmvae_lib import teacher_stage as tst
+    from dmvae_lib.train import loop
 
     with _join(rank, world_size, port) as ctx:
         cfg, ref = _tiny_teacher(steps=5)  # checkpoints at steps 2, 4 and 5
         runs = {name: RunDir.create(out, "30_teacher_fitting", name, {}) for name in ("straight", "resumed")}
-        straight, _ = tst.fit_teacher(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
+        straight, _ = fit_velocity_net(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
         try:  # every rank stops at the draw of step 3: the last checkpoint is step 2's
-            tst.fit_teacher(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False, ctx=ctx)
+            fit_velocity_net(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False, ctx=ctx)
         except KeyboardInterrupt:
             pass
         step_at_stop = load_checkpoint(runs["resumed"].ckpt_path("teacher"))["step"] if rank == 0 else None
-        resumed, _ = tst.fit_teacher(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
+        resumed, _ = fit_velocity_net(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
         if rank == 1:  # as on a node that does not see the run folder: every rank must stop, not only this one
             loop.load_checkpoint = _unreadable
         try:
-            tst.fit_teacher(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
+            fit_velocity_net(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
             error = None
         except RunError as exc:
             error = str(exc)
@@ -275,7 +275,6 @@ def _nan_data(x, y):
 
 
 def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    from dmvae_lib import teacher_stage as tst
 
     result = {}
     with _join(rank, world_size, port) as ctx:
@@ -283,7 +282,7 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
         run = RunDir.create(out, "30_teacher_fitting", "nan", {})
         faulty = _Faulty(ref, 2, _nan_data) if rank == 1 else ref  # rank 1 only, at step 2
         try:
-            tst.fit_teacher(cfg, faulty, run, "cpu", progress=False, ctx=ctx)
+            fit_velocity_net(cfg, faulty, run, "cpu", progress=False, ctx=ctx)
         except NonFiniteError as exc:
             result["raised"] = str(exc)
         # on_nonfinite="skip": the same one-rank fault, skipped by both ranks, and training goes on
@@ -356,15 +355,14 @@ def test_shard_batch_and_rank_generator():
 
 
 def test_fit_teacher_with_single_process_ctx_is_unchanged():
-    from dmvae_lib import teacher_stage as tst
     from dmvae_lib.configs import make_config
-    from dmvae_lib.references import TensorReference
+    from dmvae_lib.data.references import TensorReference
 
     cfg = make_config("teacher", "smoke", {"fit.steps": 2, "fit.batch": 6, "fit.precision": "fp32",
                                            "net.patch_size": 2})
     ref = TensorReference(torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
-    a, _ = tst.fit_teacher(cfg, ref, None, "cpu", progress=False)
-    b, _ = tst.fit_teacher(cfg, ref, None, "cpu", progress=False, ctx=DistContext())
+    a, _ = fit_velocity_net(cfg, ref, None, "cpu", progress=False)
+    b, _ = fit_velocity_net(cfg, ref, None, "cpu", progress=False, ctx=DistContext())
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 

@@ -18,8 +18,8 @@ import tiny_stages as tiny
 import torch
 from tiny_stages import TINY_JOINT
 
-from dmvae_lib.distributed import launch
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runtime.distributed import launch
+from dmvae_lib.runtime.runs import RunDir
 
 JOINT_WORKER = """
 import sys
@@ -30,8 +30,8 @@ import torch
 torch.set_num_threads(1)
 from dmvae_lib import joint_stage as js
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.distributed import cleanup, init_distributed
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runtime.distributed import cleanup, init_distributed
+from dmvae_lib.runtime.runs import RunDir
 
 root = Path(sys.argv[1])
 ctx = init_distributed("cpu")

@@ -19,9 +19,13 @@ import textwrap
 
 import pytest
 import torch
+from test_distributed import _join, _spawn
 
-from dmvae_lib import recon_losses
-from dmvae_lib.distributed import (
+from dmvae_lib.data.images import load_data
+from dmvae_lib.models import recon_losses
+from dmvae_lib.models.recon_losses import PatchDiscriminator
+from dmvae_lib.models.tokenizer import Decoder, Projector, Tokenizer
+from dmvae_lib.runtime.distributed import (
     DistContext,
     all_reduce_tensor_mean,
     average_buffers,
@@ -30,11 +34,9 @@ from dmvae_lib.distributed import (
     shard_batch,
     wrap_ddp,
 )  # fmt: skip
-from dmvae_lib.phases import TokenizerParts, disc_step, tokenizer_step
-from dmvae_lib.recon_losses import PatchDiscriminator
-from dmvae_lib.runs import RunDir, load_checkpoint
-from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer
-from test_distributed import _join, _spawn
+from dmvae_lib.runtime.runs import RunDir, load_checkpoint
+from dmvae_lib.train.artifacts import build_tokenizer
+from dmvae_lib.train.phases import TokenizerParts, disc_step, tokenizer_step
 
 N = 8  # the global batch
 
@@ -192,19 +194,19 @@ import torch
 torch.set_num_threads(1)
 from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.distributed import cleanup, init_distributed
-from dmvae_lib.runs import RunDir
-from dmvae_lib.ssl_encoder import SmallResNet
+from dmvae_lib.runtime.distributed import cleanup, init_distributed
+from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.models.ssl_encoder import SmallResNet
 
 out = Path(sys.argv[1])
 ctx = init_distributed("cpu")
 cfg = make_config("tokenizer", "smoke", {TINY})
-data = ts.load_data(cfg, out / "cache")
+data = load_data(cfg, out / "cache")
 ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
 ssl.load_state_dict(torch.load(out / "ssl.pt"))
 runs = {{name: RunDir.create(out, "20_tokenizer_pretraining", f"{{name}}_rank{{ctx.rank}}", to_dict(cfg))
         for name in ("straight", "resumed")}}  # one folder per rank: only rank 0's is written
-fit = lambda name: ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, runs[name], ctx.device,
+fit = lambda name: ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, runs[name], ctx.device,
                                       progress=False, ctx=ctx)
 tok, stats = fit("straight")
 real_step, calls = ts.tokenizer_step, []
@@ -236,12 +238,11 @@ TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.width": 8, "net.proj_
 
 @pytest.mark.slow
 def test_train_tokenizer_under_torchrun_writes_on_rank0_only(tmp_path):
-    from dmvae_lib import tokenizer_stage as ts
     from dmvae_lib.configs import make_config
-    from dmvae_lib.ssl_encoder import SmallResNet
+    from dmvae_lib.models.ssl_encoder import SmallResNet
 
     cfg = make_config("tokenizer", "smoke", TINY)
-    ts.load_data(cfg, tmp_path / "cache")  # rendered once here; the ranks read the cache
+    load_data(cfg, tmp_path / "cache")  # rendered once here; the ranks read the cache
     torch.manual_seed(0)
     torch.save(SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch).state_dict(), tmp_path / "ssl.pt")
     script = tmp_path / "worker.py"
@@ -291,16 +292,16 @@ def test_single_process_helpers_are_identities():
 
 
 def test_train_tokenizer_with_single_process_ctx_is_unchanged(tmp_path):
-    from dmvae_lib import tokenizer_stage as ts
     from dmvae_lib.configs import make_config
-    from dmvae_lib.ssl_encoder import SmallResNet
+    from dmvae_lib.models.ssl_encoder import SmallResNet
+    from dmvae_lib.stages import tokenizer as ts
 
     cfg = make_config("tokenizer", "smoke", {**TINY, "train.steps": 3})
-    data = ts.load_data(cfg, tmp_path)
+    data = load_data(cfg, tmp_path)
     torch.manual_seed(0)
     ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
-    a, sa = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, None, "cpu", progress=False)
-    b, sb = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, ssl), data, None, "cpu", progress=False,
+    a, sa = ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False)
+    b, sb = ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False,
                                ctx=DistContext())
     assert sa == sb and "g_loss" in sa
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dmvae_lib import dmd, flow, toy2d
-from dmvae_lib.score_nets import ToyScoreMLP
+from dmvae_lib.core import dmd, flow, toy2d
+from dmvae_lib.models.score_nets import ToyScoreMLP
 
 SHAPES = [(8, 2), (8, 4, 4, 4)]
 NAMES = list(dmd.OBJECTIVES)

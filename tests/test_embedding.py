@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dmvae_lib import embedding as E
+from dmvae_lib.metrics import embedding as E
 
 
 def blobs(n_per: int = 20, k: int = 3, dim: int = 8, spread: float = 0.3, seed: int = 0):

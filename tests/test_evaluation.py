@@ -11,18 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from dmvae_lib import evaluation as ev
-from dmvae_lib import generation_stage as gs
 from dmvae_lib.configs import ConfigError, make_config
 from dmvae_lib.configs.generation import SampleConfig
-from dmvae_lib.image_metrics import (
+from dmvae_lib.data.references import GaussianReference, TensorReference
+from dmvae_lib.metrics import evaluation as ev
+from dmvae_lib.metrics.image_metrics import (
     INCEPTION_SPACE,
     INCEPTION_URL,
     frechet_distance,
     frechet_distance_from_moments,
 )
-from dmvae_lib.references import GaussianReference, TensorReference
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.stages import generation as gs
+from dmvae_lib.train.artifacts import load_generator, save_generator
 
 SHAPE = (2, 4, 4)
 
@@ -252,7 +253,7 @@ def test_inception_metrics_with_local_weights_and_reference_stats(random_incepti
     same = ev.inception_metrics(samples, weights_path=random_inception, real_u8=samples, batch=6, isc_splits=2)
     assert abs(same["fid"]["value"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
     # ADM reference batch: FID against its mu/sigma (here: the samples' own statistics, so ≈ 0)
-    from dmvae_lib.image_metrics import inception_features, load_inception
+    from dmvae_lib.metrics.image_metrics import inception_features, load_inception
 
     (pool,) = inception_features(load_inception(random_inception), samples.permute(0, 3, 1, 2), 6)
     ref = tmp_path / "VIRTUAL_ref.npz"
@@ -276,7 +277,7 @@ def test_fit_generator_checkpoints_ema_raw_and_saved_weights(tmp_path, gen):
     assert not torch.allclose(raw(x, t, y), net(x, t, y)), "EMA and raw weights should differ"
     tok_file = tmp_path / "tokenizer.pt"
     tok_file.write_bytes(b"stand-in")
-    gs.save_generator(run.path / "generator.pt", cfg, net, data, tok_file)
-    loaded, ck = gs.load_generator(run.path / "generator.pt")
+    save_generator(run.path / "generator.pt", cfg, net, data, tok_file)
+    loaded, ck = load_generator(run.path / "generator.pt")
     torch.testing.assert_close(loaded(x, t, y), net(x, t, y))
     assert ck["latents"] == {"shape": list(SHAPE), "num_classes": 4}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmvae_lib import flow, toy2d
+from dmvae_lib.core import flow, toy2d
 
 SHAPES = [(8, 2), (8, 4, 4, 4)]
 

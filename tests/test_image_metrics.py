@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from dmvae_lib.image_metrics import (
+from dmvae_lib.metrics.image_metrics import (
     FD,
     INCEPTION_SPACE,
     INCEPTION_URL,

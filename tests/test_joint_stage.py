@@ -8,16 +8,18 @@ import tiny_stages as tiny
 import torch
 from tiny_stages import TINY_JOINT, TINY_TEACHER
 
-from dmvae_lib import dmd
-from dmvae_lib import joint_stage as js
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.lightning_dit import lightning_dit
-from dmvae_lib.phases import tokenizer_step
-from dmvae_lib.projection_heads import make_head
-from dmvae_lib.runs import RunDir, RunError, save_checkpoint
-from dmvae_lib.session import upstream_run
-from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
+from dmvae_lib.core import dmd
+from dmvae_lib.data.latents import build_reference, latents_for
+from dmvae_lib.models.lightning_dit import lightning_dit
+from dmvae_lib.models.projection_heads import make_head
+from dmvae_lib.models.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
+from dmvae_lib.runtime.runs import RunDir, RunError, save_checkpoint
+from dmvae_lib.stages import joint as js
+from dmvae_lib.train.artifacts import load_teacher
+from dmvae_lib.train.phases import tokenizer_step
+from dmvae_lib.train.velocity import fit_velocity_net
+from dmvae_lib.workflow.session import upstream_run
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +40,26 @@ def test_latent_cache_is_normalised_and_reused(upstream, teacher):
     cfg, run, tok, *_ , latents = teacher
     assert latents.shape == (64, tok.decoder.z_channels, 8, 8)
     assert abs(float(latents.mean())) < 0.3 and 0.5 < float(latents.std()) < 1.5
-    again, _ = tst.latents_for(tok, tok_dir / "tokenizer.pt", data, run, "cpu")
+    again, _ = latents_for(tok, tok_dir / "tokenizer.pt", data, run, "cpu")
     assert torch.equal(again, latents)
 
 
 def test_teacher_round_trip_and_strict_errors(teacher, tmp_path):
     cfg, run, tok, enc, ref, net, stats, _ = teacher
     assert stats["nonfinite"] == 0
-    loaded, ck = tst.load_teacher(run.path / "teacher.pt", expect_reference="ssl")
+    loaded, ck = load_teacher(run.path / "teacher.pt", expect_reference="ssl")
     x, y = ref.sample(4, torch.Generator().manual_seed(0))
     t = torch.rand(4)
     assert torch.equal(loaded(x, t, y), net(x, t, y)) and ck["reference"]["name"] == "ssl"
     assert not any(p.requires_grad for p in loaded.parameters())
     with pytest.raises(RunError, match="fitted on reference"):
-        tst.load_teacher(run.path / "teacher.pt", expect_reference="gaussian")
+        load_teacher(run.path / "teacher.pt", expect_reference="gaussian")
     with pytest.raises(RunError, match="does not exist"):
-        tst.load_teacher(tmp_path / "missing.pt")
+        load_teacher(tmp_path / "missing.pt")
     save_checkpoint(tmp_path / "tok.pt", {"kind": "tokenizer", "config": {}, "net": {}, "reference": {},
                                           "tokenizer": {}})
     with pytest.raises(RunError, match="not a teacher"):
-        tst.load_teacher(tmp_path / "tok.pt")
+        load_teacher(tmp_path / "tok.pt")
 
 
 @pytest.mark.parametrize("name", ["gaussian", "gmm", "class_subset", "noise_states", "supervised"])
@@ -66,10 +68,10 @@ def test_every_reference_builds_and_fits_a_teacher(upstream, teacher, name):
     cfg, _, tok, enc, _, _, _, latents = teacher
     over = {"tokenizer_run": str(tok_dir), **TINY_TEACHER, "reference.name": name, "fit.steps": 1}
     tcfg = make_config("teacher", "smoke", over)
-    ref = tst.build_reference(tcfg, latents, torch.as_tensor(data.train_labels[:64]), enc, data, "cpu")
+    ref = build_reference(tcfg, latents, torch.as_tensor(data.train_labels[:64]), enc, data, "cpu")
     x, y = ref.sample(5, torch.Generator().manual_seed(1))
     assert x.shape == (5, *ref.shape) and (y is None) == (ref.num_classes == 0)
-    net, stats = tst.fit_teacher(tcfg, ref, None, "cpu", progress=False)
+    net, stats = fit_velocity_net(tcfg, ref, None, "cpu", progress=False)
     assert stats["nonfinite"] == 0 and net(x, torch.rand(5), y).shape == x.shape
 
 

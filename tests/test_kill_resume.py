@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmvae_lib.loop import train
-from dmvae_lib.phases import flow_matching_step
-from dmvae_lib.runs import RunDir, RunError, load_checkpoint
-from dmvae_lib.score_nets import ToyScoreMLP
+from dmvae_lib.models.score_nets import ToyScoreMLP
+from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint
+from dmvae_lib.train.loop import train
+from dmvae_lib.train.phases import flow_matching_step
 
 STEPS = 40
 CHILD = f"""
@@ -33,15 +33,15 @@ import torch
 torch.set_num_threads(1)
 from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.references import TensorReference
-from dmvae_lib.runs import RunDir
+from dmvae_lib.data.references import TensorReference
+from dmvae_lib.runtime.runs import RunDir
 
 cfg = make_config("teacher", "smoke", {{"fit.steps": {STEPS}, "fit.batch": 8, "fit.log_every": 1, "fit.ckpt_every": 1,
                                        "fit.warmup_steps": 5, "fit.precision": "fp32", "net.patch_size": 2}})
 g = torch.Generator().manual_seed(0)
 ref = TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
 run = RunDir.create(sys.argv[1], "30_teacher_fitting", sys.argv[2], to_dict(cfg))
-tst.fit_teacher(cfg, ref, run, "cpu", progress=False)
+fit_velocity_net(cfg, ref, run, "cpu", progress=False)
 """
 
 

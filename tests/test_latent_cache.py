@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from dmvae_lib.latent_cache import (
+from dmvae_lib.data.latent_cache import (
     CacheError,
     cached_latents,
     encode_latents,
@@ -16,7 +16,7 @@ from dmvae_lib.latent_cache import (
     save_cache,
     tokenizer_meta,
 )
-from dmvae_lib.runs import RunError
+from dmvae_lib.runtime.runs import RunError
 
 
 class PoolTokenizer(nn.Module):
@@ -84,7 +84,7 @@ def test_encode_latents_rejects_bad_input():
 
 
 def test_encode_latents_with_a_real_tokenizer():
-    from dmvae_lib.tokenizer import Decoder, Projector, Tokenizer
+    from dmvae_lib.models.tokenizer import Decoder, Projector, Tokenizer
 
     torch.manual_seed(0)
     encoder = nn.Conv2d(3, 8, 2, stride=2)  # (B, 3, 8, 8) -> (B, 8, 4, 4)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from dmvae_lib import lightning_dit as ldit
-from dmvae_lib.lightning_dit import (
+from dmvae_lib.core.samplers import cfg_velocity
+from dmvae_lib.models import lightning_dit as ldit
+from dmvae_lib.models.lightning_dit import (
     DIT_SIZES,
     LightningDiT,
     apply_rope,
@@ -10,7 +11,6 @@ from dmvae_lib.lightning_dit import (
     lightning_dit,
     rope_angles,
 )
-from dmvae_lib.samplers import cfg_velocity
 
 
 def _tiny(input_size=8, channels=4, num_classes=3, patch_size=1, **kw):

@@ -8,7 +8,7 @@ import jupytext
 import nbformat
 import pytest
 
-from dmvae_lib.pipeline import check_parameters
+from dmvae_lib.workflow.pipeline import check_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from dmvae_lib import pipeline
-from dmvae_lib.evaluation import SamplingProtocol, protocol_record
+from dmvae_lib.metrics.evaluation import SamplingProtocol, protocol_record
+from dmvae_lib.workflow import pipeline
 
 # The smoke budgets (the notebook's asserts must hold), on the three objectives its asserts read.
 TINY = {"objectives": ["dm", "fake_fm_target", "real_fm_target"], "eval.grid_n": 5, "eval.field_noise_draws": 4}

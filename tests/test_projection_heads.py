@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmvae_lib.projection_heads import MLPHead, QueryDecoderHead, make_head, sincos_2d
+from dmvae_lib.models.projection_heads import MLPHead, QueryDecoderHead, make_head, sincos_2d
 
 LATENT = (4, 4, 4)
 CASES = [  # (reference shape, head type make_head picks)

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from dmvae_lib.recon_losses import (
+from dmvae_lib.models.recon_losses import (
     VGG16_FILE,
     PatchDiscriminator,
     PerceptualLoss,
@@ -131,7 +131,7 @@ def random_lpips(tmp_path_factory):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("dmvae_lib.recon_losses")
+    logger = logging.getLogger("dmvae_lib.models.recon_losses")
     logger.addHandler(handler)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty_torch_home")))

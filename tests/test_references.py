@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dmvae_lib import flow, toy2d
-from dmvae_lib.references import (
+from dmvae_lib.core import flow, toy2d
+from dmvae_lib.data.references import (
     REFERENCES,
     GaussianReference,
     GMMReference,

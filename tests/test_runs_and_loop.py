@@ -5,11 +5,18 @@ import time
 import pytest
 import torch
 
-from dmvae_lib.loop import NonFiniteError, train
-from dmvae_lib.phases import flow_matching_step
-from dmvae_lib.runs import (STALE_TEMP_SECONDS, RunDir, RunError, atomic_write_bytes, load_checkpoint,
-                            load_state_strict, save_checkpoint)
-from dmvae_lib.score_nets import ToyScoreMLP
+from dmvae_lib.models.score_nets import ToyScoreMLP
+from dmvae_lib.runtime.runs import (
+    STALE_TEMP_SECONDS,
+    RunDir,
+    RunError,
+    atomic_write_bytes,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+)
+from dmvae_lib.train.loop import NonFiniteError, train
+from dmvae_lib.train.phases import flow_matching_step
 
 
 def _make(tmp_path, name="r"):

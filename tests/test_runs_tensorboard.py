@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dmvae_lib.runs import TENSORBOARD_ENV, RunDir
+from dmvae_lib.runtime.runs import TENSORBOARD_ENV, RunDir
 
 RECORDS = [{"tag": "teacher", "step": s, "skipped": 0, "fm_loss": 1.0 / s, "note": "text"} for s in (1, 2, 3)]
 

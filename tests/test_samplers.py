@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmvae_lib import samplers, toy2d
+from dmvae_lib.core import samplers, toy2d
 
 SHAPES = [(8, 2), (8, 4, 4, 4)]
 M, S2 = 1.5, 0.3

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmvae_lib.score_nets import SCORE_NETS, ToyScoreMLP, timestep_embedding
+from dmvae_lib.models.score_nets import SCORE_NETS, ToyScoreMLP, timestep_embedding
 
 
 def _perturb(net, seed=0):

@@ -4,25 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmvae_lib import shapes_dataset
-from dmvae_lib.probes import extract_features, knn_accuracy, linear_probe_accuracy
-from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
-from dmvae_lib.ssl_encoder import (
-    ARCHS,
-    OBJECTIVES,
-    SMOKE_OVERRIDES,
-    SUPERVISED_OVERRIDES,
-    SmallResNet,
-    SSLConfig,
-    augment,
-    load_encoder,
-    nt_xent,
-    save_encoder,
-    train_ssl,
-    train_supervised,
-    vicreg,
-)
-from dmvae_lib.views import batch_images, paired_renders, renders_tensor, sample_views
+from dmvae_lib.configs.ssl import SSLConfig
+from dmvae_lib.data import shapes_dataset
+from dmvae_lib.data.views import augment, batch_images, paired_renders, renders_tensor, sample_views
+from dmvae_lib.metrics.probes import extract_features, knn_accuracy, linear_probe_accuracy
+from dmvae_lib.models.ssl_encoder import ARCHS, OBJECTIVES, SmallResNet, nt_xent, vicreg
+from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint, save_checkpoint
+from dmvae_lib.train.artifacts import load_encoder, save_encoder
+from dmvae_lib.train.ssl import SMOKE_OVERRIDES, SUPERVISED_OVERRIDES, train_ssl, train_supervised
 
 TINY = {"width": 8, "arch": "r3", "batch": 16, "proj_hidden": 32, "proj_out": 16, "warmup_steps": 2}
 

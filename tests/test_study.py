@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dmvae_lib import pipeline, study, viz
 from dmvae_lib.configs import ConfigError, make_config
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.workflow import pipeline, study
 
 
 def _cfg(**overrides):

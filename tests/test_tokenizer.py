@@ -6,7 +6,14 @@ import pytest
 import timm
 import torch
 
-from dmvae_lib.tokenizer import Decoder, FrozenEncoder, Projector, Tokenizer, latent_stats, timm_encoder
+from dmvae_lib.models.tokenizer import (
+    Decoder,
+    FrozenEncoder,
+    Projector,
+    Tokenizer,
+    latent_stats,
+    timm_encoder,
+)
 
 
 def _images(gen, n=2, size=32):

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import ConfigError, make_config, to_dict
-from dmvae_lib.runs import RunDir, RunError, load_checkpoint, save_checkpoint
+from dmvae_lib.data.images import load_data, to_float
+from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint, save_checkpoint
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train.artifacts import build_tokenizer, load_tokenizer, save_tokenizer
 
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
         "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.knn_k": 5, "net.proj_hidden": 16,
@@ -18,9 +20,9 @@ def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     cfg = make_config("tokenizer", "smoke", TINY)
     run = RunDir.create(root, "20", "r", to_dict(cfg))
-    data = ts.load_data(cfg, root / "cache")
+    data = load_data(cfg, root / "cache")
     enc = ts.reference_encoders(cfg, data, run, "cpu")
-    tok, stats = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    tok, stats = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
     return cfg, run, data, enc, tok, stats
 
 
@@ -35,7 +37,7 @@ def test_encoders_report_scores_and_tokenizer_trains(stage):
     cfg, run, data, enc, tok, stats = stage
     assert 0.0 <= enc["ssl_scores"]["knn_acc"] <= 1.0 and "val_acc" in enc["supervised_scores"]
     assert stats["nonfinite"] == 0 and "g_loss" in stats and "d_loss" in stats  # the GAN term was active
-    x = ts.to_float(data.val[:4])
+    x = to_float(data.val[:4])
     x_hat, z = tok(x)
     assert x_hat.shape == x.shape and z.shape == (4, cfg.net.z_channels, 8, 8)
 
@@ -46,20 +48,20 @@ def test_metrics_are_labelled_and_checkpoint_round_trips(stage, tmp_path):
     assert "not Inception" in m["fd_label"] and m["lpips_label"]
     assert m["latent_scale"] > 0 and float(tok.latent_scale) == pytest.approx(m["latent_scale"])
     path = tmp_path / "tokenizer.pt"
-    ts.save_tokenizer(path, cfg, tok, enc)
-    tok2, cfg2, _ = ts.load_tokenizer(path)
-    x = ts.to_float(data.val[:4])
+    save_tokenizer(path, cfg, tok, enc)
+    tok2, cfg2, _ = load_tokenizer(path)
+    x = to_float(data.val[:4])
     assert cfg2 == cfg and torch.allclose(tok(x)[0], tok2(x)[0], atol=1e-6)
     assert float(tok2.latent_mean) == pytest.approx(m["latent_mean"])
     save_checkpoint(tmp_path / "other.pt", {"kind": "teacher"})
     with pytest.raises(RunError):
-        ts.load_tokenizer(tmp_path / "other.pt")
+        load_tokenizer(tmp_path / "other.pt")
 
 
 def test_finished_training_resumes_without_steps(stage):
     cfg, run, data, enc, _, _ = stage
     assert run.ckpt_path("tokenizer").exists() and run.ckpt_path("ssl").exists()
-    tok, stats = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    tok, stats = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
     assert stats["nonfinite"] == 0
 
 
@@ -76,7 +78,7 @@ def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monk
 
     def run_to_end(name):
         run = RunDir.create(tmp_path, "20", name, to_dict(cfg))
-        tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+        tok, _ = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
         return tok.state_dict()
 
     reference = run_to_end("straight")
@@ -91,7 +93,7 @@ def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monk
     monkeypatch.setattr(ts, "tokenizer_step", dying_step)
     run = RunDir.create(tmp_path, "20", "killed", to_dict(cfg))
     with pytest.raises(KeyboardInterrupt):
-        ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+        ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
     monkeypatch.setattr(ts, "tokenizer_step", real_step)
     assert load_checkpoint(run.ckpt_path("tokenizer"))["step"] == 2
     resumed = run_to_end("killed")
@@ -104,12 +106,12 @@ def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monk
 def test_imagenet256_preset_full_size_training_step_on_random_tensors():
     """The GPU preset's models at full size (random DINOv2-L at patch 16, 256 px → 16×16×32 latents, the
     49.6 M-parameter decoder) and one reconstruction + adaptive-GAN + discriminator step, on this CPU."""
-    from dmvae_lib.phases import disc_step, tokenizer_step
-    from dmvae_lib.recon_losses import PatchDiscriminator
+    from dmvae_lib.models.recon_losses import PatchDiscriminator
+    from dmvae_lib.train.phases import disc_step, tokenizer_step
 
     cfg = make_config("tokenizer", "imagenet256", {"encoder.timm_pretrained": False})
     torch.manual_seed(0)
-    tok = ts.build_tokenizer(cfg, None)
+    tok = build_tokenizer(cfg, None)
     t = cfg.train
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(1, 3, 256, 256, generator=gen) * 2 - 1

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dmvae_lib import flow, toy2d
+from dmvae_lib.core import flow, toy2d
 
 
 def test_s_shape_deterministic_and_bounded():

@@ -1,8 +1,8 @@
 import torch
 
-from dmvae_lib import toy_study
 from dmvae_lib.configs import make_config
-from dmvae_lib.runs import RunDir
+from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.stages import toy as toy_study
 
 TINY = {"objectives": ["dm", "real_fm_input"], "fit.steps": 20, "fit.batch": 64, "align.steps": 10,
         "align.n_points": 64, "align.fake_batch": 32, "align.snapshot_every": 5, "eval.repeats": 2}
@@ -33,7 +33,7 @@ def test_classify_verdicts():
 
 def test_direction_fields_point_from_fake_toward_real_modes():
     # Analytic nets: real data at +1, fake at -1 (both N(m, 0.05 I)); DM should push every probe toward +x.
-    from dmvae_lib import toy2d
+    from dmvae_lib.core import toy2d
 
     real = toy2d.gaussian_velocity(torch.tensor([1.0, 0.0]), 0.05)
     fake = toy2d.gaussian_velocity(torch.tensor([-1.0, 0.0]), 0.05)

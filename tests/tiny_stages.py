@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dmvae_lib import teacher_stage as tst
-from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.runs import RunDir
+from dmvae_lib.data.images import load_data
+from dmvae_lib.data.latents import build_reference, latents_for
+from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.train import artifacts
+from dmvae_lib.train.artifacts import build_tokenizer, save_teacher, upstream_tokenizer
+from dmvae_lib.train.velocity import fit_velocity_net
 
 TINY_TOK = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
             "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.supervised_batch": 16,
@@ -32,18 +36,18 @@ def tokenizer_stage(root: Path, train: bool = True):
     tokenizer trained and saved with its latent statistics."""
     cfg = make_config("tokenizer", "smoke", TINY_TOK)
     run = run_dir(root, "20_tokenizer_pretraining", "tokenizer", cfg)
-    data = ts.load_data(cfg, root / "_cache")
+    data = load_data(cfg, root / "_cache")
     enc = ts.reference_encoders(cfg, data, run, "cpu")
     if not train:
         return cfg, run, data, enc
-    tok, _ = ts.train_tokenizer(cfg, ts.build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    tok, _ = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
     save_tokenizer(cfg, run, data, tok, enc)
     return cfg, run, data, enc, tok
 
 
 def save_tokenizer(cfg, run: RunDir, data, tok, enc) -> None:
     ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
-    ts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
+    artifacts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
     run.write_summary({"ok": True})
 
 
@@ -51,10 +55,10 @@ def teacher_stage(root: Path, tok_dir: Path, data, **overrides):
     """(cfg, run, tokenizer, encoders, reference, net, stats, latents): notebook 30 on the tiny tokenizer."""
     cfg = make_config("teacher", "smoke", {"tokenizer_run": str(tok_dir), **TINY_TEACHER, **overrides})
     run = run_dir(root, "30_teacher_fitting", "teacher", cfg)
-    tok, _, enc, tok_file = tst.upstream_tokenizer(tok_dir, "cpu")
-    latents, labels = tst.latents_for(tok, tok_file, data, run, "cpu", batch=32)
-    ref = tst.build_reference(cfg, latents, labels, enc, data, "cpu")
-    net, stats = tst.fit_teacher(cfg, ref, run, "cpu", progress=False)
-    tst.save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
+    tok, _, enc, tok_file = upstream_tokenizer(tok_dir, "cpu")
+    latents, labels = latents_for(tok, tok_file, data, run, "cpu", batch=32)
+    ref = build_reference(cfg, latents, labels, enc, data, "cpu")
+    net, stats = fit_velocity_net(cfg, ref, run, "cpu", progress=False)
+    save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
     run.write_summary({"ok": True})
     return cfg, run, tok, enc, ref, net, stats, latents

@@ -17,6 +17,7 @@ import typing
 from typing import Any, Mapping
 
 from . import generation, joint, latents, study, teacher, tokenizer, toy
+from .errors import ConfigError
 
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
@@ -27,10 +28,6 @@ STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "generation": (generation.GenerationStageConfig, generation.PRESETS),
     "study": (study.StudyConfig, study.PRESETS),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration key, preset or value that does not exist or does not fit."""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

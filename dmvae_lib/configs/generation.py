@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .teacher import DiTConfig
 
 SAMPLERS = ("ode", "sde")
@@ -12,7 +13,7 @@ SAMPLERS = ("ode", "sde")
 
 @dataclass(frozen=True)
 class GeneratorFitConfig:
-    """The flow-matching fit of the generator (teacher_stage.fit_teacher reads exactly these fields)."""
+    """The flow-matching fit of the generator (fit_velocity_net reads exactly these fields)."""
 
     steps: int = 1600  # ≈ 3.5 min for Micro/4 at batch 256 in bf16 on 2 cores (as the cpu teacher)
     batch: int = 256
@@ -70,8 +71,6 @@ class GenerationStageConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
-        from . import ConfigError
-
         s = self.sample
         if s.sampler not in SAMPLERS:
             raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class JointTrainConfig:
@@ -50,8 +52,6 @@ class JointStageConfig:
     train: JointTrainConfig = field(default_factory=JointTrainConfig)
 
     def validate(self) -> None:
-        from . import ConfigError
-
         t = self.train
         if not 0.0 <= t.t_min < t.t_max <= 1.0:
             raise ConfigError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t.t_min}, {t.t_max}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 EMBED_METHODS = ("tsne", "umap", "pca")
 
 
@@ -32,8 +34,6 @@ class LatentsStageConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def validate(self) -> None:
-        from . import ConfigError
-
         e = self.embed
         bad = [m for m in e.methods if m not in EMBED_METHODS]
         if bad or not e.methods:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .teacher import REFERENCE_NAMES
 
 
@@ -30,8 +31,6 @@ class StudyConfig:
     generation: dict = field(default_factory=dict)  # … for notebook 60
 
     def validate(self) -> None:
-        from . import ConfigError
-
         unknown = [r for r in self.references if r not in REFERENCE_NAMES]
         if unknown or not self.references:
             raise ConfigError(f"references {list(self.references)}: use a non-empty subset of {', '.join(REFERENCE_NAMES)}")

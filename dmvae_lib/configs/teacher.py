@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 REFERENCE_NAMES = ("ssl", "supervised", "gaussian", "gmm", "class_subset", "noise_states")
 
 
@@ -54,8 +56,6 @@ class TeacherStageConfig:
     encode_batch: int = 500
 
     def validate(self) -> None:
-        from . import ConfigError
-
         if self.reference.name not in REFERENCE_NAMES:
             raise ConfigError(f"reference.name {self.reference.name!r} unknown; use one of {', '.join(REFERENCE_NAMES)}")
         if not 0.0 < self.reference.noise_t < 1.0:

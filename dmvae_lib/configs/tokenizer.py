@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ssl_encoder import SSLConfig
+from .errors import ConfigError
+from .ssl import SSLConfig
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ class TokenizerStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        from . import ConfigError
-
         if self.data.source not in ("shapes", "cifar10", "imagefolder"):
             raise ConfigError(f"data.source {self.data.source!r} unknown; use shapes, cifar10 or imagefolder")
         if self.data.source != "shapes" and not self.data.root:

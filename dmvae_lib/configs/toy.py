@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.dmd import OBJECTIVES
+from ..core.toy2d import REFERENCES
+from .errors import ConfigError
+
 ALL_OBJECTIVES = (
     "dm", "dm_unnormalized",
     "real_fm_input", "real_fm_target", "real_fm_both",
@@ -69,10 +73,6 @@ class ToyConfig:
     eval: ToyEvalConfig = field(default_factory=ToyEvalConfig)
 
     def validate(self) -> None:
-        from ..dmd import OBJECTIVES
-        from ..toy2d import REFERENCES
-        from . import ConfigError
-
         if self.reference not in REFERENCES:
             raise ConfigError(f"reference {self.reference!r} unknown; known: {', '.join(REFERENCES)}")
         bad = [o for o in self.objectives if o not in OBJECTIVES]

@@ -1,0 +1,1 @@
+"""Data: the embedded shapes, image folders, SSL views, latent caches, reference distributions."""

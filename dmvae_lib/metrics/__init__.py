@@ -1,0 +1,1 @@
+"""Measurements: image metrics and labelled Fréchet distances, protocol records, probes, 2-D embeddings."""

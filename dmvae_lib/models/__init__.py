@@ -1,0 +1,1 @@
+"""Networks: LightningDiT and toy velocity nets, the tokenizer, projection heads, reconstruction losses, SSL encoder."""

@@ -1,0 +1,1 @@
+"""What every layer uses: device choice, run folders and checkpoint files, torchrun/DDP helpers."""

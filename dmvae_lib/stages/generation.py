@@ -1,0 +1,255 @@
+"""Stage 4 orchestration (notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6): the final generator.
+
+    latent cache of the DM tokenizer → LightningDiT fitted by flow matching (fit_velocity_net, the same
+    loop, loss, EMA and label dropout) → class-balanced samples by Euler ODE or Euler–Maruyama SDE, optionally
+    with CFG inside a guidance interval → decode(denormalize(latents)) → PNGs + ADM .npz → metrics with their
+    protocol records.
+
+The DM tokenizer saved by notebook 40 carries its latent mean/scale re-measured after DM training, so its
+`normalize`/`denormalize` are the generator's data scaling. `tokenizer_file="control_tokenizer.pt"` runs the
+same code on the λ = 0 baseline.
+
+Metrics (`evaluate`): a Fréchet distance in the SSL encoder's pooled feature space (samples vs real training
+images; labelled, never "FID"), read against the real-vs-real noise floor and the tokenizer's reconstruction
+FD (rFD: val originals vs their reconstructions, the same images); and, only when the Inception weights are a
+local file, FID / IS / precision-recall (`evaluation.inception_metrics`). Each metric carries its protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..configs.generation import GenerationStageConfig, MetricsConfig, SampleConfig
+from ..core.samplers import euler_maruyama, euler_ode, guided
+from ..data.images import ImageData
+from ..data.latents import latents_for
+from ..data.references import TensorReference
+from ..metrics import embedding, probes
+from ..metrics import evaluation as ev
+from ..metrics.distributions import distribution_distances
+from ..metrics.reconstruction import reconstruct
+from ..models.tokenizer import Tokenizer
+from ..runtime.device import autocast_ctx, denormals_flushed
+from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
+from ..train.artifacts import build_net
+from ..train.velocity import fit_velocity_net
+from ..viz import figures as viz
+
+SSL_SPACE = "SSL-encoder pooled features (not Inception; not FID)"
+
+
+def generator_data(cfg: GenerationStageConfig, tok: Tokenizer, tok_file: Path, data: ImageData, run: RunDir,
+                   device) -> TensorReference:
+    """The generator's training set: the tokenizer's normalised latents (cached in `run`) with their labels."""
+    latents, labels = latents_for(tok, tok_file, data, run, device, flip=cfg.flip, batch=cfg.encode_batch)
+    return TensorReference(latents, labels, f"{tok_file.stem} latents")
+
+
+def fit_generator(cfg: GenerationStageConfig, data: TensorReference, run: RunDir | None, device,
+                  progress: bool = True) -> tuple[nn.Module, dict]:
+    """Flow matching on the latent cache with notebook 30's fit (one loop); returns (EMA net, last stats)."""
+    return fit_velocity_net(cfg, data, run, device, progress=progress, tag="generator")
+
+
+def raw_generator(cfg: GenerationStageConfig, data: TensorReference, run: RunDir, device) -> nn.Module:
+    """The raw (non-EMA) weights of the generator's last training checkpoint."""
+    ck = load_checkpoint(run.ckpt_path("generator"), required=("state",))
+    net = build_net(cfg, data.shape, data.num_classes)
+    load_state_strict(net, ck["state"]["net"], f"{run.ckpt_path('generator')} [net]")
+    return net.to(device).eval().requires_grad_(False)
+
+
+def class_balanced_labels(n: int, num_classes: int) -> Tensor | None:
+    """Labels i mod num_classes (each class n / num_classes times, as the authors' sample_50k.py); None if
+    unconditional."""
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def sampling_protocol(cfg: GenerationStageConfig) -> ev.SamplingProtocol:
+    s = cfg.sample
+    return ev.SamplingProtocol(n_samples=s.n, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+                               cfg_interval=tuple(s.cfg_interval), ema=s.ema, seed=cfg.seed, shift=s.shift,
+                               precision=s.precision)
+
+
+@torch.no_grad()
+def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: SampleConfig, seed: int,
+                   device, progress: bool = True) -> tuple[Tensor, Tensor | None]:
+    """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels."""
+    dev = torch.device(device)
+    noise_gen = torch.Generator().manual_seed(seed)
+    sde_gen = torch.Generator(device=dev).manual_seed(seed + 1)  # the SDE's Brownian increments
+    labels = class_balanced_labels(s.n, num_classes)
+    velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
+    out = []
+    for start in tqdm(range(0, s.n, s.batch), desc="sampling (batches)", disable=not progress, leave=False):
+        m = min(s.batch, s.n - start)
+        noise = torch.randn(m, *shape, generator=noise_gen).to(dev)
+        y = None if labels is None else labels[start:start + m].to(dev)
+        with autocast_ctx(dev, s.precision), denormals_flushed():
+            if s.sampler == "ode":
+                x = euler_ode(velocity, noise, s.steps, y=y, shift=s.shift)
+            else:
+                x = euler_maruyama(velocity, noise, s.steps, y=y, diffusion_norm=s.diffusion_norm,
+                                   last_step=s.last_step, generator=sde_gen)
+        out.append(x.float().cpu())
+    return torch.cat(out), labels
+
+
+@torch.no_grad()
+def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, precision: str = "fp32",
+                   progress: bool = True) -> Tensor:
+    """Normalised latents → uint8 (N, H, W, 3) images: decode(denormalize(latents)), clamped and rounded."""
+    dev, out = torch.device(device), []
+    for start in tqdm(range(0, len(latents), batch), desc="decoding (batches)", disable=not progress, leave=False):
+        with autocast_ctx(dev, precision), denormals_flushed():
+            x = tok.decode(tok.denormalize(latents[start:start + batch].to(dev)))
+        out.append(ev.to_uint8(x.float().clamp(-1, 1).cpu()))
+    return torch.cat(out)
+
+
+def class_rows(images: Tensor, labels: Tensor | None, per_class: int, max_rows: int = 10) -> dict[str, Tensor]:
+    """{"class c": uint8 images of class c} for the first `max_rows` classes, all rows of equal length
+    (`per_class`, or fewer when a class has fewer samples)."""
+    if labels is None:
+        k = min(per_class, len(images))
+        return {f"row {r}": images[r * k:(r + 1) * k] for r in range(min(max_rows, len(images) // k))}
+    rows = {f"class {c}": images[labels == c] for c in labels.unique()[:max_rows].tolist()}
+    k = min(per_class, *(len(v) for v in rows.values()))
+    return {name: imgs[:k] for name, imgs in rows.items()}
+
+
+def samples_figure(images: Tensor, labels: Tensor | None, per_class: int, real: Tensor | None = None,
+                   real_labels: Tensor | None = None, title: str = ""):
+    """Plotly grid: a row of generated samples per class, each followed by real images of that class."""
+    gen, rows = class_rows(images, labels, per_class), {}
+    ref = class_rows(real, real_labels, per_class) if real is not None else {}
+    for name, imgs in gen.items():
+        rows[f"{name} generated"] = imgs
+        if name in ref:
+            rows[f"{name} real"] = ref[name]
+    k = min(len(v) for v in rows.values())  # equal row lengths
+    return viz.image_grid({name: v[:k].permute(0, 3, 1, 2).float() / 127.5 - 1 for name, v in rows.items()},
+                          title=title)
+
+
+def latent_fit(latents: Tensor, data: TensorReference, seed: int) -> dict:
+    """FD and sliced-W2 of sampled latents to the latent cache, read against two draws of the cache (the floor)."""
+    gen = torch.Generator().manual_seed(seed + 5)
+    a, b = data.sample(len(latents), gen)[0], data.sample(len(latents), gen)[0]
+    fit, floor = distribution_distances(latents, a, seed), distribution_distances(b, a, seed)
+    return {"samples_vs_cache": fit, "noise_floor": floor, "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),
+            "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12)}
+
+
+def latent_clustering(data: TensorReference, n: int, seed: int, k: int = 10) -> dict:
+    """How the classes cluster in the generator's training latents: leave-one-out kNN accuracy and silhouette
+    on a class-balanced subset of about `n` cached latents (chance = 1 / classes). NaN without labels."""
+    if data.labels is None:
+        return {"knn": math.nan, "silhouette": math.nan, "n": 0, "chance": math.nan}
+    idx = embedding.balanced_indices(data.labels, n, seed=seed)
+    sc = embedding.clustering_scores(data.bank[idx].float(), data.labels[idx], k=k)
+    return {"knn": sc.knn, "silhouette": sc.silhouette, "n": len(idx), "k": k, "chance": 1.0 / data.num_classes}
+
+
+def write_samples(run: RunDir, images: Tensor, labels: Tensor | None, m: MetricsConfig) -> dict[str, Path]:
+    """samples.npz (ADM format, all N), samples_grid.png (one row per class) and samples/ (≤ png_limit PNGs),
+    written through a private scratch directory inside the run folder."""
+    with ev.scratch_dir(run.path) as tmp:
+        npz = ev.save_adm_npz(run.path / "samples.npz", images, labels, scratch=tmp)
+        rows = list(class_rows(images, labels, m.grid_per_class).values())
+        grid = ev.image_grid(torch.cat(rows), len(rows[0]))
+        png = ev.save_png(grid, run.path / "samples_grid.png", scratch=tmp)
+        folder = ev.save_pngs(images, run.path / "samples", m.png_limit, scratch=tmp)
+    return {"npz": npz, "grid": png, "pngs": folder}
+
+
+def real_images(data: ImageData, n: int, held_out: int) -> tuple[Tensor, str]:
+    """Up to n real images (uint8 NHWC) for the statistics, and what they are: training images, or (streamed
+    training data) val images other than the last `held_out`, which serve the floor and the rFD."""
+    if data.train is not None:
+        return data.train[0][:n], f"train[:{min(n, data.train.shape[1])}] (first render)"
+    k = min(n, len(data.val) - held_out)
+    if k < 2:
+        raise RunError(f"{len(data.val)} val images leave no real set beside the {held_out} held out")
+    return data.val[:k], f"val[:{k}] (training images are streamed)"
+
+
+def feature_fn(tok: Tokenizer, encoders: dict, device) -> tuple[Callable[[Tensor], Tensor], str]:
+    """The SSL encoder's pooled features (falls back to the tokenizer's frozen encoder, mean-pooled)."""
+    if "ssl" in encoders:
+        return encoders["ssl"].to(device).eval(), SSL_SPACE
+    return (lambda x: tok.encode_features(x).float().mean((2, 3))), \
+        "tokenizer-encoder features, mean-pooled (not Inception; not FID)"
+
+
+def evaluate(cfg: GenerationStageConfig, images: Tensor, tok: Tokenizer, encoders: dict, data: ImageData,
+             files: dict[str, Path | None], device) -> list[dict]:
+    """Every metric of the run as {"metric", "value", …, "protocol"}: FD in the SSL space (samples vs real), its
+    real-vs-real floor, the reconstruction FD, and the Inception metrics (or why they are not available)."""
+    m, proto = cfg.metrics, sampling_protocol(cfg)
+    fn, space = feature_fn(tok, encoders, device)
+    feats = lambda u8: probes.extract_features(fn, u8, batch=m.feature_batch, device=device)
+    val = data.val[-m.floor_images:]  # the floor's and the rFD's images; never in the real set
+    real, real_desc = real_images(data, m.real_images, len(val))
+    f_real, f_gen, f_val = feats(real), feats(images), feats(val)
+    recon = ev.to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
+    val_desc = f"val[-{len(val)}:]"
+    rows = [("fd_ssl", ev.feature_fd(f_gen, f_real, space), {"real_set": real_desc}),
+            ("fd_ssl_floor", ev.feature_fd(f_val, f_real, space),
+             {"real_set": real_desc, "note": f"{val_desc} vs the real set: two real sets, no generator"}),
+            ("rfd_ssl", ev.feature_fd(f_val, feats(recon), space),
+             {"real_set": val_desc, "note": "reconstructions vs the same val images (rFD)"})]
+    out = []
+    for name, res, extra in rows:
+        fs = files if name == "fd_ssl" else {"tokenizer": files["tokenizer"]}
+        sampling = proto if name == "fd_ssl" else _no_sampling(proto, res["n_samples"])
+        out.append({"metric": name, **res, "protocol": ev.protocol_record(sampling, fs, **extra)})
+    out.append(_inception(cfg, images, real, real_desc, files, proto, device))
+    return out
+
+
+def _no_sampling(proto: ev.SamplingProtocol, n: int) -> ev.SamplingProtocol:
+    import dataclasses
+
+    return dataclasses.replace(proto, n_samples=n, sampler="none (real or reconstructed images)", steps=0,
+                               cfg_scale=1.0, ema=False, label_sampling="n/a")
+
+
+def _inception(cfg, images, real, real_desc, files, proto, device) -> dict:
+    m = cfg.metrics
+    weights = Path(m.inception_weights) if m.inception_weights else ev.default_inception_path()
+    reference = Path(m.reference_batch) if m.reference_batch else None
+    res = ev.inception_metrics(images, weights_path=weights, real_u8=real, reference_path=reference,
+                               device=device, batch=m.feature_batch, isc_splits=m.isc_splits,
+                               prc_neighborhood=m.prc_neighborhood)
+    used = {**files, "inception_weights": weights if res["available"] else None, "reference_batch": reference}
+    extra = {"real_set": real_desc, "isc_splits": m.isc_splits,
+             "prc_neighborhood": m.prc_neighborhood}
+    return {"metric": "inception", **res, "protocol": ev.protocol_record(proto, used, **extra)}
+
+
+def save_evaluation(run: RunDir, records: list[dict]) -> Path:
+    """evaluation.json: the metric records with their protocols."""
+    path = run.path / "evaluation.json"
+    with ev.scratch_dir(run.path) as tmp:
+        (tmp / path.name).write_text(json.dumps(records, indent=2, default=float))
+        (tmp / path.name).replace(path)
+    return path
+
+
+def metrics_table(records: list[dict]):
+    """One row per metric: value, feature space, sample counts (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = {r["metric"]: {"value": r.get("value", r.get("fid", {}).get("value")),
+                          "feature_space": r.get("feature_space", r.get("reason", "")),
+                          "n": r["protocol"]["n_samples"]} for r in records}
+    return pd.DataFrame(rows).T

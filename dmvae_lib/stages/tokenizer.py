@@ -1,0 +1,170 @@
+"""Stage 1 orchestration (notebook 20; paper App. A.1): data → reference encoders → tokenizer pretraining.
+
+One code path for every preset: the embedded shapes data or CIFAR-10 in memory (uint8), or an ImageFolder
+streamed through a DataLoader (ImageNet-256 with the ADM centre crop). The frozen encoder runs on the fly
+under no_grad (on this CPU it costs ~15 % of a step, less than the memory a feature cache would take).
+Only the projector and decoder train; their EMA is what gets evaluated and saved, with the latent mean and
+scale measured on validation latents and stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ..configs.tokenizer import TokenizerStageConfig
+from ..data.images import ImageData, batches, to_float
+from ..metrics import image_metrics, probes
+from ..metrics.reconstruction import reconstruct
+from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
+from ..models.tokenizer import Tokenizer
+from ..runtime.device import autocast_ctx
+from ..runtime.distributed import (
+    DistContext,
+    main_only_run,
+    rank_generator,
+    reduce_stats,
+    shard_batch,
+    wrap_ddp,
+)
+from ..runtime.runs import (
+    RunDir,
+)
+from ..train.loop import train
+from ..train.phases import TokenizerParts, disc_step, tokenizer_step
+from ..train.ssl import SUPERVISED_OVERRIDES, train_ssl, train_supervised
+
+
+def evaluate_features(fn, data: ImageData, device, k: int = 20, n_bank: int = 10000) -> dict:
+    """kNN (k, cosine, weighted) and linear-probe val accuracy of pooled features `fn(x)`; labels used here only."""
+    bank = data.train[0][:n_bank]
+    ftr = probes.extract_features(fn, bank, device=device)
+    fva = probes.extract_features(fn, data.val, device=device)
+    ytr, yva = data.train_labels[:n_bank], data.val_labels
+    return {"knn_acc": probes.knn_accuracy(ftr, ytr, fva, yva, k=k),
+            "linear_acc": probes.linear_probe_accuracy(ftr, ytr, fva, yva)}
+
+
+def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional[RunDir], device,
+                       scores: bool = True) -> dict:
+    """Train (or resume, or load when finished) the SSL encoder and the supervised classifier; return the models
+    and, with `scores`, their kNN / linear-probe / val scores."""
+    e, out = cfg.encoder, {}
+    if e.kind == "timm":
+        return out
+    ssl = train_ssl(dataclasses.replace(e.ssl, seed=cfg.seed), data.train, device=device, run=run, tag="ssl")
+    out["ssl"] = ssl.model.eval()
+    if scores:
+        out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
+    if e.supervised_steps > 0:
+        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": cfg.seed + 1, "steps": e.supervised_steps,
+                                                "batch": e.supervised_batch, "max_seconds": 0.0})
+        sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
+        out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
+        if not scores:
+            return out
+        logits = probes.extract_features(sup.model.eval(), data.val, device=device)
+        out["supervised_scores"] = {"val_acc": float((logits.argmax(1) == data.val_labels).float().mean()),
+                                    **evaluate_features(out["supervised"], data, device, e.knn_k)}
+    return out
+
+
+def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
+                    progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
+    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer, stats).
+
+    With a multi-process `ctx` (torchrun) each rank draws train.batch / world_size images (and its DiffAug
+    draws) from its own generator; the projector + decoder and the discriminator train under DDP (the frozen
+    encoder is not wrapped; every parameter is used in every forward, so find_unused_parameters stays off).
+    The adaptive GAN weight is that of the global batch (its last-layer gradients are averaged over ranks).
+    The discriminator's BatchNorm normalises with per-rank shard statistics, as in multi-GPU PatchGAN
+    training; its running statistics are averaged over ranks after each update. A non-finite value on any
+    rank makes every rank skip that update (and the loop raise at the same step). Logged numbers are rank
+    means; only rank 0 writes. Resuming restores rank 0's checkpoint on every rank, each with its own data
+    generator (`loop.train`), under the same world size.
+    """
+    t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
+    params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    warm = lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 6)
+        disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    trainable = TokenizerParts(tok.projector, tok.decoder)
+    model, disc_model = wrap_ddp(trainable, ctx), wrap_ddp(disc, ctx)
+    # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
+    ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
+    perceptual = perceptual_loss(t.lpips)
+    gen = rank_generator(cfg.seed + 11, ctx)  # rank 0 (or one process): the single-process stream
+    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
+    autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
+
+    def step(k: int) -> dict:
+        images = next(stream)[0].to(device)
+        with autocast():
+            feats = tok.encode_features(images)
+        gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
+        stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2,
+                                      perceptual=perceptual, lpips_weight=t.lpips_weight, disc=gan,
+                                      disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
+                                      autocast=autocast, model=model, ctx=ctx)
+        if gan is not None:
+            d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip,
+                          autocast=autocast, ctx=ctx)
+            stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
+        ema.update(trainable, step=k + 1)
+        return reduce_stats(stats, ctx)
+
+    state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema, "gen": gen}
+    stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
+                  log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
+    trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights
+    return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
+
+
+def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Optional[nn.Module], batch: int = 500) -> dict:
+    """Val PSNR, SSIM, LPIPS (labelled) and the Fréchet distance of reconstructions in `feature_net`'s space."""
+    x_hat, z = reconstruct(tok, data.val, device, batch)
+    x = to_float(data.val)
+    out = {"psnr": float(image_metrics.psnr(x_hat, x).mean()), "ssim": float(image_metrics.ssim(x_hat, x).mean())}
+    lp = perceptual_loss("auto") or PerceptualLoss(allow_random_backbone=True)
+    res = image_metrics.lpips_distance(x_hat[:1000], x[:1000], lp)
+    out.update(lpips=float(res.values.mean()), lpips_label=res.label)
+    if feature_net is not None:
+        fa = probes.extract_features(feature_net, x, device=device)
+        fb = probes.extract_features(feature_net, x_hat, device=device)
+        fd = image_metrics.frechet_distance(fa, fb, "SSL-encoder pooled features (not Inception; not FID)")
+        out.update(fd=fd.value, fd_label=fd.feature_space, fd_n=fd.n_a)
+    stats = tok.measure_latent_stats(z.split(batch))
+    out.update(latent_mean=stats.mean, latent_scale=stats.scale)
+    return out
+
+
+def encoder_scores(encoders: dict) -> dict[str, dict[str, float]]:
+    """{encoder: its label-based scores} (labels are used for evaluation only); only the scores each one has."""
+    return {name.removesuffix("_scores"): scores for name, scores in encoders.items() if name.endswith("_scores")}
+
+
+def encoder_table(encoders: dict):
+    """encoder_scores as a table (a score an encoder does not have, e.g. the SSL encoder's val_acc, is NaN)."""
+    import pandas as pd
+
+    return pd.DataFrame(encoder_scores(encoders)).T
+
+
+def loss_curves(run: RunDir, tag: str, keys: tuple[str, ...]):
+    """Plotly lines of `keys` against step from the run's metrics.jsonl (records of `tag`)."""
+    import plotly.graph_objects as go
+
+    recs = [r for r in run.read_metrics() if r.get("tag") == tag]
+    fig = go.Figure([go.Scatter(x=[r["step"] for r in recs if k in r], y=[r[k] for r in recs if k in r],
+                                mode="lines+markers", name=k) for k in keys])
+    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800)
+    return fig

@@ -1,0 +1,1 @@
+"""Training: the one loop and its step functions."""

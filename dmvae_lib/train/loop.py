@@ -1,0 +1,173 @@
+"""The one training loop of the workbook.
+
+    train(step_fn, max_steps=…, state={…}, run=…, tag=…)
+
+`step_fn(step) -> dict[str, float]` does one optimisation step (fetching its own batch) and returns its
+numbers. The loop owns everything around it: resume from `ckpt/<tag>/last.pt`, progress bar, metrics to
+`metrics.jsonl`, periodic and final checkpoints (atomic), hooks (snapshots, evaluation), and the policy for
+non-finite steps: a step function reports `nonfinite > 0` (and applies no update); the loop then raises
+with the step and the last good checkpoint named, or counts the skip when `on_nonfinite="skip"`.
+
+`state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
+`torch.Generator`s and plain picklable lists/dicts (restored in place).
+
+Several processes (`ctx` from `distributed.init_distributed`, `run` given on rank 0 only): every rank must call
+`train` with the same arguments. Rank 0 names its checkpoint and every rank reads that file (one node, or a
+shared filesystem), so every rank resumes from the same step and state. Each rank's generators are gathered
+into rank 0's checkpoint (`rank_generators`) at every save and each rank restores its own, since every rank
+draws different data; all other state is rank 0's (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
+ranks, so all ranks raise, or all skip, at the same step. A checkpoint resumes only under the world size that
+wrote it (the per-rank data streams are part of the state); a finished one loads under any world size, which is
+how a notebook picks up the result of a fit that `ddp_fit` ran in several processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..runtime.distributed import DistContext, all_reduce_max, broadcast_object, gather_objects
+from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced non-finite values."""
+
+
+def _capture(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, obj in state.items():
+        if isinstance(obj, torch.Generator):
+            out[name] = obj.get_state()
+        elif hasattr(obj, "state_dict"):
+            out[name] = obj.state_dict()
+        else:
+            out[name] = obj
+    return out
+
+
+def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) -> None:
+    missing = [k for k in state if k not in saved]
+    if missing:
+        raise RunError(f"{source} lacks state {missing}; it has {sorted(saved)}")
+    for name, obj in state.items():
+        if isinstance(obj, torch.Generator):
+            obj.set_state(saved[name])
+        elif isinstance(obj, torch.nn.Module):
+            load_state_strict(obj, saved[name], f"{source} [{name}]")
+        elif hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(saved[name])
+        elif isinstance(obj, list):
+            obj[:] = saved[name]
+        elif isinstance(obj, dict):
+            obj.clear()
+            obj.update(saved[name])
+        else:
+            raise RunError(f"cannot restore state {name!r} of type {type(obj).__name__}")
+
+
+def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None, Path | None]:
+    """(checkpoint or None, rank 0's checkpoint path) on every rank; a checkpoint any rank cannot read raises on all.
+
+    Rank 0 (the only one with `run`) names the file and every rank reads it itself, so the run folder must be
+    visible to all ranks (one node, or a shared filesystem); broadcasting a full-scale checkpoint instead would
+    pass the weights, EMA and optimizer moments through every GPU's memory at once.
+    """
+    file = None if run is None else run.ckpt_path(tag)
+    exists = file is not None and file.exists()
+    if ctx.distributed:  # the other ranks have no run: they wait for rank 0's answer
+        file, exists = broadcast_object((file, exists), ctx)
+    saved, error = None, None
+    if exists:
+        try:
+            saved = load_checkpoint(file, required=("step", "state"))
+        except RunError as exc:
+            if not ctx.distributed:
+                raise
+            error = f"rank {ctx.rank}: {exc}"
+    if ctx.distributed:
+        if all_reduce_max(float(error is not None), ctx) > 0:
+            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads the "
+                                    "checkpoint itself: one node, or the run folder on a shared filesystem")
+        step = -1 if saved is None else saved["step"]
+        if all_reduce_max(step, ctx) != -all_reduce_max(-step, ctx):  # e.g. a stale network-filesystem cache
+            raise RunError(f"the ranks read different checkpoints at {file} (this rank: step {step})")
+    writers = len(saved.get("rank_generators", [None])) if saved else ctx.world_size
+    if writers != ctx.world_size and saved["step"] < max_steps:  # a finished fit loads under any world size
+        raise RunError(f"{file} was written by {writers} process(es); resume it with {writers}, not "
+                       f"{ctx.world_size} (each rank's data generator is part of the state)")
+    return saved, file
+
+
+def train(
+    step_fn: Callable[[int], Mapping[str, float]],
+    *,
+    max_steps: int,
+    state: Mapping[str, Any],
+    run: Optional[RunDir] = None,
+    tag: str = "train",
+    log_every: int = 50,
+    ckpt_every: int = 0,
+    keep_every: int = 0,
+    hooks: Sequence[tuple[int, Callable[[int], None]]] = (),
+    on_nonfinite: str = "raise",
+    progress: bool = True,
+    ctx: DistContext | None = None,
+) -> dict[str, float]:
+    """Run `step_fn` from the last checkpoint (or 0) to `max_steps`; return the last step's numbers."""
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    ctx = ctx or DistContext()
+    start, last_ckpt, skipped, stats = 0, None, 0, {}
+    saved, ckpt_file = _resume_point(run, tag, ctx, max_steps)
+    if saved is not None:
+        last_ckpt = ckpt_file
+        _restore(state, saved["state"], str(last_ckpt))
+        if ctx.distributed and "rank_generators" in saved:
+            for name, gen_state in saved["rank_generators"][ctx.rank].items():
+                state[name].set_state(gen_state)
+        start, stats = saved["step"], saved.get("stats", {})
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        generators = None
+        if ctx.distributed:  # a collective: every rank takes part, rank 0 writes
+            mine = {k: v.get_state() for k, v in state.items() if isinstance(v, torch.Generator)}
+            generators = gather_objects(mine, ctx)
+        last_ckpt = ckpt_file
+        if run is None:
+            return
+        payload = {"step": step, "tag": tag, "state": _capture(state), "stats": dict(stats)}
+        if generators is not None:
+            payload["rank_generators"] = generators
+        save_checkpoint(run.ckpt_path(tag), payload)
+        if keep_every and step % keep_every == 0:
+            save_checkpoint(run.ckpt_path(tag, step), payload)
+
+    bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start, total=max_steps)
+    for step in bar:
+        stats = dict(step_fn(step))
+        if ctx.distributed and "nonfinite" in stats:  # one decision for all ranks
+            stats["nonfinite"] = int(all_reduce_max(stats["nonfinite"], ctx))
+        if stats.get("nonfinite", 0) > 0:
+            if on_nonfinite == "raise":
+                raise NonFiniteError(f"{tag}: non-finite values at step {step} ({stats}); "
+                                     f"last good checkpoint: {last_ckpt or 'none'}")
+            skipped += 1
+        done = step + 1
+        if done % log_every == 0 or done == max_steps:
+            record = {"tag": tag, "step": done, "skipped": skipped, **stats}
+            if run is not None:
+                run.log_metrics(record)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)}, refresh=False)
+        for every, hook in hooks:
+            if done % every == 0 or done == max_steps:
+                hook(done)
+        if ckpt_every and done % ckpt_every == 0 and done != max_steps:
+            checkpoint(done)
+    if start < max_steps:
+        checkpoint(max_steps)
+    return stats

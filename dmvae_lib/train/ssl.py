@@ -1,0 +1,146 @@
+"""Training the embedded reference encoders: the SSL encoder (NT-Xent on paired views) and the supervised one."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..configs.ssl import SSLConfig
+from ..data.views import augment, batch_images, renders_tensor, sample_views
+from ..models.ssl_encoder import OBJECTIVES, SmallResNet, projector
+from ..runtime.device import autocast_ctx
+from ..runtime.runs import RunDir
+from . import loop
+from .phases import apply_update
+
+SMOKE_OVERRIDES: dict[str, Any] = {"steps": 150, "warmup_steps": 10}  # 10 s; kNN only 15–19 %
+
+
+SUPERVISED_OVERRIDES: dict[str, Any] = {"batch": 256, "steps": 480, "color_p": 0.8, "gray_p": 0.2}  # 1 min
+
+
+def ssl_step(encoder: nn.Module, proj: nn.Module, optimizer: torch.optim.Optimizer, x1: Tensor, x2: Tensor, *,
+             objective: str = "ntxent", temperature: float = 0.2, grad_clip: float = 3.0,
+             autocast: Callable = contextlib.nullcontext, channels_last: bool = False) -> dict[str, float]:
+    """One update of encoder + projector on the objective between the views x1, x2 (B, 3, H, W)."""
+    x = torch.cat([x1, x2])  # one forward: BatchNorm sees both views, as in SimCLR
+    with autocast():
+        z = proj(encoder(x.contiguous(memory_format=torch.channels_last) if channels_last else x))
+    loss = OBJECTIVES[objective](z[: len(x1)], z[len(x1):], temperature)
+    bad = int(not torch.isfinite(loss))
+    norm = apply_update(loss, optimizer, [*encoder.parameters(), *proj.parameters()], grad_clip, bad)
+    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": bad}
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
+                    grad_clip: float = 3.0, autocast: Callable = contextlib.nullcontext,
+                    channels_last: bool = False) -> dict[str, float]:
+    """One cross-entropy update of `model` (images → logits) on (x, y)."""
+    with autocast():
+        logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float()
+    loss = F.cross_entropy(logits, y)
+    bad = int(not torch.isfinite(loss))
+    norm = apply_update(loss, optimizer, model.parameters(), grad_clip, bad)
+    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": bad,
+            "train_acc": float((logits.argmax(1) == y).float().mean())}
+
+
+class Trained(NamedTuple):
+    model: nn.Module  # the SSL backbone, or the supervised Sequential(backbone, head); in eval mode
+    stats: dict  # the last step's numbers (loss, lr, seconds of steps, …)
+
+
+def _bind(hooks: Sequence, model: nn.Module) -> list:
+    """[(every, fn(step, model))] → loop hooks [(every, fn(step))]; `model` returns to train mode after."""
+    return [(every, lambda step, fn=fn: (fn(step, model), model.train())) for every, fn in hooks]
+
+
+def _aug(cfg: SSLConfig) -> dict:
+    return {"crop_scale": cfg.crop_scale, "rotate": cfg.rotate, "flip": cfg.flip, "color_p": cfg.color_p,
+            "color_strength": cfg.color_strength, "hue": cfg.hue, "gray_p": cfg.gray_p}
+
+
+def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, device, **loop_kwargs) -> dict:
+    """AdamW, linear warm-up then cosine over `cfg.steps` or `cfg.max_seconds` (whichever ends first), run
+    by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # batches + augmentations
+    clock, last = [0.0], {}  # step seconds so far (evaluation hooks excluded; survives resume); last stats
+
+    def step_fn(step: int) -> dict:
+        nonlocal last
+        if cfg.max_seconds > 0 and clock[0] >= cfg.max_seconds:
+            return {**last, "idle": 1.0}  # time budget spent: the remaining steps are no-ops
+        start = time.perf_counter()
+        done = max(step / cfg.steps, clock[0] / cfg.max_seconds if cfg.max_seconds > 0 else 0.0)
+        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        stats = update(gen, step, opt, lambda: autocast_ctx(torch.device(device), cfg.precision))
+        clock[0] += time.perf_counter() - start
+        last = {**stats, "lr": opt.param_groups[0]["lr"], "seconds": clock[0], "idle": 0.0}
+        return last
+
+    for m in modules.values():
+        m.to(device).train()
+    state = {**modules, "opt": opt, "gen": gen, "clock": clock}
+    return loop.train(step_fn, max_steps=cfg.steps, state=state, **loop_kwargs)
+
+
+def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", run: RunDir | None = None,
+              tag: str = "ssl", progress: bool = True, hooks: Sequence = (), log_every: int = 25,
+              ckpt_every: int = 0) -> Trained:
+    """Self-supervised training, no labels, on uint8 renders (V, N, 32, 32, 3) (V ≥ 2: paired views).
+
+    Resumes from `run`'s ckpt/<tag>/last.pt. `hooks` [(every, fn(step, encoder))] run between steps, e.g. a
+    kNN evaluation (it may switch the encoder to eval mode; training mode is restored after it)."""
+    data = renders_tensor(renders)
+    with torch.random.fork_rng(devices=[]):  # deterministic init; the caller's global RNG is untouched
+        torch.manual_seed(cfg.seed)
+        encoder = SmallResNet(cfg.width, cfg.arch)
+        proj = projector(encoder.out_channels, cfg.proj_hidden, cfg.proj_out)
+    encoder = encoder.to(memory_format=torch.channels_last) if cfg.channels_last else encoder
+
+    def update(gen, step, opt, autocast):
+        ramp = min(1.0, step / cfg.paired_ramp_steps) if cfg.paired_ramp_steps else 1.0
+        x1, x2, paired = sample_views(data, gen, cfg.batch, cfg.paired_frac * ramp, _aug(cfg), device)
+        stats = ssl_step(encoder, proj, opt, x1, x2, objective=cfg.objective, temperature=cfg.temperature,
+                         grad_clip=cfg.grad_clip, autocast=autocast, channels_last=cfg.channels_last)
+        return {**stats, "paired_frac": float(paired.float().mean())}
+
+    stats = _fit(cfg, {"encoder": encoder, "projector": proj}, [*encoder.parameters(), *proj.parameters()],
+                 update, device=device, run=run, tag=tag, progress=progress, hooks=_bind(hooks, encoder),
+                 log_every=log_every, ckpt_every=ckpt_every)
+    return Trained(encoder.eval(), stats)
+
+
+def train_supervised(cfg: SSLConfig, images, labels, *, device: str | torch.device = "cpu",
+                     run: RunDir | None = None, tag: str = "supervised", progress: bool = True,
+                     hooks: Sequence = (), log_every: int = 25, ckpt_every: int = 0) -> Trained:
+    """The supervised reference: `Sequential(SmallResNet, Linear)` by cross-entropy on uint8 (N, 32, 32, 3)
+    and labels (N,), one augmented view per image; see `SUPERVISED_OVERRIDES`. Reads cfg's backbone,
+    optimiser, schedule, augmentation and precision fields. `model[0]` is the backbone."""
+    data, y_all = renders_tensor(images)[:1], torch.as_tensor(np.asarray(labels)).long()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = SmallResNet(cfg.width, cfg.arch)
+        model = nn.Sequential(encoder, nn.Linear(encoder.out_channels, int(y_all.max()) + 1))
+    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+    def update(gen, step, opt, autocast):
+        idx = torch.randint(data.shape[1], (cfg.batch,), generator=gen)
+        x = augment(batch_images(data, torch.zeros_like(idx), idx, device), gen, **_aug(cfg))
+        return supervised_step(model, opt, x, y_all[idx].to(device), grad_clip=cfg.grad_clip,
+                               autocast=autocast, channels_last=cfg.channels_last)
+
+    stats = _fit(cfg, {"model": model}, list(model.parameters()), update, device=device, run=run, tag=tag,
+                 progress=progress, hooks=_bind(hooks, model), log_every=log_every, ckpt_every=ckpt_every)
+    return Trained(model.eval(), stats)

@@ -1,0 +1,108 @@
+"""Fitting and sampling a velocity net on a reference distribution (the teacher of stage 2, the generator of stage 6)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+
+from ..configs.teacher import TeacherStageConfig
+from ..core import flow
+from ..core.samplers import euler_ode, guided
+from ..models.lightning_dit import drop_labels
+from ..runtime.device import autocast_ctx
+from ..runtime.distributed import (
+    DistContext,
+    all_reduce_mean,
+    main_only_run,
+    rank_generator,
+    shard_batch,
+    wrap_ddp,
+)
+from ..runtime.runs import RunDir
+from .artifacts import build_net
+from .loop import train
+from .phases import flow_matching_step
+
+
+def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
+                ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
+    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
+
+    Also fits the final generator of notebook 60 (`tag="generator"`): `cfg` may be any config with `seed`, a
+    `net` (DiTConfig) and a `fit` holding the training fields read here (configs.generation.GeneratorFitConfig).
+
+    With a multi-process `ctx` (`distributed.init_distributed` under torchrun) each rank draws
+    fit.batch / world_size samples from its own generator, gradients are averaged by DDP, the logged fm_loss
+    is the mean over ranks, and only rank 0 writes to `run` (the other ranks may pass any `run` or None).
+    Resuming works as in one process: every rank restores rank 0's `last.pt`, with its own generator
+    states (`loop.train`), under the same world size. A non-finite loss on any rank makes all ranks skip the
+    update together and raise NonFiniteError at the same step (`phases.flow_matching_step` with `ctx`).
+    """
+    f = cfg.fit
+    ctx = ctx or DistContext()
+    batch = shard_batch(f.batch, ctx, "fit.batch")
+    torch.manual_seed(cfg.seed)  # the net's initialisation (the same on every rank)
+    net = build_net(cfg, reference.shape, reference.num_classes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=(0.9, 0.95), weight_decay=f.weight_decay,
+                            fused=torch.device(device).type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(f.warmup_steps, 1)))
+    ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
+    model = wrap_ddp(net, ctx)
+    model = torch.compile(model) if f.compile else model
+    gen = rank_generator(cfg.seed + 23, ctx)  # rank 0 (or one process): the single-process stream
+    # t and noise are drawn on the training device: a CPU generator cannot draw CUDA tensors.
+    on_cpu = torch.device(device).type == "cpu"
+    noise_gen = gen if on_cpu else rank_generator(cfg.seed + 29, ctx, device)
+    autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
+
+    def step(k: int) -> dict:
+        x, y = reference.sample(batch, gen)
+        if y is not None:
+            y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
+        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched, grad_clip=f.grad_clip,
+                                   autocast=autocast, ctx=ctx if ctx.distributed else None)
+        ema.update(net, step=k + 1)
+        if ctx.distributed:
+            stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)
+        return stats
+
+    state = {"net": net, "opt": opt, "sched": sched, "ema": ema, "gen": gen}
+    if not on_cpu:
+        state["noise_gen"] = noise_gen
+    stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag=tag,
+                  log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
+    return ema.module.eval().requires_grad_(False), stats
+
+
+@torch.no_grad()
+def fm_loss_per_t_bin(net: nn.Module, reference, n: int, bins: int, device, seed: int = 0) -> list[dict]:
+    """Held-out flow-matching loss of `net` on fresh reference samples at the centre of each of `bins` t-bins."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = reference.sample(n, gen)
+    x, y = x.to(device), None if y is None else y.to(device)
+    out = []
+    for i in range(bins):
+        t = torch.full((n,), (i + 0.5) / bins, device=device)
+        noise = torch.randn(x.shape, generator=gen).to(device)
+        out.append({"t": (i + 0.5) / bins, "fm_loss": float(flow.flow_matching_loss(net, x, t, noise, y).mean())})
+    return out
+
+
+@torch.no_grad()
+def sample(net: nn.Module, reference, n: int, steps: int, device, *, cfg_scale: float = 1.0, seed: int = 0,
+           batch: int = 500) -> tuple[Tensor, Optional[Tensor]]:
+    """n Euler-ODE samples (class-balanced labels when the reference is conditional)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = reference.num_classes
+    y_all = torch.arange(n) % k if k else None
+    velocity = guided(net, cfg_scale, null_label=k) if k else net
+    outs = []
+    for s in range(0, n, batch):
+        m = min(batch, n - s)
+        noise = torch.randn(m, *reference.shape, generator=gen).to(device)
+        y = None if y_all is None else y_all[s:s + m].to(device)
+        outs.append(euler_ode(velocity, noise, steps=steps, y=y).float().cpu())
+    return torch.cat(outs), y_all

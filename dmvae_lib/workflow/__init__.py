@@ -1,0 +1,1 @@
+"""Running notebooks: the notebook session, the papermill pipeline, the study, torchrun fits."""

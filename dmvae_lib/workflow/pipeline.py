@@ -1,0 +1,252 @@
+"""Run the workbook's notebooks in order through papermill: `python -m dmvae_lib --preset cpu`.
+
+Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
+`preset`, `run_name=<name>` and `run_root`. Parameters are checked against each notebook's parameters cell
+before any work starts. A stage whose run folder already holds a `summary.json` is skipped, and an
+interrupted stage resumes from its checkpoints (the notebooks reopen a run with the same config). A run name
+is tied to its preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an
+error, never a silent overwrite. Parameters come from the command line or a YAML file (`--params`). A
+Markdown report (each stage's status and headline numbers, metrics with their protocol records, figures) is
+written to `runs/pipeline/<name>/report.md` and its path printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..runtime.runs import atomic_write_bytes
+from .session import REPO_ROOT, resolve_run_root
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+# Studies run the pipeline many times over (notebook 70: ≈ 2 h at `cpu`); they run when named with --only.
+OPT_IN = ("70",)
+
+
+def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The numbered notebooks (NN_*.ipynb), in order."""
+    return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
+
+
+def check_parameters(nb: Path, params: dict) -> None:
+    """Raise if `params` names a parameter that the notebook's parameters cell does not declare."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(nb))
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise SystemExit(f"error: {nb.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+
+
+SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run folder holds summary.json
+
+
+def execute(nb: Path, out_dir: Path, params: dict) -> str:
+    """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir/summary.json` exists; return what happened.
+
+    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in out_dir."""
+    import papermill
+
+    if (out_dir / "summary.json").exists():
+        return SKIPPED
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
+                               kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+    return f"ran in {time.perf_counter() - t0:.0f} s"
+
+
+def load_params_file(path: str | Path) -> dict:
+    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix).
+
+        preset: cpu
+        name: lambda1
+        params: {seed: 1}
+        notebooks:
+          "40": {overrides: {train.dm_weight: 1.0}}
+
+    Unknown top-level keys raise; the notebooks' parameters are checked like command-line ones."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: cannot read parameter file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping with keys {sorted(PARAM_FILE_KEYS)}")
+    unknown = sorted(set(data) - PARAM_FILE_KEYS)
+    if unknown:
+        raise SystemExit(f"error: {path} has unknown key(s) {unknown}; allowed: {sorted(PARAM_FILE_KEYS)}")
+    for key in ("params", "notebooks"):
+        if not isinstance(data.get(key, {}), dict):
+            raise SystemExit(f"error: {path}: {key!r} must be a mapping")
+    data["notebooks"] = {str(k): v for k, v in data.get("notebooks", {}).items()}
+    return data
+
+
+PARAM_FILE_KEYS = {"preset", "name", "params", "notebooks"}
+
+
+def _claim(record_file: Path, identity: dict) -> None:
+    """Tie a pipeline run name to its preset and parameters: reusing the name with others raises."""
+    if record_file.exists():
+        old = json.loads(record_file.read_text())
+        if old != identity:
+            raise SystemExit(f"error: pipeline run {record_file.parent.name!r} already exists with other settings "
+                             f"({old}); re-run it with the same ones to resume, or pick another --name "
+                             f"(or delete {record_file.parent} and the stage folders of that name)")
+        return
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(record_file, lambda f: f.write(json.dumps(identity, indent=1, sort_keys=True).encode()))
+
+
+def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None,
+        per_notebook: dict[str, dict] | None = None, nproc: int = 1) -> Path:
+    """Run the stages in order (validated first); write and return the Markdown report.
+
+    `nproc` > 1 is passed to the notebooks that declare an `nproc` parameter (their fits then run with DDP
+    under torchrun in that many processes on this node)."""
+    import papermill
+
+    per_notebook = per_notebook or {}
+    stages = [nb for nb in notebooks() if (any(nb.stem.startswith(o) for o in only) if only
+                                           else not nb.stem.startswith(OPT_IN))]
+    if not stages:
+        raise SystemExit(f"error: no notebook matches {only} in {NOTEBOOK_DIR}")
+    stray = sorted(k for k in per_notebook if not any(nb.stem.startswith(k) for nb in notebooks()))
+    if stray:
+        raise SystemExit(f"error: per-notebook parameters for {stray}: no such notebook in {NOTEBOOK_DIR}")
+    base = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
+    params = {nb: {**base, **next((v for k, v in per_notebook.items() if nb.stem.startswith(k)), {})}
+              for nb in stages}
+    if nproc < 1:
+        raise SystemExit(f"error: --nproc must be at least 1, got {nproc}")
+    for nb in stages:
+        if nproc > 1 and "nproc" in papermill.inspect_notebook(str(nb)):
+            params[nb]["nproc"] = nproc
+    for nb in stages:  # validate everything before running anything
+        check_parameters(nb, params[nb])
+    _claim(run_root / "pipeline" / name / "pipeline.json",
+           json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook}, default=str)))
+    rows = []
+    for nb in stages:
+        out_dir = run_root / nb.stem / name
+        print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+        rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
+    return write_report(run_root / "pipeline" / name / "report.md", name, preset, rows)
+
+
+def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
+    """(dotted key, value) of the numeric leaves of a summary (lists, protocol records and paths left out)."""
+    out = []
+    if isinstance(d, dict) and depth < 4:
+        for k, v in d.items():
+            if k in ("figures", "protocol", "cells", "tables") or k.endswith(("_run", "_label")):
+                continue
+            key = f"{prefix}{k}"
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                label = d.get(f"{k}_label") or (d.get("feature_space") if k == "value" else None)
+                out.append((f"{key} [{label}]" if isinstance(label, str) else key, float(v)))
+            elif isinstance(v, dict):
+                out += _numbers(v, key + ".", depth + 1)
+    return out
+
+
+def _protocol_rows(out_dir: Path) -> list[str]:
+    file = out_dir / "evaluation.json"
+    if not file.exists():
+        return []
+    rows = ["| metric | value | feature space | N | sampler × steps | CFG | EMA | seed | SHA-256 (first 12) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in json.loads(file.read_text()):
+        p = r.get("protocol", {})
+        hashes = ", ".join(f"{k} {v['sha256'][:12]}" for k, v in (p.get("files") or {}).items()
+                           if isinstance(v, dict) and v.get("sha256"))  # a file not used has sha256 None
+        value = r.get("value")
+        if value is None:
+            notes.append(f"- `{r.get('metric')}` not computed: {r.get('reason', 'no value recorded')}")
+        rows.append(f"| {r.get('metric')} | {'not computed' if value is None else f'{value:.4g}'} | "
+                    f"{r.get('feature_space') or '—'} | {p.get('n_samples', '')} | {p.get('sampler', '')} × "
+                    f"{p.get('steps', '')} | {p.get('cfg_scale', '')} | {p.get('ema', '')} | {p.get('seed', '')} | "
+                    f"{hashes} |")
+    return rows + ([""] + notes if notes else [])
+
+
+def _earlier_run(out_dir: Path) -> str:
+    """'; ran 236 s, ended 2026-11-30 04:46 UTC' from papermill's record in executed.ipynb ('' when unreadable)."""
+    try:
+        meta = json.loads((out_dir / "executed.ipynb").read_text())["metadata"]["papermill"]
+        return f"; ran {meta['duration']:.0f} s, ended {meta['end_time'][:16].replace('T', ' ')} UTC"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
+    """Markdown: stage table, each stage's headline numbers, metric protocol records, figures (as PNG links)."""
+    def rel(p: Path) -> str:
+        return os.path.relpath(p, file.parent)
+
+    intro = (f"Written {_dt.datetime.now():%Y-%m-%d %H:%M:%S}. Each stage's run folder holds its executed "
+             "notebook, config, metrics.jsonl, figures and checkpoints.")
+    out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "", "| stage | this invocation | run folder |",
+           "|---|---|---|"]
+    out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
+            for stage, status, d in rows]
+    for stage, _, d in rows:
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        out += ["", f"## {stage}", ""]
+        if not summary:
+            out.append("No summary.json: the stage did not finish.")
+            continue
+        nums = _numbers(summary)
+        if nums:
+            out += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in nums[:60]]
+            if len(nums) > 60:
+                out.append(f"({len(nums) - 60} more in `{rel(d / 'summary.json')}`)")
+        protocol = _protocol_rows(d)
+        if protocol:
+            out += ["", "Metrics with their protocol records (`evaluation.json`):", ""] + protocol
+        pngs = [f for f in summary.get("figures", []) if f.endswith(".png")]
+        if pngs:
+            out += [""] + [f"![{Path(f).stem}]({rel(d / f)})" for f in pngs]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(file, lambda f: f.write("\n".join(out).encode()))
+    return file
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, choices=["smoke", "cpu", "imagenet256"],
+                    help="default: the parameter file's, else cpu")
+    ap.add_argument("--name", default="", help="run name shared by every stage (default: <preset>_main); "
+                                                 "re-running the same name resumes and skips finished stages")
+    ap.add_argument("--run-root", default="", help="default: $DMVAE_RUNS or <repo>/runs")
+    ap.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
+                                              "when named)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per fit (DDP under torchrun) for the notebooks "
+                                                         "with an `nproc` parameter; one node")
+    ap.add_argument("--params", default="", metavar="YAML", help="parameter file (preset, name, params, notebooks)")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+                    help="extra notebook parameter for every notebook, JSON-decoded, e.g. -p seed 3")
+    args = ap.parse_args(argv)
+    file = load_params_file(args.params) if args.params else {}
+    preset = args.preset or file.get("preset", "cpu")
+    if preset not in ("smoke", "cpu", "imagenet256"):
+        raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use smoke, cpu or imagenet256")
+    extra = {**file.get("params", {}), **{k: json.loads(v) for k, v in args.param}}
+    name = args.name or file.get("name") or f"{preset}_main"
+    report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}),
+                 nproc=args.nproc)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

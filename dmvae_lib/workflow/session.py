@@ -1,0 +1,96 @@
+"""The setup cell of every notebook in one call: config, run directory, device, figure store.
+
+    s = start("toy", "10_toy_gradient_fields", preset, overrides, seed=seed, device=device,
+              run_root=run_root, run_name=run_name)
+
+`run_root=""` resolves to $DMVAE_RUNS, else the repository's `runs/` (never the notebook's own folder, so
+executed notebooks and artifacts stay out of nbval's test path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..configs import make_config, to_dict
+from ..runtime.device import resolve_device, seed_all, set_threads
+from ..runtime.runs import RunDir, RunError, default_run_name
+from ..viz.figures import FigureStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_run_root(run_root: str = "") -> Path:
+    if run_root:
+        return Path(run_root).expanduser().resolve()
+    if os.environ.get("DMVAE_RUNS"):
+        return Path(os.environ["DMVAE_RUNS"]).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "runs"
+    return Path.cwd() / "runs"
+
+
+@dataclass
+class Session:
+    cfg: Any
+    run: RunDir
+    device: torch.device
+    figures: FigureStore
+    preset: str
+
+    def finish(self, summary: Mapping[str, Any]) -> dict:
+        """Write summary.json (with the figure paths) and return it."""
+        paths = self.figures.flush()
+        out = {"preset": self.preset, **dict(summary), "figures": [str(p.relative_to(self.run.path)) for p in paths]}
+        self.run.write_summary(json.loads(json.dumps(out, default=float)))
+        return out
+
+
+def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0,
+          device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
+    """Resolve the config (strictly), pick the device, and create or reopen the run directory."""
+    cfg = make_config(stage, preset, {"seed": seed, **dict(overrides or {})})
+    seed_all(seed)  # anything left on the global RNG is reproducible too
+    dev = resolve_device(device)
+    if getattr(cfg, "threads", 0):
+        set_threads(cfg.threads)
+    root = resolve_run_root(run_root)
+    run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed),
+                        {"stage": stage, "preset": preset, **to_dict(cfg)}, device=str(dev))
+    return Session(cfg, run, dev, FigureStore(run.figures), preset)
+
+
+def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
+                 preset: str = "") -> Path:
+    """The folder of an earlier notebook's finished run that holds `artifact` (e.g. "tokenizer.pt").
+
+    `path` when given (a run folder or the artifact itself); else the run of the same `run_name` (the
+    pipeline gives every stage one name); else the newest finished run of `notebook` at `preset`. Anything
+    missing raises RunError naming the notebook that produces it.
+    """
+    producer = f"notebooks/{notebook}.ipynb"
+    if path:
+        p = Path(path).expanduser().resolve()
+        folder = p.parent if p.is_file() else p
+        if not (folder / artifact).is_file():
+            raise RunError(f"{folder} holds no {artifact}; pass the folder of a finished {producer} run")
+        return folder
+    base = resolve_run_root(run_root) / notebook
+    if run_name and (base / run_name / artifact).is_file():
+        return base / run_name
+    finished = []
+    for cfg_file in base.glob("*/config.json") if base.is_dir() else []:
+        folder = cfg_file.parent
+        if (folder / artifact).is_file() and (folder / "summary.json").is_file():
+            if not preset or json.loads(cfg_file.read_text())["config"].get("preset") == preset:
+                finished.append(folder)
+    if not finished:
+        where = f"{base / run_name}" if run_name else f"{base} (preset {preset or 'any'})"
+        raise RunError(f"no finished run of {producer} with {artifact} at {where}; run {producer} first "
+                       f"(e.g. `python -m dmvae_lib --only {notebook[:2]}`) or pass its run folder")
+    return max(finished, key=lambda f: (f / "summary.json").stat().st_mtime)
