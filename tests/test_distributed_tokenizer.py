@@ -77,8 +77,8 @@ def _steps(ctx: DistContext, batch: dict) -> dict:
         params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
         opt = torch.optim.SGD(params, lr=0.1)
         model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx)
-        stats, _ = tokenizer_step(tok, opt, params, batch["images"], batch["features"], gen, l1=1.0, l2=0.5,
-                                  perceptual=None, lpips_weight=0.0, disc=discs["batch"] if gan else None,
+        stats, _ = tokenizer_step(tok, opt, params, batch["images"], batch["features"], gen, rec={"l1": 1.0, "l2": 0.5},
+                                  disc=discs["batch"] if gan else None,
                                   disc_weight=0.5, grad_clip=0.0, model=model, ctx=ctx)
         out[name] = {"stats": stats, "grads": _flat(p.grad for p in params), "params": _flat(params)}
     for norm in ("group", "batch"):
@@ -103,7 +103,7 @@ def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
     before, disc_before = _flat(params), _flat(discs["batch"].parameters())
     model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx)
     stats, _ = tokenizer_step(tok, torch.optim.SGD(params, lr=0.1), params, images, shard["features"], gen,
-                              l1=1.0, l2=0.0, perceptual=None, lpips_weight=0.0, disc=None, disc_weight=0.0,
+                              rec={"l1": 1.0}, disc=None, disc_weight=0.0,
                               grad_clip=0.0, model=model, ctx=ctx)
     d = disc_step(wrap_ddp(discs["batch"], ctx), torch.optim.SGD(discs["batch"].parameters(), lr=0.1), images,
                   shard["fakes"], gen, ctx=ctx)

@@ -2,6 +2,7 @@
 gradient routing, strict teacher loading, upstream-run resolution."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import tiny_stages as tiny
@@ -9,15 +10,15 @@ import torch
 from tiny_stages import TINY_JOINT, TINY_TEACHER
 
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.core import dmd
+from dmvae_lib.data.images import ImageData
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.models.lightning_dit import lightning_dit
 from dmvae_lib.models.projection_heads import make_head
 from dmvae_lib.models.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
 from dmvae_lib.runtime.runs import RunDir, RunError, save_checkpoint
+from dmvae_lib.runtime.seeds import stream_seed
 from dmvae_lib.stages import joint as js
 from dmvae_lib.train.artifacts import load_teacher
-from dmvae_lib.train.phases import tokenizer_step
 from dmvae_lib.train.velocity import fit_velocity_net
 from dmvae_lib.workflow.session import upstream_run
 
@@ -75,50 +76,55 @@ def test_every_reference_builds_and_fits_a_teacher(upstream, teacher, name):
     assert stats["nonfinite"] == 0 and net(x, torch.rand(5), y).shape == x.shape
 
 
-def test_gradient_routing(gen):
-    """decoder ← reconstruction only; head ← DM only; projector and encoder ← both; nets ← nothing."""
+def _routing_run(dm_weight: float, l1: float) -> dict[str, bool]:
+    """Two tokenizer turns of the real `train_joint` (trainable encoder, GAN off, no weight decay): which
+    parts moved (the first turn's DM direction is 0: the fake net starts as the teacher). A part whose every
+    gradient is zero or absent does not move under AdamW."""
+    gen = torch.Generator().manual_seed(0)
     enc = timm_encoder("resnet18", img_size=32, pretrained=False, feature_stage=1)  # (B, 64, 8, 8)
-    enc.set_trainable(True)
     tok = Tokenizer(enc, Projector(64, 4), Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1),
                                                    num_res_blocks=0, attn=False, num_groups=8))
-    head = make_head((4, 8, 8), (6, 4, 4))  # a reference of another shape: a learnable head
-    real, fake = (lightning_dit("tiny", input_size=4, in_channels=6, num_classes=3) for _ in range(2))
-    for net in (real, fake):  # non-zero outputs (adaLN-Zero starts at v = 0)
-        for p in net.parameters():
-            p.data.normal_(0, 0.05, generator=gen)
-    x, y = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1, torch.tensor([0, 1, 2, 0])
-    r, f = js.dm_nets(real.requires_grad_(False), fake, 3, 2.0)
+    teacher = lightning_dit("tiny", input_size=4, in_channels=6, num_classes=3)
+    for p in teacher.parameters():  # non-zero outputs (adaLN-Zero starts at v = 0)
+        p.data.normal_(0, 0.05, generator=gen)
+    teacher_before = [p.detach().clone() for p in teacher.parameters()]
+    u8 = torch.randint(0, 256, (1, 8, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    data = ImageData(u8, torch.arange(8) % 3, u8[0], torch.arange(8) % 3)
+    ref = SimpleNamespace(name="stub", shape=(6, 4, 4), num_classes=3)  # another shape: a learnable head
+    cfg = make_config("joint", "smoke", {
+        "train.steps": 3, "train.batch": 4, "train.tokenizer_every": 2, "train.l1": l1,
+        "train.lpips": "off", "train.disc_start": 10, "train.weight_decay": 0.0, "train.warmup_steps": 1,
+        "train.train_encoder": True, "train.eval_every": 0, "train.precision": "fp32",
+        "train.cfg_scale": 2.0})
+    torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))  # the head train_joint will build
+    head0 = make_head((4, 8, 8), ref.shape)
+    out, head, _ = js.train_joint(cfg, tok, teacher, ref, data, None, "cpu", dm_weight=dm_weight,
+                                  disc_arch=(8, 1), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters())), "the teacher moved"
+    moved = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
+    return {"encoder": moved(tok.encoder, out.encoder), "projector": moved(tok.projector, out.projector),
+            "decoder": moved(tok.decoder, out.decoder), "head": moved(head0, head)}
 
-    def dm_loss(z):
-        target = head(tok.normalize(z))
-        loss, st = dmd.dm(target, r, f, torch.full((4,), 0.5), torch.randn(target.shape, generator=gen), y)
-        return loss, {"nonfinite": st.nonfinite}
 
-    groups = {"encoder": list(enc.parameters()), "projector": list(tok.projector.parameters()),
-              "decoder": list(tok.decoder.parameters()), "head": list(head.parameters())}
-    every = [p for ps in groups.values() for p in ps]
-
-    def grads(latent_loss):
-        opt = torch.optim.SGD(every, lr=0.0)
-        tokenizer_step(tok, opt, every, x, tok.encode_features(x), gen, l1=1.0 if latent_loss is None else 0.0,
-                       l2=0.0, perceptual=None, lpips_weight=0.0, disc=None, disc_weight=0.0, grad_clip=0.0,
-                       latent_loss=latent_loss)
-        return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for k, ps in groups.items()}
-
-    assert grads(None) == {"encoder": True, "projector": True, "decoder": True, "head": False}
-    assert grads(dm_loss) == {"encoder": True, "projector": True, "decoder": False, "head": True}
-    assert all(p.grad is None for p in real.parameters()) and all(p.grad is None for p in fake.parameters())
+def test_gradient_routing_of_the_joint_step():
+    """λ·L_DM reaches encoder, projector and head, never the decoder; L_rec reaches all but the head."""
+    assert _routing_run(dm_weight=10.0, l1=0.0) == {"encoder": True, "projector": True, "decoder": False,
+                                                    "head": True}
+    assert _routing_run(dm_weight=0.0, l1=1.0) == {"encoder": True, "projector": True, "decoder": True,
+                                                   "head": False}
 
 
 def test_joint_training_and_control(upstream, teacher):
     root, tok_dir, data = upstream
     tcfg, trun, tok, enc, ref, net, _, _ = teacher
-    cfg = make_config("joint", "smoke", {"tokenizer_run": str(tok_dir), "teacher_run": str(trun.path), **TINY_JOINT})
+    cfg = make_config("joint", "smoke",
+                      {"tokenizer_run": str(tok_dir), "teacher_run": str(trun.path), **TINY_JOINT})
     run = RunDir.create(root, "40_joint_dm_training", "r", to_dict(cfg))
     before = {k: v.clone() for k, v in tok.decoder.state_dict().items()}
     dm_tok, head, stats = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0, progress=False)
     assert stats["nonfinite"] == 0 and "dm_loss" in stats and "fake_fm_loss" in stats
-    assert all(torch.equal(v, tok.decoder.state_dict()[k]) for k, v in before.items()), "stage-1 tokenizer mutated"
+    after = tok.decoder.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), "stage-1 tokenizer mutated"
     assert not torch.equal(dm_tok.projector.net[0].weight, tok.projector.net[0].weight)
     ctl_tok, _, ctl = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=0.0, tag="control",
                                      progress=False)
@@ -132,8 +138,9 @@ def test_joint_training_and_control(upstream, teacher):
 
 def test_upstream_resolution_and_errors(upstream, tmp_path):
     root, tok_dir, _ = upstream
-    assert upstream_run("20_tokenizer_pretraining", "tokenizer.pt", run_root=str(root), preset="smoke") == tok_dir
-    assert upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=str(tok_dir / "tokenizer.pt")) == tok_dir
+    nb = "20_tokenizer_pretraining"
+    assert upstream_run(nb, "tokenizer.pt", run_root=str(root), preset="smoke") == tok_dir
+    assert upstream_run(nb, "tokenizer.pt", path=str(tok_dir / "tokenizer.pt")) == tok_dir
     with pytest.raises(RunError, match="notebooks/20_tokenizer_pretraining.ipynb"):
         upstream_run("20_tokenizer_pretraining", "tokenizer.pt", run_root=str(tmp_path), preset="smoke")
     with pytest.raises(RunError, match="notebooks/20_tokenizer_pretraining"):
@@ -159,12 +166,13 @@ def test_stage1_discriminator_is_reused(upstream, teacher):
     _, trun, tok, _, ref, net, _, _ = teacher
     state = js.stage1_discriminator(tok_dir)
     cfg = make_config("joint", "smoke", {**TINY_JOINT, "train.steps": 2, "train.tokenizer_every": 1,
-                                         "train.disc_start": 0, "train.eval_every": 0, "train.control": False})
+                                         "train.disc_start": 0, "train.eval_every": 0,
+                                         "train.control": False})
     _, _, stats = js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
                                  disc_arch=(8, 2), progress=False)
     assert "d_loss" in stats and stats["nonfinite"] == 0
     with pytest.raises(RunError, match="stage-1 discriminator"):
-        js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state, disc_arch=(16, 2),
-                       progress=False)
+        js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
+                       disc_arch=(16, 2), progress=False)
     with pytest.raises(RunError, match="no discriminator state|does not exist"):
         js.stage1_discriminator(root)

@@ -122,8 +122,8 @@ def test_imagenet256_preset_full_size_training_step_on_random_tensors():
     disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr)
     before = tok.decoder.get_last_layer().detach().clone()
-    stats, x_hat = tokenizer_step(tok, opt, params, images, feats, gen, l1=t.l1, l2=t.l2, perceptual=None,
-                                  lpips_weight=0.0, disc=disc, disc_weight=t.disc_weight, grad_clip=t.grad_clip)
+    stats, x_hat = tokenizer_step(tok, opt, params, images, feats, gen, rec={"l1": t.l1, "l2": t.l2},
+                                  disc=disc, disc_weight=t.disc_weight, grad_clip=t.grad_clip)
     d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip)
     assert x_hat.shape == images.shape and stats["nonfinite"] == 0 and d["nonfinite"] == 0
     assert not torch.equal(before, tok.decoder.get_last_layer()), "the decoder did not take a step"

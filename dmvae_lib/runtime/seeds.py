@@ -11,7 +11,7 @@ import torch
 OFFSETS: dict[str, int] = {
     # stage 3 (joint DM training)
     "joint.head_init": 3,  # the projection head's initialisation (global RNG)
-    "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: the single-process stream)
+    "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: one-process stream)
     "joint.fake_fm": 37,  # the fake net's t and noise on a non-CPU device
     "joint.refine": 31,  # decoder refinement batches
 }

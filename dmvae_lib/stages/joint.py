@@ -1,19 +1,20 @@
-"""Stage 3 orchestration (notebook 40; paper §3.2, App. A.3): joint distribution-matching training.
+"""Stage 3 (notebook 40; paper §3.2, App. A.3): joint distribution-matching training of the tokenizer.
 
-Per global step k (reference note §5.3, with its bugs fixed):
-  * tokenizer turn (k % tokenizer_every == 0): L = L_rec + L_GAN(adaptive, from disc_start) + λ·L_DM, where
-    L_DM = dmd.dm(head(latents), real, fake) with CFG on both nets (one batched cond+null forward each).
-    Gradient routing: decoder ← L_rec and L_GAN only (L_DM never reaches it); projection head ← L_DM only
-    (it sits after the latents); projector (+ encoder when `train_encoder`) ← both. Then the discriminator.
-  * every step: the fake net takes a flow-matching step on sg(head(latents)) with label dropout. On
-    tokenizer turns it reuses that turn's (pre-update) latents, so no extra encoder pass.
-The teacher is loaded strictly (a missing or wrong teacher is an error, never a random net), DM timesteps are
-clamped to [t_min, t_max] (optionally annealed toward the low-noise end, t → 1), and the λ = 0 control runs
-the same function without the fake net or any DM forward pass (nothing it would compute is used).
+Global step k, as `train_joint`'s `step` spells it out:
+  * tokenizer turn (k % tokenizer_every == 0): features → (z, x̂); target = head(normalize(z));
+    L = L_rec + w·L_GAN (adaptive w, from disc_start) + λ·L_DM(target), with CFG on both nets when the
+    reference is conditional; one update; then the discriminator's step.
+    Gradient routing: decoder ← L_rec, L_GAN (never L_DM); head ← L_DM; projector (+ encoder) ← both.
+  * every step: the fake net takes a flow-matching step on sg(target) with label dropout (on a tokenizer turn
+    it reuses that turn's latents: no extra encoder pass).
+The teacher is loaded strictly; DM timesteps stay in [t_min, t_max] (optionally annealed toward t → 1); the
+λ = 0 control runs the same function with no fake net and no DM forward pass. What differs from the authors'
+code is listed in docs/authors-code.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,25 @@ from ..runtime.distributed import (
     wrap_ddp,
 )
 from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
+from ..runtime.seeds import stream_seed
 from ..train.artifacts import file_digest, load_teacher, upstream_tokenizer
 from ..train.loop import train
-from ..train.phases import TokenizerParts, apply_update, disc_step, flow_matching_step, frozen, tokenizer_step
+from ..train.phases import (
+    TokenizerParts,
+    apply_update,
+    disc_step,
+    flow_matching_step,
+    frozen,
+    gan_weight,
+    generator_gan_loss,
+    reconstruction_loss,
+    update,
+)
 
 
 def dm_nets(real: nn.Module, fake: nn.Module, num_classes: int, cfg_scale: float):
-    """Velocity callables for the DM loss: CFG (all channels, cond + null batched) on both nets when conditional."""
+    """Velocity callables for the DM loss: CFG (all channels, cond + null batched) on both nets when the
+    reference is conditional."""
     if num_classes == 0 or cfg_scale == 1.0:
         return real, fake
     return guided(real, cfg_scale, num_classes), guided(fake, cfg_scale, num_classes)
@@ -80,128 +93,144 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
     return out
 
 
+def dm_loss(target: Tensor, y: Optional[Tensor], real, fake: nn.Module, t: Tensor, noise: Tensor,
+            autocast=contextlib.nullcontext, fake_velocity=None):
+    """L_DM on the latents `target` (paper Eq. 9): gradient (x̂_fake − x̂_real)/N on `target` only, the real and
+    fake nets (`real`, `fake_velocity`, default `fake`; e.g. their CFG callables) never differentiated."""
+    with frozen(fake), autocast():
+        return dmd.dm(target, real, fake if fake_velocity is None else fake_velocity, t, noise, y)
+
+
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
                 disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),
                 progress: bool = True,
                 ctx: Optional[DistContext] = None) -> tuple[Tokenizer, nn.Module, dict]:
-    """Joint DM training from a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
+    """Joint DM training of a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
 
-    `disc_state`: the stage-1 discriminator's weights (`stage1_discriminator`), else a fresh PatchGAN of
-    `disc_arch` = (ndf, layers) (stage 1's `train.disc_ndf`, `train.disc_layers`).
-    A multi-process `ctx` (torchrun) works as in `tokenizer_stage.train_tokenizer`: train.batch is sharded
-    over ranks with per-rank generators; projector + decoder, the encoder when trained, a learnable head,
-    the fake net and the discriminator train under DDP; the teacher and the frozen uses of the fake net
-    (DM term) and of the discriminator (generator term) stay unwrapped; diagnostics and writes on rank 0."""
-    t, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
+    The discriminator starts from `disc_state` (stage 1's) or fresh with `disc_arch` = (ndf, layers);
+    a multi-process `ctx` shards train.batch over ranks (runtime/distributed.py)."""
+    c, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
     tok = copy.deepcopy(tokenizer).to(device).train()
-    torch.manual_seed(cfg.seed + 3)  # the projection head's initialisation
+    torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))
     latent_shape = (tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size)
     head = make_head(latent_shape, tuple(reference.shape)).to(device)
-    if t.train_encoder:
+    if c.train_encoder:
         if not hasattr(tok.encoder, "set_trainable"):
-            raise ValueError("train.train_encoder=True needs a timm encoder (encoder.kind='timm' in stage 1); "
-                             f"the {type(tok.encoder).__name__} encoder stays frozen")
+            raise ValueError("train.train_encoder=True needs a timm encoder (encoder.kind='timm' in "
+                             f"stage 1); the {type(tok.encoder).__name__} encoder stays frozen")
         tok.encoder.set_trainable(True)
-    enc_params = list(tok.encoder.parameters()) if t.train_encoder else []
-    tok_params = enc_params + list(tok.projector.parameters()) + list(tok.decoder.parameters())
-    params = tok_params + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    sched = _warmup(opt, t.warmup_steps)
+    enc_params = list(tok.encoder.parameters()) if c.train_encoder else []
+    params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
+    sched = _warmup(opt, c.warmup_steps)
     disc = PatchDiscriminator(3, *disc_arch)  # initialised under the seed above
     if disc_state is not None:
         load_state_strict(disc, disc_state, "stage-1 discriminator")
     disc = disc.to(device)
-    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4)
     use_dm = dm_weight > 0
-    fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None
     real = teacher.to(device).eval().requires_grad_(False)
-    fopt = torch.optim.AdamW(fake.parameters(), lr=t.fake_lr, betas=(0.9, 0.95), weight_decay=t.weight_decay) if use_dm else None
-    fsched = _warmup(fopt, t.warmup_steps) if use_dm else None
+    fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None
+    fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95),
+                             weight_decay=c.weight_decay) if use_dm else None
+    fsched = _warmup(fopt, c.warmup_steps) if use_dm else None
     k_classes = reference.num_classes
-    perceptual = perceptual_loss(t.lpips)
-    gen = rank_generator(cfg.seed + 29, ctx)  # rank 0 (or one process): the single-process stream
+    real_v, fake_v = dm_nets(real, fake, k_classes, c.cfg_scale) if use_dm else (None, None)
+    perceptual = perceptual_loss(c.lpips)
+    gen = rank_generator(stream_seed(cfg.seed, "joint.batches"), ctx)  # rank 0: the single-process stream
     # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
-    fm_gen = gen if dev.type == "cpu" else rank_generator(cfg.seed + 37, ctx, dev)
-    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
-    model, disc_model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx), wrap_ddp(disc, ctx)
-    encoder = wrap_ddp(tok.encoder, ctx) if t.train_encoder else tok.encoder
+    fm_gen = gen if dev.type == "cpu" else rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev)
+    stream = batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, 0)
+    parts, disc_model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx), wrap_ddp(disc, ctx)
+    encoder = wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder
     head_model = wrap_ddp(head, ctx) if use_dm and any(p.requires_grad for p in head.parameters()) else head
     fake_model = wrap_ddp(fake, ctx) if use_dm else None
-    autocast = lambda: autocast_ctx(dev, t.precision)  # noqa: E731
+    autocast = lambda: autocast_ctx(dev, c.precision)  # noqa: E731
+    last_turn: dict = {}  # the latest tokenizer turn's numbers, carried by the records in between
 
-    def dm_term(z: Tensor, y: Optional[Tensor], k: int):
-        target = head_model(tok.normalize(z.float()))
-        lo, hi = (t.t_min, t.t_max)
-        if t.anneal_steps:
-            lo, hi = flow.annealed_t_range(k, t.anneal_steps, (t.t_min, t.t_max), (t.anneal_t_min, t.t_max))
-        tt = flow.sample_t(len(z), t_min=lo, t_max=hi, generator=gen).to(device)
+    def dm_term(target: Tensor, y: Tensor, k: int) -> tuple[Tensor, dict]:
+        lo, hi = _t_range(c, k)
+        t = flow.sample_t(len(target), t_min=lo, t_max=hi, generator=gen).to(device)
         noise = torch.randn(target.shape, generator=gen).to(device)
-        r, f = dm_nets(real, fake, k_classes, t.cfg_scale)
-        with frozen(fake), autocast():
-            loss, st = dmd.dm(target, r, f, tt, noise, y if k_classes else None)
-        holder["target"] = target.detach()
-        return dm_weight * loss, {"dm_loss": float(loss.detach()), "dm_grad_norm": st.direction_norm,
-                                  "nonfinite": st.nonfinite}
-
-    holder: dict = {}
-    last_turn: dict = {}
+        y = y if k_classes else None
+        return dm_loss(target, y, real_v, fake, t, noise, autocast, fake_velocity=fake_v)
 
     def step(k: int) -> dict:
-        images, y = next(stream)
-        images, y = images.to(device), y.to(device)
-        stats: dict = {}
-        if k % t.tokenizer_every == 0:
-            with autocast(), torch.set_grad_enabled(t.train_encoder):
-                feats = encoder(images)
-            gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
-            stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=0.0,
-                                          perceptual=perceptual, lpips_weight=t.lpips_weight, disc=gan,
-                                          disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
-                                          autocast=autocast, model=model, ctx=ctx,
-                                          latent_loss=(lambda z: dm_term(z, y, k)) if use_dm else None)
-            if gan is not None:
-                d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip,
+        images, y = (b.to(device) for b in next(stream))
+        if k % c.tokenizer_every == 0:  # tokenizer turn: encode, decode, L = L_rec + w·L_GAN + λ·L_DM
+            with autocast(), torch.set_grad_enabled(c.train_encoder):
+                features = encoder(images)
+            with autocast():
+                z, x_hat = parts(features.float())
+            x_hat = x_hat.float()
+            l_rec, stats = reconstruction_loss(x_hat, images, l1=c.l1, perceptual=perceptual,
+                                               lpips_weight=c.lpips_weight)
+            loss, dm_bad, gan_on = l_rec, 0, k >= c.disc_start and c.disc_weight > 0
+            if gan_on:
+                l_gan = generator_gan_loss(disc, x_hat, gen, autocast)
+                w = gan_weight(l_rec, l_gan, tok.decoder.get_last_layer(), ctx)
+                loss = loss + c.disc_weight * w * l_gan
+                stats.update(g_loss=float(l_gan.detach()), gan_weight=float(w))
+            if use_dm:
+                target = head_model(tok.normalize(z.float()))  # the latents the reference is matched on
+                l_dm, st = dm_term(target, y, k)
+                loss, dm_bad = loss + dm_weight * l_dm, st.nonfinite
+                stats.update(dm_loss=float(l_dm.detach()), dm_grad_norm=st.direction_norm)
+            stats["rec_loss"] = float(l_rec.detach())
+            stats.update(update(loss, opt, params, grad_clip=c.grad_clip, scheduler=sched, nonfinite=dm_bad,
+                                ctx=ctx))
+            if gan_on:
+                d = disc_step(disc_model, dopt, images, x_hat.detach(), gen, bcr=c.bcr, grad_clip=c.grad_clip,
                               autocast=autocast, ctx=ctx)
                 stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
-            target = holder.pop("target", None)
             last_turn.clear()
             last_turn.update({key: v for key, v in stats.items() if key != "nonfinite"})
-        elif use_dm:
+            stats = {**last_turn, **stats}
+        elif use_dm:  # a fake-net-only step still needs the current latents
             with torch.no_grad(), autocast():
                 target = head(tok.normalize(tok.encode(images).float())).float()
+            stats = dict(last_turn)
         else:
             return reduce_stats({**last_turn, "nonfinite": 0}, ctx)
-        stats = {**last_turn, **stats}  # logged records carry the latest tokenizer turn's numbers
-        if use_dm:
-            yy = drop_labels(y.cpu(), t.label_dropout, k_classes, gen).to(device) if k_classes else None
-            kw = {"y": yy, "scheduler": fsched, "grad_clip": t.grad_clip, "autocast": autocast}
-            f = flow_matching_step(fake_model, fopt, target, fm_gen, ctx=ctx if ctx.distributed else None, **kw)
-            stats = {**stats, "fake_fm_loss": f["fm_loss"], "nonfinite": stats.get("nonfinite", 0) + f["nonfinite"]}
+        if use_dm:  # the fake net tracks the current latents: flow matching on sg(target)
+            yy = drop_labels(y.cpu(), c.label_dropout, k_classes, gen).to(device) if k_classes else None
+            f = flow_matching_step(fake_model, fopt, target.detach(), fm_gen, y=yy, scheduler=fsched,
+                                   grad_clip=c.grad_clip, autocast=autocast,
+                                   ctx=ctx if ctx.distributed else None)
+            stats.update(fake_fm_loss=f["fm_loss"], nonfinite=stats.get("nonfinite", 0) + f["nonfinite"])
         return reduce_stats(stats, ctx)
 
     images_u8 = data.train[0] if data.train is not None else data.val
     hooks, run = [], main_only_run(run, ctx)
-    if t.eval_every and ctx.is_main:
+    if c.eval_every and ctx.is_main:
         def diag(done: int) -> None:
             tok.eval()
-            rec = latent_diagnostics(tok, head, images_u8, reference, device, n=t.eval_samples, seed=cfg.seed,
+            rec = latent_diagnostics(tok, head, images_u8, reference, device, n=c.eval_samples, seed=cfg.seed,
                                      val_u8=data.val[:500])
             tok.train()
             if run is not None:
                 run.log_metrics({"tag": f"{tag}_eval", "step": done, **rec})
-        hooks.append((t.eval_every, diag))
-    state = {"tokenizer": nn.ModuleDict({"projector": tok.projector, "decoder": tok.decoder, "encoder": tok.encoder}),
+        hooks.append((c.eval_every, diag))
+    parts_dict = {"projector": tok.projector, "decoder": tok.decoder, "encoder": tok.encoder}
+    state = {"tokenizer": nn.ModuleDict(parts_dict),
              "head": head, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "gen": gen}
     if use_dm:
         state.update(fake=fake, fopt=fopt, fsched=fsched)
     if fm_gen is not gen:
         state["fm_gen"] = fm_gen
-    stats = train(step, max_steps=t.steps, state=state, run=run, tag=tag, log_every=t.log_every,
-                  ckpt_every=t.ckpt_every, hooks=hooks, progress=progress and ctx.is_main, ctx=ctx)
-    if t.refine_steps:
+    stats = train(step, max_steps=c.steps, state=state, run=run, tag=tag, log_every=c.log_every,
+                  ckpt_every=c.ckpt_every, hooks=hooks, progress=progress and ctx.is_main, ctx=ctx)
+    if c.refine_steps:
         refine_decoder(cfg, tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
     return tok.eval(), head.eval(), stats
+
+
+def _t_range(c, k: int) -> tuple[float, float]:
+    """DM timesteps' range at global step k: [t_min, t_max], or annealed toward the low-noise end (t → 1)."""
+    if c.anneal_steps:
+        return flow.annealed_t_range(k, c.anneal_steps, (c.t_min, c.t_max), (c.anneal_t_min, c.t_max))
+    return c.t_min, c.t_max
 
 
 def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device, *,
@@ -210,7 +239,7 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
     t, ctx = cfg.train, ctx or DistContext()
     params = list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    gen = rank_generator(cfg.seed + 31, ctx)
+    gen = rank_generator(stream_seed(cfg.seed, "joint.refine"), ctx)
     stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
     decoder = wrap_ddp(tok.decoder, ctx)
     perceptual = perceptual_loss(t.lpips)
@@ -259,7 +288,8 @@ class Upstream:
         if cfg.train.disc_init == "stage1" and self.disc_state is None:
             raise RunError("train.disc_init='stage1' but the stage-1 run has no ckpt/tokenizer/last.pt; "
                            "use train.disc_init='fresh'")
-        return {"disc_arch": self.disc_arch, "disc_state": self.disc_state if cfg.train.disc_init == "stage1" else None}
+        state = self.disc_state if cfg.train.disc_init == "stage1" else None
+        return {"disc_arch": self.disc_arch, "disc_state": state}
 
 
 def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Path) -> Upstream:
@@ -269,7 +299,8 @@ def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Pat
     teacher, ck = load_teacher(teacher_dir / "teacher.pt", device)
     if ck["tokenizer"]["digest"] != file_digest(tok_file):
         raise RunError(f"{teacher_dir / 'teacher.pt'} was fitted on latents of another tokenizer "
-                       f"({ck['tokenizer']['path']}), not {tok_file}; refit it with notebooks/30_teacher_fitting")
+                       f"({ck['tokenizer']['path']}), not {tok_file}; refit it with "
+                       "notebooks/30_teacher_fitting")
     tcfg = from_dict(TeacherStageConfig, ck["config"])
     data = load_data(tok_cfg, cache_dir)
     latents, labels = latents_for(tok, tok_file, data, RunDir(teacher_dir), device, flip=tcfg.reference.flip)

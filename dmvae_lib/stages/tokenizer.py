@@ -102,6 +102,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
+    rec = {"l1": t.l1, "l2": t.l2, "perceptual": perceptual, "lpips_weight": t.lpips_weight}
     gen = rank_generator(cfg.seed + 11, ctx)  # rank 0 (or one process): the single-process stream
     stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
@@ -111,8 +112,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         with autocast():
             feats = tok.encode_features(images)
         gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
-        stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2,
-                                      perceptual=perceptual, lpips_weight=t.lpips_weight, disc=gan,
+        stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, rec=rec, disc=gan,
                                       disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
                                       autocast=autocast, model=model, ctx=ctx)
         if gan is not None:

@@ -7,6 +7,7 @@ forward under autocast, and applies the update unless the step produced non-fini
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from ..runtime.distributed import DistContext, all_reduce_tensor_mean, average_b
 
 @contextlib.contextmanager
 def frozen(*modules: nn.Module):
-    """Temporarily turn off requires_grad (and train mode) of `modules`, so a loss differentiates only its inputs."""
+    """Turn off requires_grad (and train mode) of `modules` for a while: a loss differentiates its inputs."""
     saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
     for m in modules:
         m.eval().requires_grad_(False)
@@ -41,7 +42,9 @@ def _agreed(nonfinite: int, ctx: Optional[DistContext]) -> int:
 
 def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
                  nonfinite: int = 0, scheduler=None) -> float:
-    """zero_grad → backward → clip → step (skipped when the loss or the gradient is non-finite). Returns the grad norm."""
+    """zero_grad → backward → clip → step (skipped when the loss or the gradient is non-finite).
+
+    Returns the grad norm."""
     optimizer.zero_grad(set_to_none=True)
     if nonfinite or not torch.isfinite(loss):
         return float("nan")
@@ -72,7 +75,8 @@ def flow_matching_step(
     Under DDP (`net` wrapped, `ctx` given) the skip decision for a non-finite loss is taken by all ranks
     together (`_agreed`), so no rank waits in the gradient all-reduce for one that skipped backward."""
     data = data.detach()
-    t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], generator=generator, device=data.device)
+    t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], generator=generator,
+                      device=data.device)
     noise = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
     with autocast():
         loss = flow.flow_matching_loss(net, data, t, noise, y).float().mean()
@@ -104,6 +108,39 @@ def objective_step(
             "nonfinite": stats.nonfinite}
 
 
+def reconstruction_loss(x_hat: Tensor, images: Tensor, *, l1: float, l2: float = 0.0,
+                        perceptual: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                        lpips_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """L_rec = l1·|x̂ − x| + l2·(x̂ − x)² (+ lpips_weight·LPIPS), batch means; returns (L_rec, its parts)."""
+    err = x_hat - images
+    rec = l1 * err.abs().mean() + l2 * (err ** 2).mean()
+    stats = {"l1": float(err.abs().mean().detach())}
+    if perceptual is not None and lpips_weight > 0:
+        lp = perceptual(x_hat, images).mean()
+        rec, stats["lpips"] = rec + lpips_weight * lp, float(lp.detach())
+    return rec, stats
+
+
+def generator_gan_loss(disc: nn.Module, x_hat: Tensor, generator: torch.Generator,
+                       autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Tensor:
+    """L_GAN = hinge generator loss on DiffAug(x̂); the discriminator is frozen, only x̂ gets gradients."""
+    with frozen(disc), autocast():
+        return g_loss(disc(diff_augment(x_hat, generator)).float())
+
+
+def gan_weight(rec: Tensor, gan: Tensor, last_layer: Tensor, ctx: Optional[DistContext] = None) -> Tensor:
+    """The adaptive weight ‖∇L_rec‖/‖∇L_GAN‖ on the decoder's last layer, of the global batch under DDP."""
+    grad_mean = (lambda g: all_reduce_tensor_mean(g, ctx)) if ctx and ctx.distributed else None
+    return adaptive_gan_weight(rec, gan, last_layer, grad_mean=grad_mean)
+
+
+def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: list, *, grad_clip: float, scheduler=None,
+           nonfinite: int = 0, ctx: Optional[DistContext] = None) -> dict[str, float]:
+    """`apply_update`, skipped on every rank together when any rank's loss (or `nonfinite`) is non-finite."""
+    bad = _agreed(int(not torch.isfinite(loss)) + int(nonfinite), ctx)
+    return {"grad_norm": apply_update(loss, optimizer, params, grad_clip, bad, scheduler), "nonfinite": bad}
+
+
 class TokenizerParts(nn.Module):
     """The tokenizer's trainable parts as one module, encoder features → (z, x̂): the unit DDP wraps.
 
@@ -119,59 +156,30 @@ class TokenizerParts(nn.Module):
         return z, self.decoder(z)
 
 
-def tokenizer_step(
-    tokenizer: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    params: list,
-    images: Tensor,
-    features: Tensor,
-    generator: torch.Generator,
-    *,
-    l1: float,
-    l2: float,
-    perceptual: Optional[Callable[[Tensor, Tensor], Tensor]],
-    lpips_weight: float,
-    disc: Optional[nn.Module],
-    disc_weight: float,
-    scheduler=None,
-    grad_clip: float = 1.0,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    latent_loss: Optional[Callable[[Tensor], tuple[Tensor, dict]]] = None,
-    model: Optional[nn.Module] = None,
-    ctx: Optional[DistContext] = None,
-) -> tuple[dict[str, float], Tensor]:
-    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂).
+def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, params: list, images: Tensor,
+                   features: Tensor, generator: torch.Generator, *, rec: dict, disc: Optional[nn.Module],
+                   disc_weight: float, scheduler=None, grad_clip: float = 1.0,
+                   autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                   model: Optional[nn.Module] = None,
+                   ctx: Optional[DistContext] = None) -> tuple[dict, Tensor]:
+    """Stage 1: one projector + decoder update on L_rec (+ adaptive-weighted L_GAN when `disc` is given).
 
-    `latent_loss(z) -> (loss, stats)` adds a term on the projector's output z (joint training: λ·L_DM through
-    the projection head); it reaches the projector/encoder only, never the decoder.
-    Data parallel (`ctx`): `model` is the DDP-wrapped `TokenizerParts` of `tokenizer` (default: unwrapped
-    parts) and `disc` the unwrapped discriminator (the generator term needs no discriminator gradients); the
-    adaptive weight is the global batch's (`adaptive_gan_weight`'s grad_mean) and the skip is agreed.
-    """
+    `rec` holds `reconstruction_loss`'s keywords; `model` is the DDP-wrapped `TokenizerParts` under `ctx`.
+    Returns (stats, sg(x̂))."""
     model = TokenizerParts(tokenizer.projector, tokenizer.decoder) if model is None else model
     with autocast():
-        z, x_hat = model(features)
-    x_hat32 = x_hat.float()
-    rec = l1 * (x_hat32 - images).abs().mean() + l2 * ((x_hat32 - images) ** 2).mean()
-    stats = {"l1": float((x_hat32 - images).abs().mean().detach())}
-    if perceptual is not None and lpips_weight > 0:
-        lp = perceptual(x_hat32, images).mean()
-        rec, stats["lpips"] = rec + lpips_weight * lp, float(lp.detach())
-    loss = rec
+        _, x_hat = model(features)
+    x_hat = x_hat.float()
+    l_rec, stats = reconstruction_loss(x_hat, images, **rec)
+    loss = l_rec
     if disc is not None:
-        with frozen(disc), autocast():
-            gl = g_loss(disc(diff_augment(x_hat32, generator)).float())
-        grad_mean = (lambda g: all_reduce_tensor_mean(g, ctx)) if ctx and ctx.distributed else None
-        w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer(), grad_mean=grad_mean)
-        loss = rec + disc_weight * w * gl
-        stats.update(g_loss=float(gl.detach()), gan_weight=float(w))
-    if latent_loss is not None:
-        extra, extra_stats = latent_loss(z)
-        loss, stats = loss + extra, {**stats, **extra_stats}
-    bad = _agreed(int(not torch.isfinite(loss)) + int(stats.pop("nonfinite", 0)), ctx)
-    stats.update(rec_loss=float(rec.detach()), grad_norm=apply_update(loss, optimizer, params, grad_clip, bad, scheduler),
-                 nonfinite=bad)
-    return stats, x_hat32.detach()
+        l_gan = generator_gan_loss(disc, x_hat, generator, autocast)
+        w = gan_weight(l_rec, l_gan, tokenizer.decoder.get_last_layer(), ctx)
+        loss = l_rec + disc_weight * w * l_gan
+        stats.update(g_loss=float(l_gan.detach()), gan_weight=float(w))
+    stats["rec_loss"] = float(l_rec.detach())
+    stats.update(update(loss, optimizer, params, grad_clip=grad_clip, scheduler=scheduler, ctx=ctx))
+    return stats, x_hat.detach()
 
 
 def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, fakes: Tensor,
@@ -189,7 +197,9 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
         logits = disc(diff_augment(both, generator)).float()
         real, fake = logits.chunk(2)
         hinge = d_hinge_loss(real, fake)
-        reg = bcr_loss(lambda x: disc(x).float(), both, logits, generator=generator, weight=bcr) if bcr > 0 else 0.0
+        reg = 0.0
+        if bcr > 0:
+            reg = bcr_loss(lambda x: disc(x).float(), both, logits, generator=generator, weight=bcr)
     loss = hinge + reg
     bad = _agreed(int(not torch.isfinite(loss)), ctx)
     norm = apply_update(loss, optimizer, disc.parameters(), grad_clip, bad)
