@@ -18,13 +18,14 @@
 # %% [markdown]
 # # 40 · Joint distribution-matching training
 #
-# > The heart of DMVAE (paper §3.2, App. A.3). The tokenizer keeps reconstructing while a distribution-matching
-# > term pulls its *aggregate* latent distribution onto the reference: a frozen real net (the teacher of
-# > notebook 30) and an online fake net (initialised from it, fitted every step on the current latents) give
-# > the direction (x̂_fake − x̂_real)/‖x − x̂_real‖₁ that moves each latent.
+# > The heart of DMVAE (paper §3.2, App. A.3). The tokenizer keeps reconstructing while a
+# > distribution-matching term pulls its *aggregate* latent distribution onto the reference: a frozen real net
+# > (the teacher of notebook 30) and an online fake net (initialised from it, fitted every step on the current
+# > latents) give the direction (x̂_fake − x̂_real)/‖x − x̂_real‖₁ that moves each latent.
 #
-# **What you'll see.** Joint training with λ·L_DM (λ = 10, CFG 5 on both nets, tokenizer every 5 steps) and the
-# same run with λ = 0 as the control; DM loss and gradient norm; the distance of the aggregate posterior to the
+# **What you'll see.** One DM step taken apart (the direction g and where its gradient goes); joint training
+# with λ·L_DM (λ = 10, CFG on both nets, tokenizer every 5 steps) and the same run with λ = 0 as the control;
+# DM loss and gradient norm; the distance of the aggregate posterior to the
 # reference (Fréchet distance and sliced-W2 on latents) and val PSNR as training goes, for both runs.
 #
 # **What it needs.** Finished runs of `20_tokenizer_pretraining` and `30_teacher_fitting` (same `run_name`,
@@ -36,7 +37,7 @@ seed: int = 0  # seeds initialisation and every generator of the run
 device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
 run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
-tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest one
 teacher_run: str = ""  # a notebook-30 run folder; "" -> likewise
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"train.dm_weight": 1.0, "train.cfg_scale": 1.0}
@@ -73,14 +74,38 @@ tok, data, ref, latents, encoders = u.tokenizer, u.data, u.reference, u.latents,
 print(f"reference {ref.name!r} {tuple(ref.shape)}; latents {tuple(latents.shape[1:])}")
 
 # %% [markdown]
-# ## 2 · Joint training (λ = `train.dm_weight`) and the λ = 0 control
+# ## 2 · The mechanism: one DM step on a batch
+# For latents $z$ (after the projection head), $t \sim U[t_{\min}, t_{\max}]$ and
+# $x_t = t\,z + (1-t)\,\epsilon$ (t = 1 is data), each net predicts the data,
+# $\hat x = x_t + (1-t)\,v(x_t, t)$. The DM direction (paper Eq. 9, DMD's normalisation) is
+# $$g = \frac{\hat x_{\text{fake}} - \hat x_{\text{real}}}{\operatorname{mean}|z - \hat x_{\text{real}}|},
+# \qquad L_{\text{DM}} = \tfrac12\,\operatorname{mean}\big(z - \operatorname{sg}(z - g)\big)^2,
+# \qquad \frac{\partial L_{\text{DM}}}{\partial z} = \frac{g}{N},$$
+# so a descent step moves each latent toward what the real (reference) net denoises to and away from what
+# the fake net, which tracks the current latents, denoises to. The tokenizer's loss is
+# $L = L_{\text{rec}} + w\,L_{\text{GAN}} + \lambda\,L_{\text{DM}}$: $L_{\text{DM}}$ reaches the encoder side
+# (projector, head, and the encoder when it trains), never the decoder. Below: one such step on copies, with a
+# fake net fitted briefly to this batch (at step 0 the fake equals the teacher and $g = 0$).
+
+# %%
+probe = js.dm_mechanism(cfg, tok, u.teacher, ref, data.train[0][:128], data.train_labels[:128], s.device,
+                        fake_steps=50, seed=seed)
+s.figures.save(viz.dm_mechanism_panels(probe["g_norm"], probe["t"], probe["grad_norm"]), "dm_mechanism")
+print(f"mean ‖g‖ = {probe['g_norm'].mean():.3f}; gradient per part: "
+      + ", ".join(f"{k} {v:.2e}" for k, v in probe["grad_norm"].items()))
+assert probe["nonfinite"] == 0 and probe["grad_norm"]["decoder"] == 0.0, "L_DM must never reach the decoder"
+assert probe["grad_norm"]["projector"] > 0 and probe["g_norm"].mean() > 0
+
+# %% [markdown]
+# ## 3 · Joint training (λ = `train.dm_weight`) and the λ = 0 control
 # The control runs the same code with the DM term off: same data order, losses and schedule, no fake net and
 # no DM forward passes. Diagnostics every `train.eval_every` steps go to `metrics.jsonl`.
 
 # %%
 same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has no head to compare through
-start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device, n=cfg.train.eval_samples,
-                                   seed=seed, val_u8=data.val[:500]) if same_shape else {}
+start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device,
+                                   n=cfg.train.eval_samples, seed=seed,
+                                   val_u8=data.val[:500]) if same_shape else {}
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["joint", str(s.run.path), "--device", device])
 dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
@@ -93,13 +118,14 @@ if cfg.train.control:
 
 # %%
 hist = {name: js.eval_history(s.run, tag) for name, tag in runs.items()}
-for key, title in (("ref_fd", "Fréchet distance of head(latents) to the reference (flattened latents; not FID)"),
+for key, title in (("ref_fd", "Fréchet distance of head(latents) to the reference (flattened; not FID)"),
                    ("ref_sw2", "sliced-W2 of head(latents) to the reference"), ("val_psnr", "val PSNR (dB)")):
     s.figures.save(viz.metric_lines(hist, key, log_y=key != "val_psnr", title=title), f"joint_{key}")
-s.figures.save(ts.loss_curves(s.run, "joint", ("dm_loss", "dm_grad_norm", "fake_fm_loss", "l1")), "joint_losses")
+losses = ts.loss_curves(s.run, "joint", ("dm_loss", "dm_grad_norm", "fake_fm_loss", "l1"))
+s.figures.save(losses, "joint_losses")
 
 # %% [markdown]
-# ## 3 · Result: closer to the reference, at what reconstruction cost?
+# ## 4 · Result: closer to the reference, at what reconstruction cost?
 
 # %%
 final = {name: h[-1] for name, h in hist.items()}
@@ -115,7 +141,7 @@ if cfg.train.control and preset != "smoke":
           f"{final['λ = 0 control']['val_psnr'] - final['DM']['val_psnr']:.2f} dB")
 
 # %% [markdown]
-# ## 4 · Save
+# ## 5 · Save
 # The DM-trained tokenizer (latent mean and scale re-measured after DM, for the generator of notebook 60), its
 # projection head, and the control tokenizer (the λ = 0 baseline of the reference study).
 

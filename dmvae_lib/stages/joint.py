@@ -101,6 +101,44 @@ def dm_loss(target: Tensor, y: Optional[Tensor], real, fake: nn.Module, t: Tenso
         return dmd.dm(target, real, fake if fake_velocity is None else fake_velocity, t, noise, y)
 
 
+def dm_mechanism(cfg: JointStageConfig, tok: Tokenizer, teacher: nn.Module, reference, images_u8: Tensor,
+                 labels: Tensor, device, *, fake_steps: int = 50, seed: int = 0) -> dict:
+    """One DM step on a batch, on copies (nothing the run uses is changed): the fake net is a copy of the
+    teacher fitted `fake_steps` flow-matching steps on the batch's latents (at step 0 fake = real and g = 0);
+    returns g per sample, |g|, t, and the gradient norm λ·L_DM puts on each tokenizer part."""
+    c, gen = cfg.train, torch.Generator().manual_seed(seed)
+    tok = copy.deepcopy(tok).to(device).train()
+    if c.train_encoder and hasattr(tok.encoder, "set_trainable"):
+        tok.encoder.set_trainable(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = make_head((tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size),
+                         tuple(reference.shape)).to(device)
+    images, k = to_float(images_u8).to(device), reference.num_classes
+    y = labels.to(device) if k else None
+    with torch.no_grad():
+        target0 = head(tok.normalize(tok.encode(images).float()))
+    fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
+    fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95))
+    for _ in range(fake_steps):
+        flow_matching_step(fake, fopt, target0, gen, y=y, grad_clip=c.grad_clip)
+    real_v, fake_v = dm_nets(teacher.to(device).eval(), fake, k, c.cfg_scale)
+    target = head(tok.normalize(tok.encode(images).float()))
+    target.retain_grad()
+    t = flow.sample_t(len(target), t_min=c.t_min, t_max=c.t_max, generator=gen).to(device)
+    noise = torch.randn(target.shape, generator=gen).to(device)
+    loss, st = dm_loss(target, y, real_v, fake, t, noise, fake_velocity=fake_v)
+    lam = c.dm_weight or 1.0  # the λ = 0 control still shows the direction it leaves out
+    (lam * loss).backward()
+    g = target.grad * target.numel() / lam  # ∂L_DM/∂target = g/N (the surrogate's design)
+    parts = {"encoder": tok.encoder, "projector": tok.projector, "decoder": tok.decoder, "head": head}
+    reach = {name: float(torch.linalg.vector_norm(torch.stack(
+        [q.grad.norm() for q in m.parameters() if q.grad is not None] or [torch.zeros(())]))) for name, m in
+        parts.items()}
+    return {"g": g.detach().cpu(), "g_norm": g.flatten(1).norm(dim=1).cpu(), "t": t.cpu(), "grad_norm": reach,
+            "nonfinite": st.nonfinite}
+
+
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
                 disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),

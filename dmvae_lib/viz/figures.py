@@ -270,3 +270,15 @@ def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles
     fig.update_layout(title=title, height=330 * rows, width=360 * cols, margin={"t": 80})
     fig.update_xaxes(tickangle=30)
     return fig
+
+
+def dm_mechanism_panels(g_norm: Tensor, t: Tensor, grad_norm: Mapping[str, float]) -> go.Figure:
+    """One DM step in two panels: |g| per sample against its t, and the gradient norm on each model part."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("‖g‖ per sample vs t (t = 1 data)",
+                                                        "‖∇ λ·L_DM‖ per part"))
+    fig.add_trace(go.Scatter(x=t.tolist(), y=g_norm.tolist(), mode="markers", marker=dict(size=6),
+                             name="samples"), 1, 1)
+    fig.add_trace(go.Bar(x=list(grad_norm), y=list(grad_norm.values()), name="gradient"), 1, 2)
+    fig.update_xaxes(title_text="t", row=1, col=1)
+    fig.update_layout(height=380, width=860, showlegend=False)
+    return fig
