@@ -26,7 +26,7 @@ from dmvae_lib.data.images import ImageData
 from dmvae_lib.data.references import TensorReference
 from dmvae_lib.models.lightning_dit import LightningDiT
 from dmvae_lib.models.ssl_encoder import SmallResNet
-from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.train.artifacts import build_net, build_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net
 
@@ -92,7 +92,7 @@ def main() -> None:
                                         tokenizer_every=jcfg.train.tokenizer_every)
             jc = dataclasses.replace(jcfg, train=train)
             CALLS.clear()
-            sec = timed(lambda: js.train_joint(jc, tok, teacher, ref, data, None, "cpu", dm_weight=10.0,
+            sec = timed(lambda: joint_stage.train_joint(jc, tok, teacher, ref, data, None, "cpu", dm_weight=10.0,
                                                progress=False))
             turn = [c for c in CALLS]  # all calls over `steps` global steps
             k = train.tokenizer_every

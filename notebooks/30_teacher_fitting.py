@@ -48,8 +48,8 @@ import torch
 from dmvae_lib.data.images import load_data
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import teacher as tst
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import teacher as teacher_stage
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_teacher, upstream_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net, fm_loss_per_t_bin
 from dmvae_lib.viz import figures as viz
@@ -97,7 +97,7 @@ print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.nu
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["teacher", str(s.run.path), "--device", device])
 teacher, fit_stats = fit_velocity_net(cfg, ref, s.run, s.device)
-s.figures.save(ts.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
+s.figures.save(tokenizer_stage.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "teacher")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
 assert fit_stats["fm_loss"] < first["fm_loss"], "the teacher did not learn"
@@ -115,9 +115,9 @@ fig = viz.bar_chart([b["t"] for b in bins], [b["fm_loss"] for b in bins], x_titl
 s.figures.save(fig, "loss_per_t_bin")
 
 # %%
-ev = tst.evaluate_teacher(cfg, teacher, ref, s.device)
+ev = teacher_stage.evaluate_teacher(cfg, teacher, ref, s.device)
 ref_pts, ev_pts = ref.sample(ev["samples"].shape[0], torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
-r2, s2 = tst.pca_2d(ref_pts, ev_pts)
+r2, s2 = teacher_stage.pca_2d(ref_pts, ev_pts)
 lim = float(r2.abs().quantile(0.99)) * 1.1
 s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420), "samples_vs_reference")
 print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor {ev['noise_floor']['fd']:.2f}), "

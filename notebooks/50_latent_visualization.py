@@ -44,7 +44,7 @@ overrides: dict = {}  # dotted config keys, e.g. {"embed.points": 1000, "embed.m
 import json
 import math
 
-from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.stages import latents as lv
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
@@ -65,7 +65,7 @@ cfg
 # head(normalize₁(E_DM(x))); the control's are its normalised latents. Everything is flattened to (N, D).
 
 # %%
-u = js.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
+u = joint_stage.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
 sets, images = lv.collect_sets(cfg, u, joint_dir, s.device)
 names = lv.class_names(u.tokenizer_cfg.data.source, u.data)
 for name, ps in sets.items():

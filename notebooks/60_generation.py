@@ -52,8 +52,8 @@ import torch
 from dmvae_lib.data.images import load_data
 from dmvae_lib.metrics import evaluation as ev
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import generation as gs
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import generation as generation_stage
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
@@ -76,12 +76,12 @@ cfg
 # %%
 tok, tok_cfg, encoders, tok_file = upstream_tokenizer(joint_dir, s.device, cfg.tokenizer_file)
 data = load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
-train_set = gs.generator_data(cfg, tok, tok_file, data, s.run, s.device)
+train_set = generation_stage.generator_data(cfg, tok, tok_file, data, s.run, s.device)
 lat = train_set.bank
 print(f"{train_set.name}: {tuple(lat.shape)}, mean {lat.mean():.3f}, std {lat.std():.3f}, "
       f"{train_set.num_classes} classes")
 assert abs(float(lat.mean())) < 0.2 and 0.7 < float(lat.std()) < 1.3, "latents are not normalised"
-clusters = gs.latent_clustering(train_set, cfg.metrics.cluster_latents, seed)
+clusters = generation_stage.latent_clustering(train_set, cfg.metrics.cluster_latents, seed)
 print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clusters['chance']:.2f}), "
       f"silhouette {clusters['silhouette']:.3f}")
 
@@ -94,9 +94,9 @@ print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clust
 # %%
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["generator", str(s.run.path), "--device", device])
-net, fit_stats = gs.fit_generator(cfg, train_set, s.run, s.device)
+net, fit_stats = generation_stage.fit_generator(cfg, train_set, s.run, s.device)
 save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
-s.figures.save(ts.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
+s.figures.save(tokenizer_stage.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "generator")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
 assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
@@ -110,11 +110,11 @@ assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
 # latent cache? (A distance is read against two independent draws of the cache.)
 
 # %%
-sampler_net = net if cfg.sample.ema else gs.raw_generator(cfg, train_set, s.run, s.device)
+sampler_net = net if cfg.sample.ema else generation_stage.raw_generator(cfg, train_set, s.run, s.device)
 t0 = time.perf_counter()
-latents, labels = gs.sample_latents(sampler_net, train_set.shape, train_set.num_classes, cfg.sample, seed, s.device)
+latents, labels = generation_stage.sample_latents(sampler_net, train_set.shape, train_set.num_classes, cfg.sample, seed, s.device)
 sample_s = time.perf_counter() - t0
-fit = gs.latent_fit(latents, train_set, seed)
+fit = generation_stage.latent_fit(latents, train_set, seed)
 print(f"{len(latents)} latents, {cfg.sample.sampler} × {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale} on "
       f"{cfg.sample.cfg_interval}, {'EMA' if cfg.sample.ema else 'raw'} weights: {sample_s:.1f} s")
 print(f"latent FD to the cache {fit['samples_vs_cache']['fd']:.2f} ({fit['fd_ratio']:.2f}× the floor), "
@@ -128,13 +128,13 @@ assert torch.isfinite(latents).all(), "non-finite samples"
 # report with. `samples_grid.png` has one row per class; `samples/` holds the first `metrics.png_limit` PNGs.
 
 # %%
-images = gs.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
-paths = gs.write_samples(s.run, images, labels, cfg.metrics)
+images = generation_stage.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
+paths = generation_stage.write_samples(s.run, images, labels, cfg.metrics)
 back, back_labels = ev.load_adm_npz(paths["npz"])
 assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:]) and torch.equal(back, images)
 assert back_labels is None or torch.equal(back_labels, labels)
 real, real_labels = data.val, data.val_labels
-fig = gs.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
+fig = generation_stage.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
                         title="generated (each row) and real val images (the row below) per class")
 s.figures.save(fig, "samples")
 
@@ -151,11 +151,11 @@ s.figures.save(fig, "samples")
 
 # %%
 files = {"generator": s.run.path / "generator.pt", "tokenizer": tok_file, "samples": paths["npz"]}
-records = gs.evaluate(cfg, images, tok, encoders, data, files, s.device)
-eval_file = gs.save_evaluation(s.run, records)
+records = generation_stage.evaluate(cfg, images, tok, encoders, data, files, s.device)
+eval_file = generation_stage.save_evaluation(s.run, records)
 by_name = {r["metric"]: r for r in records}
 print(by_name["inception"].get("reason", "Inception metrics computed"))
-gs.metrics_table(records)
+generation_stage.metrics_table(records)
 
 # %%
 assert all(set(ev.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in records), "a metric lacks its protocol"

@@ -104,11 +104,11 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.data.references import TensorReference
+from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.train.velocity import fit_velocity_net
 
 out = Path(sys.argv[1])
 ctx = init_distributed("cpu")

@@ -22,7 +22,7 @@ from dmvae_lib.metrics.image_metrics import (
     frechet_distance_from_moments,
 )
 from dmvae_lib.runtime.runs import RunDir
-from dmvae_lib.stages import generation as gs
+from dmvae_lib.stages import generation as generation_stage
 from dmvae_lib.train.artifacts import load_generator, save_generator
 
 SHAPE = (2, 4, 4)
@@ -48,7 +48,7 @@ def _sample_cfg(**kw) -> SampleConfig:
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
 def test_exact_gaussian_velocity_maps_noise_to_the_standard_gaussian(sampler):
     ref = GaussianReference(SHAPE)
-    x, y = gs.sample_latents(ref.velocity, SHAPE, 0, _sample_cfg(sampler=sampler), seed=0, device="cpu")
+    x, y = generation_stage.sample_latents(ref.velocity, SHAPE, 0, _sample_cfg(sampler=sampler), seed=0, device="cpu")
     assert y is None and x.shape == (2000, *SHAPE)
     assert abs(float(x.mean())) < 0.03 and abs(float(x.std()) - 1) < 0.03
 
@@ -56,7 +56,7 @@ def test_exact_gaussian_velocity_maps_noise_to_the_standard_gaussian(sampler):
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
 def test_shifted_gaussian_oracle_lands_each_class_on_its_mean(sampler):
     means, s = torch.tensor([-2.0, 0.5, 3.0, 0.0]), 0.5  # 3 classes + the null label
-    x, y = gs.sample_latents(gaussian_oracle(means, s), SHAPE, 3, _sample_cfg(sampler=sampler), 0, "cpu")
+    x, y = generation_stage.sample_latents(gaussian_oracle(means, s), SHAPE, 3, _sample_cfg(sampler=sampler), 0, "cpu")
     assert torch.equal(torch.bincount(y), torch.tensor([667, 667, 666])), "labels are not class-balanced"
     for c in range(3):
         xc = x[y == c]
@@ -68,19 +68,19 @@ def test_cfg_on_gaussians_scales_the_mean_and_the_interval_switches_it_off():
     """Equal-variance Gaussians: w·v_m + (1 − w)·v_0 is exactly v_{w·m}, so guidance w lands on w·m."""
     means, s = torch.tensor([1.0, 0.0]), 0.5  # class 0 at 1, null at 0
     net = gaussian_oracle(means, s)
-    guided, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0), 0, "cpu")
+    guided, _ = generation_stage.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0), 0, "cpu")
     assert abs(float(guided.mean()) - 2.0) < 0.05
-    off, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0, cfg_interval=(2.0, 2.0)), 0, "cpu")
-    plain, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500), 0, "cpu")
+    off, _ = generation_stage.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0, cfg_interval=(2.0, 2.0)), 0, "cpu")
+    plain, _ = generation_stage.sample_latents(net, SHAPE, 1, _sample_cfg(n=500), 0, "cpu")
     torch.testing.assert_close(off, plain)
 
 
 def test_sampling_is_seeded_and_independent_of_the_global_rng():
     net = GaussianReference(SHAPE).velocity
-    a, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
+    a, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
     torch.manual_seed(123)
-    b, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
-    c, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 4, "cpu")
+    b, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
+    c, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 4, "cpu")
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -184,13 +184,13 @@ def test_write_samples_writes_npz_grid_and_capped_pngs(tmp_path):
     from PIL import Image
 
     run, images, labels = RunDir(tmp_path / "run"), _images(n=12, h=8, w=8), torch.arange(12) % 3
-    paths = gs.write_samples(run, images, labels, make_config("generation", "smoke").metrics)
+    paths = generation_stage.write_samples(run, images, labels, make_config("generation", "smoke").metrics)
     assert len(list(paths["pngs"].glob("*.png"))) == 12  # png_limit 40 > 12
     assert np.array_equal(np.asarray(Image.open(paths["pngs"] / "000003.png")), images[3].numpy())
     assert np.asarray(Image.open(paths["grid"])).shape[2] == 3
     assert torch.equal(ev.load_adm_npz(paths["npz"])[0], images)
     capped = dataclasses.replace(make_config("generation", "smoke").metrics, png_limit=5)
-    assert len(list(gs.write_samples(run, images, labels, capped)["pngs"].glob("*.png"))) == 5
+    assert len(list(generation_stage.write_samples(run, images, labels, capped)["pngs"].glob("*.png"))) == 5
     assert not [p for p in run.path.iterdir() if p.name.startswith(".scratch")]
 
 
@@ -207,8 +207,8 @@ def test_parallel_evaluations_do_not_share_temporary_files(tmp_path, monkeypatch
     def work(i):
         barrier.wait()
         for _ in range(5):
-            gs.write_samples(runs[i], data[i], torch.arange(30) % 3, metrics)
-            gs.save_evaluation(runs[i], [{"metric": f"m{i}", "value": float(i)}])
+            generation_stage.write_samples(runs[i], data[i], torch.arange(30) % 3, metrics)
+            generation_stage.save_evaluation(runs[i], [{"metric": f"m{i}", "value": float(i)}])
 
     with ThreadPoolExecutor(2) as pool:
         [f.result() for f in [pool.submit(work, i) for i in range(2)]]  # re-raises a worker's error
@@ -269,10 +269,10 @@ def test_fit_generator_checkpoints_ema_raw_and_saved_weights(tmp_path, gen):
                                               "net.patch_size": 2})
     data = TensorReference(torch.randn(64, *SHAPE, generator=gen), torch.arange(64) % 4, "latents")
     run = RunDir.create(tmp_path, "60_generation", "t", {"x": 1})
-    net, stats = gs.fit_generator(cfg, data, run, "cpu", progress=False)
+    net, stats = generation_stage.fit_generator(cfg, data, run, "cpu", progress=False)
     assert run.ckpt_path("generator").is_file() and "fm_loss" in stats
     assert [r["step"] for r in run.read_metrics() if r["tag"] == "generator"] == [1, 2, 3]
-    raw = gs.raw_generator(cfg, data, run, "cpu")
+    raw = generation_stage.raw_generator(cfg, data, run, "cpu")
     x, t, y = torch.randn(5, *SHAPE, generator=gen), torch.rand(5, generator=gen), torch.arange(5) % 4
     assert not torch.allclose(raw(x, t, y), net(x, t, y)), "EMA and raw weights should differ"
     tok_file = tmp_path / "tokenizer.pt"
