@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..configs.tokenizer import TokenizerStageConfig
 from ..runtime.runs import RunError, atomic_write_bytes
+from ..runtime.seeds import stream_seed
 from . import shapes_dataset
 from .image_folders import ImageFolderDataset, load_cifar10
 
@@ -37,7 +38,7 @@ def _shapes(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     file = cache_dir / f"shapes_{shapes_dataset.VERSION}_n{d.n_train}_v{d.n_views}_val{d.n_val}_s{cfg.seed}.npz"
     if not file.exists():
         views = [shapes_dataset.generate(d.n_train, cfg.seed, nuisance_seed=1000 + v) for v in range(d.n_views)]
-        val, val_y = shapes_dataset.generate(d.n_val, cfg.seed + 7919)
+        val, val_y = shapes_dataset.generate(d.n_val, stream_seed(cfg.seed, "data.shapes_val"))
         atomic_write_bytes(file, lambda f: np.savez(f, train=np.stack([v[0] for v in views]), train_y=views[0][1],
                                                     val=val, val_y=val_y))
     z = np.load(file)

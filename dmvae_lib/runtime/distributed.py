@@ -38,6 +38,7 @@ from torch import nn
 
 from .device import resolve_device
 from .runs import RunDir
+from .seeds import RANK_STRIDE
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,12 @@ def shard_batch(n_global: int, ctx: DistContext, name: str = "batch") -> int:
 
 
 def rank_generator(seed: int, ctx: DistContext, device: torch.device | str = "cpu") -> torch.Generator:
-    """The data generator of this rank, seeded seed + 1000·rank (rank 0 keeps `seed`, the single-process stream).
+    """The data generator of this rank, seeded seed + RANK_STRIDE·rank (rank 0 keeps `seed`, the single-process
+    stream).
 
     Only data, t and noise draws use it; seed the model's initialisation with the same `seed` on every rank.
     """
-    return torch.Generator(device=device).manual_seed(seed + 1000 * ctx.rank)
+    return torch.Generator(device=device).manual_seed(seed + RANK_STRIDE * ctx.rank)
 
 
 def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:

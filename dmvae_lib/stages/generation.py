@@ -38,6 +38,7 @@ from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx, denormals_flushed
 from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
+from ..runtime.seeds import stream
 from ..train.artifacts import build_net
 from ..train.velocity import fit_velocity_net
 from ..viz import figures as viz
@@ -85,7 +86,7 @@ def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: 
     """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels."""
     dev = torch.device(device)
     noise_gen = torch.Generator().manual_seed(seed)
-    sde_gen = torch.Generator(device=dev).manual_seed(seed + 1)  # the SDE's Brownian increments
+    sde_gen = stream(seed, "generation.sde", dev)
     labels = class_balanced_labels(s.n, num_classes)
     velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
     out = []
@@ -142,7 +143,7 @@ def samples_figure(images: Tensor, labels: Tensor | None, per_class: int, real: 
 
 def latent_fit(latents: Tensor, data: TensorReference, seed: int) -> dict:
     """FD and sliced-W2 of sampled latents to the latent cache, read against two draws of the cache (the floor)."""
-    gen = torch.Generator().manual_seed(seed + 5)
+    gen = stream(seed, "generation.latent_fit")
     a, b = data.sample(len(latents), gen)[0], data.sample(len(latents), gen)[0]
     fit, floor = distribution_distances(latents, a, seed), distribution_distances(b, a, seed)
     return {"samples_vs_cache": fit, "noise_floor": floor, "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 
 from ..configs.teacher import TeacherStageConfig
 from ..metrics.distributions import distribution_distances
+from ..runtime.seeds import stream
 from ..train.velocity import sample
 
 
 def evaluate_teacher(cfg: TeacherStageConfig, net: nn.Module, reference, device) -> dict:
     f = cfg.fit
     samples, _ = sample(net, reference, f.eval_samples, f.sample_steps, device, cfg_scale=f.cfg_scale, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    gen = stream(cfg.seed, "teacher.eval")
     ref_a, _ = reference.sample(f.eval_samples, gen)
     ref_b, _ = reference.sample(f.eval_samples, gen)
     fit = distribution_distances(samples, ref_a, cfg.seed)

@@ -32,9 +32,8 @@ from ..runtime.distributed import (
     shard_batch,
     wrap_ddp,
 )
-from ..runtime.runs import (
-    RunDir,
-)
+from ..runtime.runs import RunDir
+from ..runtime.seeds import stream_seed
 from ..train.loop import train
 from ..train.phases import TokenizerParts, disc_step, tokenizer_step
 from ..train.ssl import SUPERVISED_OVERRIDES, train_ssl, train_supervised
@@ -62,7 +61,7 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     if scores:
         out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
     if e.supervised_steps > 0:
-        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": cfg.seed + 1, "steps": e.supervised_steps,
+        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": stream_seed(cfg.seed, "tokenizer.supervised"), "steps": e.supervised_steps,
                                                 "batch": e.supervised_batch, "max_seconds": 0.0})
         sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
         out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
@@ -94,7 +93,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     warm = lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 6)
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.disc_init"))
         disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
     trainable = TokenizerParts(tok.projector, tok.decoder)
@@ -102,7 +101,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
-    gen = rank_generator(cfg.seed + 11, ctx)  # rank 0 (or one process): the single-process stream
+    gen = rank_generator(stream_seed(cfg.seed, "tokenizer.batches"), ctx)  # rank 0 (or one process): the single-process stream
     stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 

@@ -24,6 +24,7 @@ from ..core.dmd import get_objective, update_direction
 from ..core.samplers import euler_ode
 from ..models.score_nets import ToyScoreMLP
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream, stream_seed
 from ..train.loop import train
 from ..train.phases import flow_matching_step, objective_step
 from ..viz import figures as viz
@@ -68,8 +69,9 @@ def fit_real_net(cfg: ToyConfig, run: Optional[RunDir], device: torch.device, pr
 def evaluate_points(points: Tensor, cfg: ToyConfig, repeats: Optional[int] = None) -> dict:
     """SW2 to fresh reference samples, spread, coverage; all against the same reference stream."""
     sample = reference_sampler(cfg)
-    ref = sample(points.shape[0], torch.Generator().manual_seed(cfg.seed + 10_000))
-    sw2 = distances.mean_sliced_w2(points.cpu(), sample, repeats or cfg.eval.repeats, cfg.eval.n_directions, cfg.seed + 1)
+    ref = sample(points.shape[0], stream(cfg.seed, "toy.reference_eval"))
+    sw2 = distances.mean_sliced_w2(points.cpu(), sample, repeats or cfg.eval.repeats, cfg.eval.n_directions,
+                                  stream_seed(cfg.seed, "toy.sw2"))
     return {"sw2": sw2, "spread": distances.spread(points), "spread_ratio": distances.spread(points) / distances.spread(ref),
             "coverage": distances.coverage(ref, points.cpu(), cfg.eval.coverage_k),
             "nonfinite_points": int((~torch.isfinite(points)).sum())}
@@ -77,11 +79,12 @@ def evaluate_points(points: Tensor, cfg: ToyConfig, repeats: Optional[int] = Non
 
 def noise_floor(cfg: ToyConfig) -> float:
     """Median SW2 between independent n_points-samples of the reference (what a perfect fit scores)."""
-    return distances.noise_floor(reference_sampler(cfg), cfg.align.n_points, cfg.eval.repeats, cfg.eval.n_directions, cfg.seed + 2)
+    return distances.noise_floor(reference_sampler(cfg), cfg.align.n_points, cfg.eval.repeats, cfg.eval.n_directions,
+                                   stream_seed(cfg.seed, "toy.noise_floor"))
 
 
 def initial_points(cfg: ToyConfig) -> Tensor:
-    return toy2d.uniform_square(cfg.align.n_points, cfg.align.init_half_width, torch.Generator().manual_seed(cfg.seed + 3))
+    return toy2d.uniform_square(cfg.align.n_points, cfg.align.init_half_width, stream(cfg.seed, "toy.init_points"))
 
 
 def align(name: str, cfg: ToyConfig, real_net: torch.nn.Module, run: Optional[RunDir], device: torch.device,
@@ -92,7 +95,7 @@ def align(name: str, cfg: ToyConfig, real_net: torch.nn.Module, run: Optional[Ru
     fake = copy.deepcopy(real_net).requires_grad_(True).train()
     popt = torch.optim.Adam([points], lr=a.points_lr, betas=(0.9, 0.95))
     fopt = torch.optim.AdamW(fake.parameters(), lr=a.fake_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    gen = stream(cfg.seed, "toy.align")
     res = AlignResult(name, points.detach(), [(0, points.detach().cpu().clone())], [], [])
     if info.uses_fake:
         res.fake_states.append((0, _half(fake.state_dict())))
@@ -205,7 +208,7 @@ def results_table(results: dict, floor: float):
 
 def sample_points(net: torch.nn.Module, cfg: ToyConfig, device: torch.device, steps: int = 100) -> Tensor:
     """n_points Euler-ODE samples of a velocity net, (n, 2) on the CPU."""
-    noise = torch.randn(cfg.align.n_points, 2, generator=torch.Generator().manual_seed(cfg.seed + 5)).to(device)
+    noise = torch.randn(cfg.align.n_points, 2, generator=stream(cfg.seed, "toy.sample_noise")).to(device)
     return euler_ode(net, noise, steps).cpu()
 
 

@@ -21,6 +21,7 @@ from ..models.projection_heads import make_head
 from ..models.ssl_encoder import SmallResNet
 from ..models.tokenizer import Decoder, Projector, SSLFeatures, Tokenizer, timm_encoder
 from ..runtime.runs import RunError, load_checkpoint, load_state_strict, save_checkpoint
+from ..runtime.seeds import stream_seed
 
 
 def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -73,7 +74,7 @@ def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> 
         channels, reduction = encoder.out_channels, 4
     latent = cfg.data.resolution // (reduction * n.unshuffle)
     with torch.random.fork_rng(devices=[]):  # the initialisation depends on cfg.seed only
-        torch.manual_seed(cfg.seed + 5)
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.init"))
         proj = Projector(channels, n.z_channels, hidden_channels=n.proj_hidden, unshuffle=n.unshuffle)
         dec = Decoder(n.z_channels, latent_size=latent, image_size=cfg.data.resolution, ch=n.dec_ch,
                       ch_mult=n.dec_mult, num_res_blocks=n.dec_res_blocks, attn=n.dec_attn, num_groups=n.dec_groups)

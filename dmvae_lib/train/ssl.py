@@ -18,6 +18,7 @@ from ..data.views import augment, batch_images, renders_tensor, sample_views
 from ..models.ssl_encoder import OBJECTIVES, SmallResNet, projector
 from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream
 from . import loop
 from .phases import apply_update
 
@@ -72,7 +73,7 @@ def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, devic
     """AdamW, linear warm-up then cosine over `cfg.steps` or `cfg.max_seconds` (whichever ends first), run
     by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # batches + augmentations
+    gen = stream(cfg.seed, "ssl.batches")
     clock, last = [0.0], {}  # step seconds so far (evaluation hooks excluded; survives resume); last stats
 
     def step_fn(step: int) -> dict:

@@ -22,6 +22,7 @@ from ..runtime.distributed import (
     wrap_ddp,
 )
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream_seed
 from .artifacts import build_net
 from .loop import train
 from .phases import flow_matching_step
@@ -52,10 +53,10 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
     ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
     model = wrap_ddp(net, ctx)
     model = torch.compile(model) if f.compile else model
-    gen = rank_generator(cfg.seed + 23, ctx)  # rank 0 (or one process): the single-process stream
+    gen = rank_generator(stream_seed(cfg.seed, "velocity.batches"), ctx)  # rank 0 (or one process): the single-process stream
     # t and noise are drawn on the training device: a CPU generator cannot draw CUDA tensors.
     on_cpu = torch.device(device).type == "cpu"
-    noise_gen = gen if on_cpu else rank_generator(cfg.seed + 29, ctx, device)
+    noise_gen = gen if on_cpu else rank_generator(stream_seed(cfg.seed, "velocity.noise"), ctx, device)
     autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
 
     def step(k: int) -> dict:
