@@ -1,5 +1,5 @@
 """Configuration of stage 4: the final generator on the DM tokenizer's latents, sampling and evaluation
-(notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6)."""
+(notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2, §5.4, §6)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict] = {
               "sample.n": 300, "sample.steps": 20, "metrics.real_images": 2048, "metrics.floor_images": 300,
               "metrics.png_limit": 40, "metrics.grid_per_class": 6, "metrics.cluster_latents": 300},
     "cpu": {},
-    # The authors' final DiT (§5.2) and 50K evaluation (§5.4): XL/1, EMA 0.9999, no warm-up; 64 epochs of
+    # The authors' final DiT and 50K evaluation (docs/authors-code.md §5.2, §5.4): XL/1, EMA 0.9999, no warm-up; 64 epochs of
     # ImageNet at batch 1024 ≈ 80k steps; SDE Euler–Maruyama, 250 steps, no CFG (paper Tab. 3).
     "imagenet256": {"net.size": "XL", "net.patch_size": 1, "net.grad_checkpoint": True, "fit.steps": 80000,
                     "fit.batch": 1024, "fit.lr": 2e-4, "fit.warmup_steps": 0, "fit.ema_decay": 0.9999,

@@ -1,5 +1,5 @@
 """Configuration of stage 3: joint distribution-matching training of the tokenizer (notebook 40; paper §3.2,
-App. A.3; reference note §5.3, with its bugs fixed)."""
+App. A.3; docs/authors-code.md §5.3, with its bugs fixed (§8))."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ shape stream) and redraws every nuisance from stream `s`, so the same shape inst
 independent colours, background and noise.
 
 Determinism: images depend only on (n, seed, nuisance_seed). Draws happen per chunk of `CHUNK` images from
-`np.random.default_rng([seed, stream, chunk])`; the global RNG is never touched. Speed (calibration-cpu.md
-§1): class masks are computed only on that class's images, and upsampling uses matrix products, not einsum.
+`np.random.default_rng([seed, stream, chunk])`; the global RNG is never touched. Speed (measured on
+CPU): class masks are computed only on that class's images, and upsampling uses matrix products, not einsum.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation of generated images: protocol records, the ADM sample format, and labelled metrics.
 
-A generation metric is only meaningful with the protocol that produced it (field notes §4: sampler and steps,
+A generation metric is only meaningful with the protocol that produced it (sampler and steps,
 guidance, EMA, sample count, label scheme, precision, and the exact weights and statistics files). So every
 metric here is stored as `{"metric", "value", "feature_space", …, "protocol": protocol_record(…)}`, where the
 record holds the `SamplingProtocol` and the SHA-256 of each file used (generator, tokenizer, Inception

@@ -18,7 +18,7 @@ reference computes rFID with torchmetrics on the same Inception network after a 
 torch-fidelity resizes uint8 images itself (TF-style bilinear), so the two differ slightly on non-299
 inputs. The reference PSNR does not clamp x̂ (bf16), so it can differ for out-of-range reconstructions.
 
-Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778 (§6 of the notes).
+Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778; the authors' evaluation: docs/authors-code.md §6.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 4 orchestration (notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6): the final generator.
+"""Stage 4 orchestration (notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2, §5.4, §6): the final generator.
 
     latent cache of the DM tokenizer → LightningDiT fitted by flow matching (fit_velocity_net, the same
     loop, loss, EMA and label dropout) → class-balanced samples by Euler ODE or Euler–Maruyama SDE, optionally

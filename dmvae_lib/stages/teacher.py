@@ -6,7 +6,7 @@ The stage-1 tokenizer encodes the training images once into a latent cache insid
 samples by flow matching with label dropout; its EMA weights are the teacher that stage 3 loads.
 A teacher checkpoint records the reference it was fitted on, so loading it against another reference, a
 missing file, or a foreign checkpoint is an error (the authors' script silently trains against a random
-teacher, reference note §5.3).
+teacher, docs/authors-code.md §5.3).
 """
 
 from __future__ import annotations
