@@ -76,17 +76,8 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
                     progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
     """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer, stats).
-
-    With a multi-process `ctx` (torchrun) each rank draws train.batch / world_size images (and its DiffAug
-    draws) from its own generator; the projector + decoder and the discriminator train under DDP (the frozen
-    encoder is not wrapped; every parameter is used in every forward, so find_unused_parameters stays off).
-    The adaptive GAN weight is that of the global batch (its last-layer gradients are averaged over ranks).
-    The discriminator's BatchNorm normalises with per-rank shard statistics, as in multi-GPU PatchGAN
-    training; its running statistics are averaged over ranks after each update. A non-finite value on any
-    rank makes every rank skip that update (and the loop raise at the same step). Logged numbers are rank
-    means; only rank 0 writes. Resuming restores rank 0's checkpoint on every rank, each with its own data
-    generator (`loop.train`), under the same world size.
-    """
+    With a multi-process `ctx`, projector + decoder and discriminator train under DDP (the frozen encoder is not
+    wrapped), as in runtime/distributed.py."""
     t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
     params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)

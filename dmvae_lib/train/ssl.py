@@ -99,10 +99,9 @@ def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, devic
 def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", run: RunDir | None = None,
               tag: str = "ssl", progress: bool = True, hooks: Sequence = (), log_every: int = 25,
               ckpt_every: int = 0) -> Trained:
-    """Self-supervised training, no labels, on uint8 renders (V, N, 32, 32, 3) (V ≥ 2: paired views).
-
-    Resumes from `run`'s ckpt/<tag>/last.pt. `hooks` [(every, fn(step, encoder))] run between steps, e.g. a
-    kNN evaluation (it may switch the encoder to eval mode; training mode is restored after it)."""
+    """Self-supervised training, no labels, on uint8 renders (V, N, 32, 32, 3) (V ≥ 2: paired views); resumes
+    from `run`. `hooks` [(every, fn(step, encoder))] run between steps, e.g. a kNN evaluation (it may switch
+    the encoder to eval mode; training mode is restored after it)."""
     data = renders_tensor(renders)
     with torch.random.fork_rng(devices=[]):  # deterministic init; the caller's global RNG is untouched
         torch.manual_seed(cfg.seed)

@@ -30,18 +30,9 @@ from .phases import flow_matching_step
 
 def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
                 ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
-    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
-
-    Also fits the final generator of notebook 60 (`tag="generator"`): `cfg` may be any config with `seed`, a
-    `net` (DiTConfig) and a `fit` holding the training fields read here (configs.generation.GeneratorFitConfig).
-
-    With a multi-process `ctx` (`distributed.init_distributed` under torchrun) each rank draws
-    fit.batch / world_size samples from its own generator, gradients are averaged by DDP, the logged fm_loss
-    is the mean over ranks, and only rank 0 writes to `run` (the other ranks may pass any `run` or None).
-    Resuming works as in one process: every rank restores rank 0's `last.pt`, with its own generator
-    states (`loop.train`), under the same world size. A non-finite loss on any rank makes all ranks skip the
-    update together and raise NonFiniteError at the same step (`phases.flow_matching_step` with `ctx`).
-    """
+    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns (EMA net, stats).
+    Also fits notebook 60's generator (`tag="generator"`, a cfg with `seed`, `net`, `fit`). With a multi-process
+    `ctx`, DDP as in runtime/distributed.py."""
     f = cfg.fit
     ctx = ctx or DistContext()
     batch = shard_batch(f.batch, ctx, "fit.batch")

@@ -62,15 +62,9 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
 
 
 def load_params_file(path: str | Path) -> dict:
-    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix).
-
-        preset: cpu
-        name: lambda1
-        params: {seed: 1}
-        notebooks:
-          "40": {overrides: {train.dm_weight: 1.0}}
-
-    Unknown top-level keys raise; the notebooks' parameters are checked like command-line ones."""
+    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix, e.g.
+    `"40": {overrides: {train.dm_weight: 1.0}}`; README has an example). Unknown top-level keys raise; the
+    notebooks' parameters are checked like command-line ones."""
     import yaml
 
     path = Path(path)
@@ -108,10 +102,8 @@ def _claim(record_file: Path, identity: dict) -> None:
 
 def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None,
         per_notebook: dict[str, dict] | None = None, nproc: int = 1) -> Path:
-    """Run the stages in order (validated first); write and return the Markdown report.
-
-    `nproc` > 1 is passed to the notebooks that declare an `nproc` parameter (their fits then run with DDP
-    under torchrun in that many processes on this node)."""
+    """Run the stages in order (validated first); write and return the Markdown report. `nproc` > 1 goes to
+    the notebooks that declare an `nproc` parameter (their fits then run under torchrun on this node)."""
     import papermill
 
     per_notebook = per_notebook or {}

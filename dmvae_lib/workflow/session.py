@@ -67,12 +67,8 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
 
 def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
                  preset: str = "") -> Path:
-    """The folder of an earlier notebook's finished run that holds `artifact` (e.g. "tokenizer.pt").
-
-    `path` when given (a run folder or the artifact itself); else the run of the same `run_name` (the
-    pipeline gives every stage one name); else the newest finished run of `notebook` at `preset`. Anything
-    missing raises RunError naming the notebook that produces it.
-    """
+    """The finished run folder of `notebook` holding `artifact`: `path` (a folder or the artifact), else the run
+    named `run_name`, else the newest at `preset`. RunError, naming the producing notebook, if missing."""
     producer = f"notebooks/{notebook}.ipynb"
     if path:
         p = Path(path).expanduser().resolve()
