@@ -28,7 +28,8 @@
 # to the reference, read against the same distances between two independent reference draws (the noise floor).
 #
 # **What it needs.** A finished run of `20_tokenizer_pretraining` (the run of the same `run_name`, or the
-# newest one at this preset, or `tokenizer_run=<folder>`). Time on a 2-core CPU: `smoke` ≈ 30 s, `cpu` ≤ 6 min.
+# newest one at this preset, or `tokenizer_run=<folder>`). Time on a 2-core CPU: `smoke` ≈ 30 s, `cpu` ≤ 6
+# min.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU)
@@ -36,9 +37,11 @@ seed: int = 0  # seeds initialisation and every generator of the run
 device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
 run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
-tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
+                         # named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
-max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor: -1 -> 8 (smoke) or 3; 0 -> report only
+max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor:
+                             # -1 -> 8 (smoke) or 3; 0 -> report only
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
@@ -116,19 +119,24 @@ s.figures.save(fig, "loss_per_t_bin")
 
 # %%
 ev = teacher_stage.evaluate_teacher(cfg, teacher, ref, s.device)
-ref_pts, ev_pts = ref.sample(ev["samples"].shape[0], torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
+ref_pts, ev_pts = ref.sample(ev["samples"].shape[0],
+                             torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
 r2, s2 = teacher_stage.pca_2d(ref_pts, ev_pts)
 lim = float(r2.abs().quantile(0.99)) * 1.1
-s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420), "samples_vs_reference")
-print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor {ev['noise_floor']['fd']:.2f}), "
+s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420),
+               "samples_vs_reference")
+print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor "
+      f"{ev['noise_floor']['fd']:.2f}), "
       f"SW2 {ev['samples_vs_reference']['sw2']:.3f} ({ev['sw2_ratio']:.2f}× the floor)")
 print(ev["samples_vs_reference"]["fd_label"])
 
 # %%
 gate = max_sw2_ratio if max_sw2_ratio >= 0 else (8.0 if preset == "smoke" else 3.0)
 if ev["sw2_ratio"] >= 3.0:
-    print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; DM pulls toward it")
-assert gate == 0 or ev["sw2_ratio"] < gate, f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+    print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; "
+          "DM pulls toward it")
+far = f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+assert gate == 0 or ev["sw2_ratio"] < gate, far
 
 # %% [markdown]
 # ## 5 · Save and summarise

@@ -9,7 +9,8 @@ import pytest
 
 LIB = Path(__file__).resolve().parents[1] / "dmvae_lib"
 # lowest first; a package may import only packages before it in this list
-LAYERS = ["core", "runtime", "models", "configs", "data", "metrics", "train", "viz", "stages", "workflow", "(top)"]
+LAYERS = ["core", "runtime", "models", "configs", "data", "metrics", "train", "viz", "stages", "workflow",
+          "(top)"]
 
 
 def _imports():

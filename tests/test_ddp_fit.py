@@ -1,5 +1,5 @@
-"""`ddp_fit`: a notebook's teacher fit run by torchrun in 2 gloo processes from the run folder alone, then picked
-up by the notebook's own (single-process) call of the same fit, which finds the finished checkpoint."""
+"""`ddp_fit`: a notebook's teacher fit run by torchrun in 2 gloo processes from the run folder alone, then
+picked up by the notebook's own (single-process) call of the same fit, which finds the finished checkpoint."""
 
 import pytest
 import tiny_stages as tiny
@@ -31,14 +31,15 @@ def test_teacher_fit_in_two_processes_then_loaded_by_the_notebook(tmp_path):
     ref = build_reference(cfg, latents, labels, enc, data, "cpu")
     assert ddp_fit.load_run_config("teacher", run.path) == cfg
 
-    launch(2, "dmvae_lib.workflow.ddp_fit", ["teacher", str(run.path), "--device", "cpu"], env={"OMP_NUM_THREADS": "1"},
-           timeout=240)
+    launch(2, "dmvae_lib.workflow.ddp_fit", ["teacher", str(run.path), "--device", "cpu"],
+           env={"OMP_NUM_THREADS": "1"}, timeout=240)
     saved = load_checkpoint(run.ckpt_path("teacher"))
     assert saved["step"] == 6 and len(saved["rank_generators"]) == 2
     logged = [m["step"] for m in run.read_metrics() if m.get("tag") == "teacher"]
     assert logged == [3, 6]  # rank 0 alone wrote the metrics
 
-    net, stats = fit_velocity_net(cfg, ref, run, "cpu", progress=False)  # the notebook's call: loads, no steps
+    # the notebook's call: loads, no steps
+    net, stats = fit_velocity_net(cfg, ref, run, "cpu", progress=False)
     assert [m["step"] for m in run.read_metrics() if m.get("tag") == "teacher"] == logged
     ema = {k.removeprefix("module."): v for k, v in saved["state"]["ema"].items()}
     for k, v in net.state_dict().items():
@@ -62,7 +63,8 @@ def test_tokenizer_and_joint_stages_in_two_processes_then_loaded(tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     setup = tiny.tokenizer_stage(tmp_path, train=False)  # notebook 20 up to its tokenizer
     cfg_tok, tok_run, data, enc = setup.cfg, setup.run, setup.data, setup.encoders
-    launch(2, "dmvae_lib.workflow.ddp_fit", ["tokenizer", str(tok_run.path), "--device", "cpu"], env=env, timeout=240)
+    launch(2, "dmvae_lib.workflow.ddp_fit", ["tokenizer", str(tok_run.path), "--device", "cpu"], env=env,
+           timeout=240)
     saved = load_checkpoint(tok_run.ckpt_path("tokenizer"))
     assert saved["step"] == cfg_tok.train.steps and len(saved["rank_generators"]) == 2
     n_logged = len(tok_run.read_metrics())
@@ -75,11 +77,13 @@ def test_tokenizer_and_joint_stages_in_two_processes_then_loaded(tmp_path):
     cfg_j = make_config("joint", "smoke", {"tokenizer_run": str(tok_run.path), "teacher_run": str(t_run.path),
                                            **TINY_JOINT})
     j_run = tiny.run_dir(tmp_path, "40_joint_dm_training", "joint", cfg_j)
-    launch(2, "dmvae_lib.workflow.ddp_fit", ["joint", str(j_run.path), "--device", "cpu"], env=env, timeout=240)
+    launch(2, "dmvae_lib.workflow.ddp_fit", ["joint", str(j_run.path), "--device", "cpu"], env=env,
+           timeout=240)
     for tag in ("joint", "control"):  # the DM run and the λ = 0 control, both by the 2 processes
         assert load_checkpoint(j_run.ckpt_path(tag))["step"] == cfg_j.train.steps
     n_logged = len(j_run.read_metrics())
     u = joint_stage.load_upstream(tok_run.path, t_run.path, "cpu", tmp_path / "_cache")
     _, _, dm_stats = joint_stage.train_joint(cfg_j, u.tokenizer, u.teacher, u.reference, u.data, j_run, "cpu",
-                                         dm_weight=cfg_j.train.dm_weight, progress=False, **u.joint_kwargs(cfg_j))
+                                         dm_weight=cfg_j.train.dm_weight, progress=False,
+                                             **u.joint_kwargs(cfg_j))
     assert len(j_run.read_metrics()) == n_logged and "dm_loss" in dm_stats

@@ -35,8 +35,8 @@ from dmvae_lib.stages import joint as joint_stage
 
 root = Path(sys.argv[1])
 ctx = init_distributed("cpu")
-u = joint_stage.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r", "cpu",
-                     root / "_cache")
+u = joint_stage.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r",
+                              "cpu", root / "_cache")
 cfg = make_config("joint", "smoke", {JOINT})
 seen = {{}}  # the nets train_joint does not return (fake net, discriminator), as their steps see them
 

@@ -208,8 +208,8 @@ ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
 ssl.load_state_dict(torch.load(out / "ssl.pt"))
 runs = {{name: RunDir.create(out, "20_tokenizer_pretraining", f"{{name}}_rank{{ctx.rank}}", to_dict(cfg))
         for name in ("straight", "resumed")}}  # one folder per rank: only rank 0's is written
-fit = lambda name: tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, runs[name], ctx.device,
-                                      progress=False, ctx=ctx)
+fit = lambda name: tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, runs[name],
+                                                   ctx.device, progress=False, ctx=ctx)
 tok, stats = fit("straight")
 real_step, calls = tokenizer_stage.tokenizer_step, []
 

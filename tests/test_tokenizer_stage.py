@@ -1,4 +1,5 @@
-"""Stage-1 wiring on a tiny configuration: data → SSL + supervised encoders → tokenizer → metrics → checkpoint."""
+"""Stage-1 wiring on a tiny configuration: data → SSL +
+supervised encoders → tokenizer → metrics → checkpoint."""
 
 from typing import Any, NamedTuple
 
@@ -92,7 +93,8 @@ def test_config_errors():
 
 
 def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monkeypatch):
-    """Kill the tokenizer after its step-2 checkpoint, resume with fresh objects: same weights as uninterrupted."""
+    """Kill the tokenizer after its step-2 checkpoint,
+    resume with fresh objects: same weights as uninterrupted."""
     cfg, data, enc = stage.cfg, stage.data, stage.encoders
 
     def run_to_end(name):
@@ -142,7 +144,8 @@ def test_imagenet256_preset_full_size_training_step_on_random_tensors():
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr)
     before = tok.decoder.get_last_layer().detach().clone()
     stats, x_hat = tokenizer_step(tok, opt, params, images, feats, gen, l1=t.l1, l2=t.l2, perceptual=None,
-                                  lpips_weight=0.0, disc=disc, disc_weight=t.disc_weight, grad_clip=t.grad_clip)
+                                  lpips_weight=0.0, disc=disc, disc_weight=t.disc_weight,
+                                  grad_clip=t.grad_clip)
     d = disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip)
     assert x_hat.shape == images.shape and stats["nonfinite"] == 0 and d["nonfinite"] == 0
     assert not torch.equal(before, tok.decoder.get_last_layer()), "the decoder did not take a step"

@@ -5,8 +5,9 @@
     gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
     model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
     train(..., run=main_only_run(run, ctx), ctx=ctx)  # rank 0 writes; every rank resumes from its checkpoint
-    cleanup(ctx)                               # barrier, then leave the group (`with process_group(…) as ctx:`
-                                               # does init and cleanup, and skips the barrier if the block raised)
+    cleanup(ctx)                               # barrier, then leave the group
+
+`with process_group(…) as ctx:` does init_distributed and cleanup, and skips the barrier if the block raised.
 
 Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
 world_size 1, no process group, `wrap_ddp` returns the module itself, and the helpers are no-ops, so a
@@ -54,7 +55,8 @@ from .seeds import RANK_STRIDE
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process sits: its global `rank` among `world_size`, its `local_rank` on the node, its device."""
+    """Where this process sits: its global `rank` among
+    `world_size`, its `local_rank` on the node, its device."""
 
     rank: int = 0
     world_size: int = 1
@@ -82,9 +84,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str = "auto") -> DistContext:
-    """This process's context; joins the process group (NCCL on GPU LOCAL_RANK, else gloo) when WORLD_SIZE > 1.
-    Harmless when called again; ValueError without MASTER_ADDR/MASTER_PORT or with RANK/LOCAL_RANK out of
-    range."""
+    """This process's context; joins the process group (NCCL on GPU LOCAL_RANK, else gloo) when
+    WORLD_SIZE > 1. Harmless when called again; ValueError without MASTER_ADDR/MASTER_PORT or with
+    RANK/LOCAL_RANK out of range."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size or local_rank < 0:
@@ -108,7 +110,8 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shard_batch(n_global: int, ctx: DistContext, name: str = "batch") -> int:
-    """The per-rank share of a global batch of `n_global` samples (`name` is the config key, for the error)."""
+    """The per-rank share of a global batch of `n_global`
+    samples (`name` is the config key, for the error)."""
     if n_global % ctx.world_size:
         raise ValueError(f"{name}={n_global} is not divisible by the world size {ctx.world_size}; "
                          f"choose a multiple of {ctx.world_size}")
@@ -161,12 +164,14 @@ def all_reduce_sum(value: float, ctx: DistContext) -> float:
 
 
 def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """The largest `value` over ranks, so that every rank takes the same decision (identity in one process)."""
+    """The largest `value` over ranks, so that every rank
+    takes the same decision (identity in one process)."""
     return _all_reduce(value, ctx, dist.ReduceOp.MAX) if ctx.distributed else float(value)
 
 
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
-    """Rank `src`'s `obj` (any picklable object, tensors included) on every rank; `obj` itself in one process."""
+    """Rank `src`'s `obj` (any picklable object, tensors
+    included) on every rank; `obj` itself in one process."""
     if not ctx.distributed:
         return obj
     box = [obj]
@@ -185,8 +190,8 @@ def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
 
 def cleanup(ctx: DistContext, *, sync: bool = True) -> None:
     """Leave the process group (no-op in one process). With `sync`, first wait at a barrier: a gloo peer whose
-    connections vanish while it finishes can abort. Pass `sync=False` on an error path (as `process_group` does),
-    where the peers may never reach the barrier."""
+    connections vanish while it finishes can abort. Pass `sync=False` on an error path (as `process_group`
+    does), where the peers may never reach the barrier."""
     if ctx.distributed and dist.is_initialized():
         if sync:
             barrier(ctx)
@@ -206,8 +211,9 @@ def process_group(device: str = "auto") -> Iterator[DistContext]:
     cleanup(ctx)
 
 
-def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
-           timeout: float | None = None, tail: int = 40) -> subprocess.CompletedProcess:
+def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *,
+           env: Mapping[str, str] | None = None, timeout: float | None = None,
+           tail: int = 40) -> subprocess.CompletedProcess:
     """Run `module_or_script` (a .py file or existing path as a script, else `-m`) in `nproc` processes under
     this venv's `torchrun --standalone`, with `env` added; the finished process, or RuntimeError with the exit
     code and the last `tail` lines of stderr."""
@@ -221,7 +227,8 @@ def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: 
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         last = "\n".join(proc.stderr.splitlines()[-tail:])
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) ---\n{last}")
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) "
+                           f"---\n{last}")
     return proc
 
 
@@ -237,8 +244,8 @@ def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tens
 
 def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
                  max_keys: Sequence[str] = ("nonfinite",)) -> dict:
-    """A step's numbers averaged over ranks, counts in `max_keys` their maximum (ints stay ints), so every rank
-    logs and decides alike; every rank must pass the same keys. The identity in one process."""
+    """A step's numbers averaged over ranks, counts in `max_keys` their maximum (ints stay ints), so every
+    rank logs and decides alike; every rank must pass the same keys. The identity in one process."""
     if not ctx.distributed:
         return dict(stats)
     out = {}
@@ -255,8 +262,8 @@ def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
 
 
 def average_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Average `module`'s floating-point buffers (BatchNorm running statistics, updated from each rank's shard)
-    over ranks in place, so every rank holds what rank 0 checkpoints; no-op in one process."""
+    """Average `module`'s floating-point buffers (BatchNorm running statistics, updated from each rank's
+    shard) over ranks in place, so every rank holds what rank 0 checkpoints; no-op in one process."""
     if not ctx.distributed:
         return
     for buf in module.buffers():

@@ -27,13 +27,15 @@ OFFSETS: dict[str, int] = {
     "tokenizer.disc_init": 6,  # the patch discriminator's initialisation (global RNG)
     "tokenizer.batches": 11,  # batches and DiffAug (rank 0: the single-process stream)
     # velocity-net fitting (the teacher of notebook 30, the generator of notebook 60)
-    "velocity.batches": 23,  # reference batches, and t and noise on the CPU (rank 0: the single-process stream)
+    "velocity.batches": 23,  # reference batches, and t and noise on
+                             # the CPU (rank 0: the single-process stream)
     "velocity.noise": 29,  # t and noise on a non-CPU device
     # stage 2 (notebook 30, teacher evaluation)
     "teacher.eval": 5,  # the two reference draws the samples and the noise floor are scored against
     # stage 3 (joint DM training)
     "joint.head_init": 3,  # the projection head's initialisation (global RNG)
-    "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: the single-process stream)
+    "joint.batches": 29,  # batches, DiffAug, DM t and noise, label
+                          # dropout (rank 0: the single-process stream)
     "joint.fake_fm": 37,  # the fake net's t and noise on a non-CPU device
     "joint.refine": 31,  # decoder refinement batches
     # notebook 60 (generation)

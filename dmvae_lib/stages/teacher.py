@@ -22,15 +22,16 @@ from ..train.velocity import sample
 
 def evaluate_teacher(cfg: TeacherStageConfig, net: nn.Module, reference, device) -> dict:
     f = cfg.fit
-    samples, _ = sample(net, reference, f.eval_samples, f.sample_steps, device, cfg_scale=f.cfg_scale, seed=cfg.seed)
+    samples, _ = sample(net, reference, f.eval_samples, f.sample_steps, device, cfg_scale=f.cfg_scale,
+                        seed=cfg.seed)
     gen = stream(cfg.seed, "teacher.eval")
     ref_a, _ = reference.sample(f.eval_samples, gen)
     ref_b, _ = reference.sample(f.eval_samples, gen)
     fit = distribution_distances(samples, ref_a, cfg.seed)
     floor = distribution_distances(ref_b, ref_a, cfg.seed)
     return {"samples_vs_reference": fit, "noise_floor": floor,
-            "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12), "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12),
-            "samples": samples}
+            "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),
+            "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12), "samples": samples}
 
 
 # --- checkpoint --------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) ->
             raise RunError(f"cannot restore state {name!r} of type {type(obj).__name__}")
 
 
-def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None, Path | None]:
+def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None,
+                                                                                           Path | None]:
     """(checkpoint or None, rank 0's checkpoint path) on every rank; one no rank can read raises on all. Every
     rank reads the file rank 0 names (one node or a shared filesystem), which keeps a full-scale checkpoint
     out of a broadcast through every GPU's memory."""
@@ -82,8 +83,9 @@ def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int
             error = f"rank {ctx.rank}: {exc}"
     if ctx.distributed:
         if all_reduce_max(float(error is not None), ctx) > 0:
-            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads the "
-                                    "checkpoint itself: one node, or the run folder on a shared filesystem")
+            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads "
+                                    "the checkpoint itself: one node, or the run folder on a shared "
+                                    "filesystem")
         step = -1 if saved is None else saved["step"]
         if all_reduce_max(step, ctx) != -all_reduce_max(-step, ctx):  # e.g. a stale network-filesystem cache
             raise RunError(f"the ranks read different checkpoints at {file} (this rank: step {step})")
@@ -139,7 +141,8 @@ def train(
         if keep_every and step % keep_every == 0:
             save_checkpoint(run.ckpt_path(tag, step), payload)
 
-    bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start, total=max_steps)
+    bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start,
+               total=max_steps)
     for step in bar:
         stats = dict(step_fn(step))
         if ctx.distributed and "nonfinite" in stats:  # one decision for all ranks

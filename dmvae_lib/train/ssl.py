@@ -1,4 +1,5 @@
-"""Training the embedded reference encoders: the SSL encoder (NT-Xent on paired views) and the supervised one."""
+"""Training the embedded reference encoders: the SSL
+encoder (NT-Xent on paired views) and the supervised one."""
 
 from __future__ import annotations
 
