@@ -26,7 +26,7 @@ from dmvae_lib.data.images import ImageData
 from dmvae_lib.data.references import TensorReference
 from dmvae_lib.models.lightning_dit import LightningDiT
 from dmvae_lib.models.ssl_encoder import SmallResNet
-from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.train.artifacts import build_net, build_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net
 
@@ -52,10 +52,13 @@ def setup(preset: str, big_batch: int):
     latent = (tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size)
     ref = TensorReference(torch.randn(n, *latent, generator=gen), labels, name="ssl", num_classes=10)
     teacher_cfg = make_config("teacher", preset)
-    joint_cfg = make_config("joint", preset, {"train.eval_every": 0, "train.ckpt_every": 0, "train.control": False})
+    joint_cfg = make_config("joint", preset,
+                            {"train.eval_every": 0, "train.ckpt_every": 0, "train.control": False})
     if preset == "imagenet256":
-        teacher_cfg = dataclasses.replace(teacher_cfg, fit=dataclasses.replace(teacher_cfg.fit, batch=big_batch))
-        joint_cfg = dataclasses.replace(joint_cfg, train=dataclasses.replace(joint_cfg.train, batch=big_batch))
+        teacher_cfg = dataclasses.replace(teacher_cfg,
+                                          fit=dataclasses.replace(teacher_cfg.fit, batch=big_batch))
+        joint_cfg = dataclasses.replace(joint_cfg,
+                                        train=dataclasses.replace(joint_cfg.train, batch=big_batch))
     return tok, data, ref, teacher_cfg, joint_cfg
 
 
@@ -76,7 +79,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     torch.nn.modules.module.register_module_forward_hook(_count)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
-    print(f"{'preset':12s} {'what':8s} {'prec':5s} {'batch':>5s} {'steps/s':>8s}  forwards per step (batch each)")
+    print(f"{'preset':12s} {'what':8s} {'prec':5s} {'batch':>5s} {'steps/s':>8s}  forwards per step (batch "
+          "each)")
     for preset in a.presets:
         tok, data, ref, tcfg, jcfg = setup(preset, a.big_batch)
         steps = 2 if preset == "imagenet256" else a.steps
@@ -88,11 +92,12 @@ def main() -> None:
             teacher = build_net(cfg, ref.shape, ref.num_classes)
             for prm in teacher.parameters():  # non-zero outputs (adaLN-Zero starts at v = 0)
                 prm.data.normal_(0, 0.02)
-            train = dataclasses.replace(jcfg.train, steps=steps, precision=prec, log_every=10**9, disc_start=0,
-                                        tokenizer_every=jcfg.train.tokenizer_every)
+            train = dataclasses.replace(jcfg.train, steps=steps, precision=prec, log_every=10**9,
+                                        disc_start=0, tokenizer_every=jcfg.train.tokenizer_every)
             jc = dataclasses.replace(jcfg, train=train)
             CALLS.clear()
-            sec = timed(lambda: js.train_joint(jc, tok, teacher, ref, data, None, "cpu", dm_weight=10.0,
+            sec = timed(lambda: joint_stage.train_joint(jc, tok, teacher, ref, data, None, "cpu",
+                                                        dm_weight=10.0,
                                                progress=False))
             turn = [c for c in CALLS]  # all calls over `steps` global steps
             k = train.tokenizer_every

@@ -50,9 +50,9 @@ def time_steps(cfg, tok, batch: int, precision: str, gan: bool, repeats: int) ->
         start = time.perf_counter()
         with autocast():
             feats = tok.encode_features(images)
-        _, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2, perceptual=None,
-                                  lpips_weight=0.0, disc=disc if gan else None, disc_weight=t.disc_weight,
-                                  grad_clip=t.grad_clip, autocast=autocast)
+        _, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2,
+                                  perceptual=None, lpips_weight=0.0, disc=disc if gan else None,
+                                  disc_weight=t.disc_weight, grad_clip=t.grad_clip, autocast=autocast)
         if gan:
             disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
         if i:  # the first step is a warm-up

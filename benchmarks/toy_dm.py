@@ -27,8 +27,8 @@ def one_seed(preset: str, seed: int, max_steps: int) -> dict:
     real_net, fit_stats = toy_study.fit_real_net(cfg, None, device, progress=False)
     fit_s = time.perf_counter() - t0
     probe = toy_study.align("dm", cfg, real_net, None, device, progress=False)
-    # Candidates from the cheap 2-draw SW2 of the snapshots; each is re-run without intermediate evaluations and
-    # confirmed with the full 10-draw SW2 before it counts.
+    # Candidates from the cheap 2-draw SW2 of the snapshots; each is re-run without intermediate evaluations
+    # and confirmed with the full 10-draw SW2 before it counts.
     for crossing in [h["step"] for h in probe.history if h["step"] and h["sw2"] <= 1.5 * floor]:
         timed_cfg = make_config("toy", preset, {"seed": seed, "objectives": ["dm"], "align.steps": crossing,
                                                  "align.snapshot_every": crossing})
@@ -51,11 +51,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, fp32")
-    print(f"{'seed':>4} {'floor':>7} {'fit s':>6} {'steps':>6} {'align s':>8} {'SW2':>7} {'SW2/floor':>9} {'total s':>8}")
+    print(f"{'seed':>4} {'floor':>7} {'fit s':>6} {'steps':>6} {'align s':>8} {'SW2':>7} {'SW2/floor':>9} "
+          f"{'total s':>8}")
     for seed in args.seeds:
         r = one_seed(args.preset, seed, args.max_steps)
         if r["crossing"] is None:
-            print(f"{seed:>4} {r['floor']:7.4f} {r['fit_s']:6.1f}  did not reach 1.5x floor in {args.max_steps} steps")
+            print(f"{seed:>4} {r['floor']:7.4f} {r['fit_s']:6.1f}  did not reach 1.5x floor in "
+                  f"{args.max_steps} steps")
             continue
         print(f"{seed:>4} {r['floor']:7.4f} {r['fit_s']:6.1f} {r['crossing']:6d} {r['align_s']:8.1f} "
               f"{r['sw2_at_crossing']:7.4f} {r['sw2_at_crossing'] / r['floor']:9.2f} {r['total_s']:8.1f}")

@@ -1,4 +1,5 @@
-"""`python -m dmvae_lib --preset cpu`: the pipeline (notebooks 10–60 through papermill); see workflow/pipeline.py."""
+"""`python -m dmvae_lib --preset cpu`: the pipeline (notebooks
+10–60 through papermill); see workflow/pipeline.py."""
 
 import sys
 

@@ -80,9 +80,11 @@ s.figures.save(viz.point_clouds(refs, refs[cfg.reference][:0], cols=2, size=320)
 real_net, fit_stats = toy_study.fit_real_net(cfg, s.run, s.device)
 samples = toy_study.sample_points(real_net, cfg, s.device)
 sample_sw2 = toy_study.evaluate_points(samples, cfg)["sw2"]
-print(f"final FM loss {fit_stats['fm_loss']:.3f}; ODE samples: SW2 {sample_sw2:.4f} = {sample_sw2 / floor:.2f} × floor")
+print(f"final FM loss {fit_stats['fm_loss']:.3f}; ODE samples: SW2 {sample_sw2:.4f} = "
+      f"{sample_sw2 / floor:.2f} × floor")
 assert sample_sw2 < 3 * floor, "the real net does not model the reference; raise fit.steps"
-s.figures.save(viz.point_clouds({"real-net samples (Euler ODE)": samples}, refs[cfg.reference], cols=1, size=360), "real_net_samples")
+s.figures.save(viz.point_clouds({"real-net samples (Euler ODE)": samples}, refs[cfg.reference], cols=1,
+                                size=360), "real_net_samples")
 
 # %% [markdown]
 # ## 3 · The objectives
@@ -109,7 +111,8 @@ table.style.format(precision=3)
 # ## 5 · Final point clouds (paper Fig. 3)
 
 # %%
-titles = {n: f"{n}<br>SW2 {r.metrics['sw2']:.3f} · cov {r.metrics['coverage']:.2f}" for n, r in results.items()}
+titles = {n: f"{n}<br>SW2 {r.metrics['sw2']:.3f} · cov {r.metrics['coverage']:.2f}" for n,
+          r in results.items()}
 fig3 = viz.point_clouds({n: r.points for n, r in results.items()}, refs[cfg.reference], titles)
 s.figures.save(fig3, "fig3_point_clouds")
 
@@ -122,7 +125,8 @@ s.figures.save(fig3, "fig3_point_clouds")
 dm = results["dm"].metrics
 assert dm["sw2"] <= (1.5 if preset != "smoke" else 2.5) * floor, f"DM did not reach the S: {dm}"
 assert results["fake_fm_target"].metrics["spread_ratio"] < 0.10, "fake-score maximisation did not collapse"
-assert results["real_fm_target"].metrics["coverage"] < dm["coverage"] - 0.2, "real-score max. covers as much as DM"
+real_max = results["real_fm_target"].metrics
+assert real_max["coverage"] < dm["coverage"] - 0.2, "real-score max. covers as much as DM"
 display(Markdown(toy_study.paper_comparison(table)))
 
 # %% [markdown]
@@ -130,9 +134,11 @@ display(Markdown(toy_study.paper_comparison(table)))
 # Sliced-W2 to the reference over steps (log scale), and the point clouds on a slider (press ▶).
 
 # %%
-curves = viz.metric_lines({n: r.history for n, r in results.items()}, "sw2", floor, title="SW2 to the reference")
+curves = viz.metric_lines({n: r.history for n, r in results.items()}, "sw2", floor,
+                          title="SW2 to the reference")
 s.figures.save(curves, "sw2_over_steps")
-s.figures.save(viz.progress_slider({n: r.snapshots for n, r in results.items()}, refs[cfg.reference]), "progress")
+s.figures.save(viz.progress_slider({n: r.snapshots for n, r in results.items()}, refs[cfg.reference]),
+               "progress")
 
 # %% [markdown]
 # ## 7 · Update directions at different noise levels (paper App. B, Fig. 7)
@@ -145,14 +151,16 @@ res = results["dm"]
 step = res.snapshots[1][0]
 fake = toy_study.fake_net_at(res, step, real_net)
 probes = torch.cat([toy2d.grid(cfg.eval.grid_n), toy2d.corner_probes()])
-fields = toy_study.direction_fields("dm", probes, real_net, fake, cfg.eval.field_ts, cfg.eval.field_noise_draws)
+fields = toy_study.direction_fields("dm", probes, real_net, fake, cfg.eval.field_ts,
+                                    cfg.eval.field_noise_draws)
 panels = {f"t = {t}": f for t, f in zip(cfg.eval.field_ts, fields)} | {"average over t": fields.mean(0)}
 s.figures.save(viz.direction_panels(probes, panels, refs[cfg.reference], dict(res.snapshots)[step],
                                     title=f"DM update directions at step {step}"), "fig7_dm_directions")
 
 # %%
 cosine = toy_study.field_agreement(fields)
-print("cosine similarity of each t's field with the t-average:", {t: round(c, 3) for t, c in zip(cfg.eval.field_ts, cosine)})
+print("cosine similarity of each t's field with the t-average:",
+      {t: round(c, 3) for t, c in zip(cfg.eval.field_ts, cosine)})
 assert torch.isfinite(fields).all()
 
 # %% [markdown]

@@ -44,7 +44,7 @@ overrides: dict = {}  # dotted config keys, e.g. {"train.steps": 2000, "encoder.
 from dmvae_lib.data.images import load_data, to_float
 from dmvae_lib.metrics.reconstruction import reconstruct
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import build_tokenizer, save_tokenizer
 from dmvae_lib.viz import figures as viz
 from dmvae_lib.workflow.session import resolve_run_root, start
@@ -64,7 +64,8 @@ cfg
 # %%
 data = load_data(cfg, resolve_run_root(run_root) / "_cache")
 print(f"val: {tuple(data.val.shape)}" + ("" if data.train is None else f", train: {tuple(data.train.shape)}"))
-rows = {f"class {c}": to_float(data.val[data.val_labels == c][:12]) for c in range(int(data.val_labels.max()) + 1)}
+rows = {f"class {c}": to_float(data.val[data.val_labels == c][:12])
+        for c in range(int(data.val_labels.max()) + 1)}
 s.figures.save(viz.image_grid(rows, title="validation images by class"), "data_grid")
 
 # %% [markdown]
@@ -73,8 +74,8 @@ s.figures.save(viz.image_grid(rows, title="validation images by class"), "data_g
 # split measures whether its features discover the classes; the supervised classifier is the upper bound.
 
 # %%
-encoders = ts.reference_encoders(cfg, data, s.run, s.device)
-table = ts.encoder_table(encoders)
+encoders = tokenizer_stage.reference_encoders(cfg, data, s.run, s.device)
+table = tokenizer_stage.encoder_table(encoders)
 table
 
 # %%
@@ -90,12 +91,14 @@ if cfg.encoder.kind != "timm":
 # and consistency regularisation on the PatchGAN. The EMA of the projector and decoder is evaluated and saved.
 
 # %%
-tokenizer = build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+tokenizer = build_tokenizer(cfg,
+                            encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["tokenizer", str(s.run.path), "--device", device])
-tokenizer, train_stats = ts.train_tokenizer(cfg, tokenizer, data, s.run, s.device)
+tokenizer, train_stats = tokenizer_stage.train_tokenizer(cfg, tokenizer, data, s.run, s.device)
 print(f"LPIPS in the loss: {train_stats['lpips_in_loss']}")
-s.figures.save(ts.loss_curves(s.run, "tokenizer", ("l1", "g_loss", "d_loss")), "tokenizer_losses")
+s.figures.save(tokenizer_stage.loss_curves(s.run, "tokenizer", ("l1", "g_loss", "d_loss")),
+               "tokenizer_losses")
 
 # %%
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "tokenizer")
@@ -108,9 +111,11 @@ assert train_stats["l1"] < first["l1"], "the reconstruction loss did not decreas
 # encoder's pooled-feature space (labelled; real rFID needs the Inception weights, see the README).
 
 # %%
-metrics = ts.evaluate_tokenizer(tokenizer, data, s.device, encoders.get("ssl"), cfg.train.eval_batch)
+metrics = tokenizer_stage.evaluate_tokenizer(tokenizer, data, s.device, encoders.get("ssl"),
+                                             cfg.train.eval_batch)
 x_hat, _ = reconstruct(tokenizer, data.val[:16], s.device)
-s.figures.save(viz.image_grid({"original": to_float(data.val[:16]), "reconstruction": x_hat}), "reconstructions")
+s.figures.save(viz.image_grid({"original": to_float(data.val[:16]), "reconstruction": x_hat}),
+               "reconstructions")
 metrics
 
 # %%
@@ -121,6 +126,7 @@ save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
 # ## 5 · Summary
 
 # %%
-summary = s.finish({"encoders": ts.encoder_scores(encoders), "tokenizer": metrics, "checkpoint": "tokenizer.pt"})
+summary = s.finish({"encoders": tokenizer_stage.encoder_scores(encoders), "tokenizer": metrics,
+                    "checkpoint": "tokenizer.pt"})
 print(f"run directory: {s.run.path}")
 print("\n".join(summary["figures"]))

@@ -28,7 +28,8 @@
 # to the reference, read against the same distances between two independent reference draws (the noise floor).
 #
 # **What it needs.** A finished run of `20_tokenizer_pretraining` (the run of the same `run_name`, or the
-# newest one at this preset, or `tokenizer_run=<folder>`). Time on a 2-core CPU: `smoke` ≈ 30 s, `cpu` ≤ 6 min.
+# newest one at this preset, or `tokenizer_run=<folder>`). Time on a 2-core CPU: `smoke` ≈ 30 s, `cpu` ≤ 6
+# min.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (embedded default) | "imagenet256" (GPU)
@@ -36,9 +37,11 @@ seed: int = 0  # seeds initialisation and every generator of the run
 device: str = "auto"  # "auto" | "cpu" | "cuda" | "mps"
 run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
-tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
+                         # named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
-max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor: -1 -> 8 (smoke) or 3; 0 -> report only
+max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor:
+                             # -1 -> 8 (smoke) or 3; 0 -> report only
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
@@ -48,8 +51,8 @@ import torch
 from dmvae_lib.data.images import load_data
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import teacher as tst
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import teacher as teacher_stage
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_teacher, upstream_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net, fm_loss_per_t_bin
 from dmvae_lib.viz import figures as viz
@@ -97,7 +100,7 @@ print(f"reference {ref.name!r}: sample shape {tuple(ref.shape)}, classes {ref.nu
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["teacher", str(s.run.path), "--device", device])
 teacher, fit_stats = fit_velocity_net(cfg, ref, s.run, s.device)
-s.figures.save(ts.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
+s.figures.save(tokenizer_stage.loss_curves(s.run, "teacher", ("fm_loss",)), "teacher_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "teacher")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
 assert fit_stats["fm_loss"] < first["fm_loss"], "the teacher did not learn"
@@ -115,20 +118,25 @@ fig = viz.bar_chart([b["t"] for b in bins], [b["fm_loss"] for b in bins], x_titl
 s.figures.save(fig, "loss_per_t_bin")
 
 # %%
-ev = tst.evaluate_teacher(cfg, teacher, ref, s.device)
-ref_pts, ev_pts = ref.sample(ev["samples"].shape[0], torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
-r2, s2 = tst.pca_2d(ref_pts, ev_pts)
+ev = teacher_stage.evaluate_teacher(cfg, teacher, ref, s.device)
+ref_pts, ev_pts = ref.sample(ev["samples"].shape[0],
+                             torch.Generator().manual_seed(seed + 9))[0], ev["samples"]
+r2, s2 = teacher_stage.pca_2d(ref_pts, ev_pts)
 lim = float(r2.abs().quantile(0.99)) * 1.1
-s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420), "samples_vs_reference")
-print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor {ev['noise_floor']['fd']:.2f}), "
+s.figures.save(viz.point_clouds({"teacher samples": s2}, r2, lim=lim, cols=1, size=420),
+               "samples_vs_reference")
+print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the floor "
+      f"{ev['noise_floor']['fd']:.2f}), "
       f"SW2 {ev['samples_vs_reference']['sw2']:.3f} ({ev['sw2_ratio']:.2f}× the floor)")
 print(ev["samples_vs_reference"]["fd_label"])
 
 # %%
 gate = max_sw2_ratio if max_sw2_ratio >= 0 else (8.0 if preset == "smoke" else 3.0)
 if ev["sw2_ratio"] >= 3.0:
-    print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; DM pulls toward it")
-assert gate == 0 or ev["sw2_ratio"] < gate, f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+    print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; "
+          "DM pulls toward it")
+far = f"teacher samples are far from the reference ({ev['sw2_ratio']:.1f}× floor)"
+assert gate == 0 or ev["sw2_ratio"] < gate, far
 
 # %% [markdown]
 # ## 5 · Save and summarise

@@ -44,7 +44,7 @@ overrides: dict = {}  # dotted config keys, e.g. {"embed.points": 1000, "embed.m
 import json
 import math
 
-from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.stages import latents as lv
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
@@ -65,7 +65,7 @@ cfg
 # head(normalize₁(E_DM(x))); the control's are its normalised latents. Everything is flattened to (N, D).
 
 # %%
-u = js.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
+u = joint_stage.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
 sets, images = lv.collect_sets(cfg, u, joint_dir, s.device)
 names = lv.class_names(u.tokenizer_cfg.data.source, u.data)
 for name, ps in sets.items():
@@ -78,11 +78,11 @@ s.figures.save(lv.class_gallery(images, labels, names, classes=cfg.classes), "cl
 
 # %% [markdown]
 # ## 2 · Embeddings, coloured by class
-# t-SNE (perplexity `embed.perplexity`) and UMAP (`embed.n_neighbors` neighbours) after PCA to `embed.pca_dims`
-# dims, with fixed seeds. Scores (labels are used only here): **kNN** = leave-one-out accuracy of a
-# `knn_k`-nearest-neighbour vote (chance = 1/K for K balanced classes), **silhouette** ∈ [−1, 1]. The D-dim
-# numbers do not depend on the embedding; the 2-D ones do (t-SNE and UMAP tend to exaggerate clusters).
-# Hover shows the class and the image index; a legend entry toggles a class in every panel.
+# t-SNE (perplexity `embed.perplexity`) and UMAP (`embed.n_neighbors` neighbours) after PCA to
+# `embed.pca_dims` dims, with fixed seeds. Scores (labels are used only here): **kNN** = leave-one-out
+# accuracy of a `knn_k`-nearest-neighbour vote (chance = 1/K for K balanced classes), **silhouette** ∈ [−1,
+# 1]. The D-dim numbers do not depend on the embedding; the 2-D ones do (t-SNE and UMAP tend to exaggerate
+# clusters). Hover shows the class and the image index; a legend entry toggles a class in every panel.
 
 # %%
 cache, scores = {}, {}
@@ -96,8 +96,8 @@ for method in cfg.embed.methods:
 # %% [markdown]
 # Read the D-dim kNN against chance (1/K) and against the SSL encoder's own kNN on its pooled features
 # (notebook 20): flattened latent *maps* keep pose, position and colour for the decoder, so their Euclidean
-# neighbours are much less class-driven than the encoder's pooled features (stage-1 latents at `cpu`: kNN ≈ 0.18
-# against the encoder's ≈ 0.95). What DM changes is read across the rows, at equal footing.
+# neighbours are much less class-driven than the encoder's pooled features (stage-1 latents at `cpu`: kNN ≈
+# 0.18 against the encoder's ≈ 0.95). What DM changes is read across the rows, at equal footing.
 
 # %%
 ssl_knn = json.loads((tok_dir / "summary.json").read_text()).get("encoders", {}).get("ssl", {}).get("knn_acc")
@@ -108,9 +108,9 @@ table
 # %% [markdown]
 # ## 3 · Explorer
 # Changing the method or its parameter embeds all sets again (cached afterwards; t-SNE of 2000 points takes
-# about 10 s a set on 2 CPU cores). The class filter only hides points, and the scores follow the classes shown.
-# Plotly's hover labels are text only, so the thumbnail lives here: type an image # (from a hover) to see it
-# and to star it in every panel; the saved HTML/PNG pair with the class gallery above instead.
+# about 10 s a set on 2 CPU cores). The class filter only hides points, and the scores follow the classes
+# shown. Plotly's hover labels are text only, so the thumbnail lives here: type an image # (from a hover) to
+# see it and to star it in every panel; the saved HTML/PNG pair with the class gallery above instead.
 
 # %%
 explorer = lv.explorer(sets, cache, cfg, names, images)
@@ -128,13 +128,15 @@ ref_name = next(iter(sets))  # the reference comes first
 n_ref = len(sets[ref_name].points)
 if preset != "smoke" and u.reference.name in ("ssl", "supervised"):
     margin = 3 * math.sqrt(chance * (1 - chance) / n_ref)
-    assert hd[ref_name].knn > chance + margin, f"the reference does not cluster by class (kNN {hd[ref_name].knn:.2f})"
+    assert hd[ref_name].knn > chance + margin, \
+        f"the reference does not cluster by class (kNN {hd[ref_name].knn:.2f})"
 seconds = {"/".join(map(str, k)): round(v, 1) for k, v in cache["seconds"].items()}
 print(f"chance kNN ≈ {chance:.2f}; embedding seconds {seconds}")
 
 # %%
-summary = s.finish({"joint_run": str(joint_dir), "tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir),
-                    "reference": u.reference.name, "points": {n: len(ps.points) for n, ps in sets.items()},
+summary = s.finish({"joint_run": str(joint_dir), "tokenizer_run": str(tok_dir),
+                    "teacher_run": str(teacher_dir), "reference": u.reference.name,
+                    "points": {n: len(ps.points) for n, ps in sets.items()},
                     "dims": {n: ps.points.shape[1] for n, ps in sets.items()}, "chance_knn": chance,
                     "scores": {m: {n: sc._asdict() for n, sc in sc_m.items()} for m, sc_m in scores.items()},
                     "embed_seconds": seconds})

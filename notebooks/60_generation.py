@@ -19,15 +19,16 @@
 # # 60 · Generation and evaluation: a LightningDiT on the DM tokenizer's latents
 #
 # > What DMVAE is for (paper §5, Tab. 3): latents shaped by distribution matching should be *easier to
-# > generate*. This notebook fits the final generator on the DM tokenizer's latents, samples images from it and
+# > generate*. This notebook fits the final generator on the DM tokenizer's latents, samples images from it
+# > and
 # > scores them, every number stored with the protocol that produced it.
 #
 # **What you'll see.** The latent cache of the DM tokenizer; the generator's flow-matching fit (the teacher's
-# code of notebook 30: LightningDiT, label dropout, EMA); class-balanced samples by Euler ODE or Euler–Maruyama
-# SDE (optionally with CFG inside a guidance interval), decoded and saved as PNGs and as an `.npz` in the ADM
-# evaluator's format; a Fréchet distance in the SSL encoder's feature space (not FID) read against the
-# real-vs-real floor and the tokenizer's reconstruction FD; FID / IS / precision-recall when the Inception
-# weights are on disk.
+# code of notebook 30: LightningDiT, label dropout, EMA); class-balanced samples by Euler ODE or
+# Euler–Maruyama SDE (optionally with CFG inside a guidance interval), decoded and saved as PNGs and as an
+# `.npz` in the ADM evaluator's format; a Fréchet distance in the SSL encoder's feature space (not FID) read
+# against the real-vs-real floor and the tokenizer's reconstruction FD; FID / IS / precision-recall when the
+# Inception weights are on disk.
 #
 # **What it needs.** A finished run of `40_joint_dm_training` (the run of the same `run_name`, else the newest
 # at this preset, or `joint_run=<folder>`). `tokenizer_file="control_tokenizer.pt"` runs the λ = 0 baseline
@@ -52,8 +53,8 @@ import torch
 from dmvae_lib.data.images import load_data
 from dmvae_lib.metrics import evaluation as ev
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import generation as gs
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import generation as generation_stage
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
@@ -76,27 +77,27 @@ cfg
 # %%
 tok, tok_cfg, encoders, tok_file = upstream_tokenizer(joint_dir, s.device, cfg.tokenizer_file)
 data = load_data(tok_cfg, resolve_run_root(run_root) / "_cache")
-train_set = gs.generator_data(cfg, tok, tok_file, data, s.run, s.device)
+train_set = generation_stage.generator_data(cfg, tok, tok_file, data, s.run, s.device)
 lat = train_set.bank
 print(f"{train_set.name}: {tuple(lat.shape)}, mean {lat.mean():.3f}, std {lat.std():.3f}, "
       f"{train_set.num_classes} classes")
 assert abs(float(lat.mean())) < 0.2 and 0.7 < float(lat.std()) < 1.3, "latents are not normalised"
-clusters = gs.latent_clustering(train_set, cfg.metrics.cluster_latents, seed)
+clusters = generation_stage.latent_clustering(train_set, cfg.metrics.cluster_latents, seed)
 print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clusters['chance']:.2f}), "
       f"silhouette {clusters['silhouette']:.3f}")
 
 # %% [markdown]
 # ## 2 · Fit the generator
 # Flow matching (x_t = t·data + (1 − t)·noise, target data − noise) on the cached latents with label dropout
-# (the null label gives classifier-free guidance), through notebook 30's `fit_velocity_net`: one loop, one loss.
-# Its EMA weights are what gets sampled (`sample.ema`).
+# (the null label gives classifier-free guidance), through notebook 30's `fit_velocity_net`: one loop, one
+# loss. Its EMA weights are what gets sampled (`sample.ema`).
 
 # %%
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["generator", str(s.run.path), "--device", device])
-net, fit_stats = gs.fit_generator(cfg, train_set, s.run, s.device)
+net, fit_stats = generation_stage.fit_generator(cfg, train_set, s.run, s.device)
 save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
-s.figures.save(ts.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
+s.figures.save(tokenizer_stage.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "generator")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
 assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
@@ -110,13 +111,14 @@ assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
 # latent cache? (A distance is read against two independent draws of the cache.)
 
 # %%
-sampler_net = net if cfg.sample.ema else gs.raw_generator(cfg, train_set, s.run, s.device)
+sampler_net = net if cfg.sample.ema else generation_stage.raw_generator(cfg, train_set, s.run, s.device)
 t0 = time.perf_counter()
-latents, labels = gs.sample_latents(sampler_net, train_set.shape, train_set.num_classes, cfg.sample, seed, s.device)
+latents, labels = generation_stage.sample_latents(sampler_net, train_set.shape, train_set.num_classes,
+                                                  cfg.sample, seed, s.device)
 sample_s = time.perf_counter() - t0
-fit = gs.latent_fit(latents, train_set, seed)
-print(f"{len(latents)} latents, {cfg.sample.sampler} × {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale} on "
-      f"{cfg.sample.cfg_interval}, {'EMA' if cfg.sample.ema else 'raw'} weights: {sample_s:.1f} s")
+fit = generation_stage.latent_fit(latents, train_set, seed)
+print(f"{len(latents)} latents, {cfg.sample.sampler} × {cfg.sample.steps} steps, CFG {cfg.sample.cfg_scale} "
+      f"on {cfg.sample.cfg_interval}, {'EMA' if cfg.sample.ema else 'raw'} weights: {sample_s:.1f} s")
 print(f"latent FD to the cache {fit['samples_vs_cache']['fd']:.2f} ({fit['fd_ratio']:.2f}× the floor), "
       f"SW2 {fit['sw2_ratio']:.2f}× the floor")
 assert torch.isfinite(latents).all(), "non-finite samples"
@@ -128,13 +130,14 @@ assert torch.isfinite(latents).all(), "non-finite samples"
 # report with. `samples_grid.png` has one row per class; `samples/` holds the first `metrics.png_limit` PNGs.
 
 # %%
-images = gs.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
-paths = gs.write_samples(s.run, images, labels, cfg.metrics)
+images = generation_stage.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
+paths = generation_stage.write_samples(s.run, images, labels, cfg.metrics)
 back, back_labels = ev.load_adm_npz(paths["npz"])
-assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:]) and torch.equal(back, images)
+assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:])
+assert torch.equal(back, images)
 assert back_labels is None or torch.equal(back_labels, labels)
 real, real_labels = data.val, data.val_labels
-fig = gs.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
+fig = generation_stage.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
                         title="generated (each row) and real val images (the row below) per class")
 s.figures.save(fig, "samples")
 
@@ -142,7 +145,8 @@ s.figures.save(fig, "samples")
 # ## 5 · Evaluate
 # * `fd_ssl`: Fréchet distance between SSL-encoder features of the samples and of real training images (at
 #   this scale the stand-in for gFID; it is *not* FID). Read it against `fd_ssl_floor` (val vs train images:
-#   two real sets, no generator) and `rfd_ssl` (val images vs their reconstructions: what the tokenizer loses).
+#   two real sets, no generator) and `rfd_ssl` (val images vs their reconstructions: what the tokenizer
+#   loses).
 # * `inception`: FID, IS and precision/recall with torch-fidelity's Inception-v3, only from a local weights
 #   file (and an ADM reference batch for ImageNet's `mu`/`sigma`); otherwise a record that says what to fetch.
 #
@@ -151,11 +155,11 @@ s.figures.save(fig, "samples")
 
 # %%
 files = {"generator": s.run.path / "generator.pt", "tokenizer": tok_file, "samples": paths["npz"]}
-records = gs.evaluate(cfg, images, tok, encoders, data, files, s.device)
-eval_file = gs.save_evaluation(s.run, records)
+records = generation_stage.evaluate(cfg, images, tok, encoders, data, files, s.device)
+eval_file = generation_stage.save_evaluation(s.run, records)
 by_name = {r["metric"]: r for r in records}
 print(by_name["inception"].get("reason", "Inception metrics computed"))
-gs.metrics_table(records)
+generation_stage.metrics_table(records)
 
 # %%
 assert all(set(ev.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in records), "a metric lacks its protocol"
@@ -166,12 +170,13 @@ assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
 
 # %% [markdown]
 # ## 6 · Save and summarise
-# `generator.pt` (EMA weights, the tokenizer's hash), `samples.npz`, the PNGs and `evaluation.json` (metrics and
-# protocols) stay in the run folder; the summary repeats the headline numbers.
+# `generator.pt` (EMA weights, the tokenizer's hash), `samples.npz`, the PNGs and `evaluation.json` (metrics
+# and protocols) stay in the run folder; the summary repeats the headline numbers.
 
 # %%
 summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer_file, "fit": fit_stats,
-                    "latent_fit": fit, "latent_clustering": clusters, "sampling_seconds": sample_s, "metrics": {r["metric"]: r for r in records},
+                    "latent_fit": fit, "latent_clustering": clusters, "sampling_seconds": sample_s,
+                    "metrics": {r["metric"]: r for r in records},
                     "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
                     "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})
 print(f"run directory: {s.run.path}")

@@ -31,9 +31,9 @@
 # **Metrics.** Generation FD and reconstruction FD in the SSL encoder's feature space (*not* FID / rFID; see
 # notebook 60), val PSNR, and how the classes cluster in the latents (kNN accuracy, silhouette).
 #
-# **What it needs.** A finished run of `20_tokenizer_pretraining` (shared by every cell). Time on a 2-core CPU:
-# `smoke` ≈ 1 min (the SSL reference and the baseline, 1 seed, a few steps each), `cpu` ≤ 2 h (18 cells, 6 teachers).
-# One command: `python -m dmvae_lib --preset cpu --only 20 70 --name study`.
+# **What it needs.** A finished run of `20_tokenizer_pretraining` (shared by every cell). Time on a 2-core
+# CPU: `smoke` ≈ 1 min (the SSL reference and the baseline, 1 seed, a few steps each), `cpu` ≤ 2 h (18 cells,
+# 6 teachers). One command: `python -m dmvae_lib --preset cpu --only 20 70 --name study`.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU, ≤ 2 h) | "imagenet256" (GPU)
@@ -41,8 +41,10 @@ seed: int = 0  # the notebook's own seed; the cells' seeds are the config's `see
 device: str = "auto"  # passed to every cell's notebooks
 run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; also the prefix of every cell's run name
-tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run named run_name, else the newest at this preset
-overrides: dict = {}  # e.g. {"references": ["ssl", "gaussian"], "seeds": [0, 1, 2], "joint": {"train.steps": 800}}
+tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
+                         # named run_name, else the newest at this preset
+overrides: dict = {}  # e.g. {"references": ["ssl", "gaussian"],
+                      # "seeds": [0, 1, 2], "joint": {"train.steps": 800}}
 
 # %%
 import pandas as pd
@@ -95,7 +97,8 @@ for key, names in rows.items():
     if names:
         tables[key] = study.formatted(agg.reindex([n for n in names if n in agg.index]))
         tables[key].to_csv(s.run.path / f"table_{key}.csv")
-        s.figures.save(viz.condition_panels(study.panel_points(table, names), titles, title=f"study: {key}"), key)
+        s.figures.save(viz.condition_panels(study.panel_points(table, names), titles, title=f"study: {key}"),
+                       key)
 tables["references"]
 
 # %% [markdown]
@@ -108,29 +111,32 @@ tables.get("dm_weight", pd.DataFrame())
 
 # %% [markdown]
 # ## 5 · Does the SSL reference generate best?
-# The lowest mean generation FD over all conditions, and whether its lead over the runner-up is larger than the
-# seeds' spread (if not, this study cannot tell the two apart).
+# The lowest mean generation FD over all conditions, and whether its lead over the runner-up is larger than
+# the seeds' spread (if not, this study cannot tell the two apart).
 
 # %%
 answer = study.verdict(agg.reindex([n for n in rows["references"] if n in agg.index]))
 print(f"best generation FD: {answer['best']}; the SSL reference is best: {answer['reference_is_best']}")
 if "gap" in answer:
-    print(f"lead over {answer['runner_up']}: {answer['gap']:.4f} (largest seed spread {answer['largest_spread']:.4f})")
+    print(f"lead over {answer['runner_up']}: {answer['gap']:.4f} (largest seed spread "
+          f"{answer['largest_spread']:.4f})")
 
 # %%
 bad = study.failures(results)
 assert not bad, f"cells failed: {bad}"
 finished = table[table["status"] != "failed"]
-assert finished["gen_fd_ssl"].notna().all() and (finished["gen_fd_ssl"] > 0).all(), "a cell has no generation FD"
+gen_fd = finished["gen_fd_ssl"]
+assert gen_fd.notna().all() and (gen_fd > 0).all(), "a cell has no generation FD"
 assert len(table) == len(cells) and set(table["seed"]) == set(cfg.seeds)
 
 # %% [markdown]
 # ## 6 · Save
-# `cells.csv` (every cell with its run folders), `table_references.csv`, `table_dm_weight.csv`, the figures and
-# the summary with the verdict stay in this run's folder.
+# `cells.csv` (every cell with its run folders), `table_references.csv`, `table_dm_weight.csv`, the figures
+# and the summary with the verdict stay in this run's folder.
 
 # %%
 summary = s.finish({"tokenizer_run": str(tok_dir), "cells": table.to_dict(orient="records"),
                     "tables": {k: v.to_dict() for k, v in tables.items()}, "verdict": answer,
-                    "minutes": float(table["minutes"].sum() + sum(r.seconds for r in results if r.cell is None) / 60)})
+                    "minutes": float(table["minutes"].sum()
+                                     + sum(r.seconds for r in results if r.cell is None) / 60)})
 print(f"run directory: {s.run.path}")

@@ -2,10 +2,11 @@
 
 (a) one flow-matching step on two shards of a fixed global batch equals the single-process step on the whole
     batch (loss and gradients to 1e-6), and the ranks hold identical parameters after the optimizer step;
-(b) the real `fit_velocity_net` under `launch` (torchrun): only rank 0 writes, both ranks end with the same net;
-    a 2-process fit interrupted and resumed ends bit-identical to an uninterrupted one (every rank restores
-    rank 0's checkpoint with its own generator state), and a checkpoint one rank cannot read stops both; a non-finite loss on one rank only makes both ranks
-    skip the update together and raise, or skip, at the same step;
+(b) the real `fit_velocity_net` under `launch` (torchrun): only rank 0 writes, both ranks end with the
+    same net; a 2-process fit interrupted and resumed ends bit-identical to an uninterrupted one (every
+    rank restores rank 0's checkpoint with its own generator state), and a checkpoint one rank cannot read
+    stops both; a non-finite loss on one rank only makes both ranks skip the update together and raise, or
+    skip, at the same step;
 (c) the single-process fallback.
 """
 
@@ -54,7 +55,8 @@ def _free_port() -> int:
 
 
 def _tiny_problem(n: int = 8):
-    """A tiny LightningDiT with perturbed weights (adaLN-Zero alone gives zero output) and a fixed global batch."""
+    """A tiny LightningDiT with perturbed weights (adaLN-Zero
+    alone gives zero output) and a fixed global batch."""
     torch.manual_seed(0)
     net = lightning_dit("tiny", input_size=4, in_channels=4, num_classes=3, patch_size=2)
     g = torch.Generator().manual_seed(1)
@@ -67,7 +69,8 @@ def _tiny_problem(n: int = 8):
 
 
 def _fm_step(model, net, batch) -> dict:
-    """One SGD flow-matching step through `model` (net or DDP(net)); the loss, gradients and new parameters."""
+    """One SGD flow-matching step through `model` (net
+    or DDP(net)); the loss, gradients and new parameters."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     loss = flow.flow_matching_loss(model, batch["data"], batch["t"], batch["noise"], batch["y"]).mean()
     apply_update(loss, opt, net.parameters(), grad_clip=0.0)
@@ -104,21 +107,23 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
-from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.data.references import TensorReference
+from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.train.velocity import fit_velocity_net
 
 out = Path(sys.argv[1])
 ctx = init_distributed("cpu")
-cfg = make_config("teacher", "smoke", {"fit.steps": 3, "fit.batch": 8, "fit.log_every": 1, "fit.ckpt_every": 2,
-                                       "fit.warmup_steps": 1, "fit.precision": "fp32", "net.patch_size": 2})
+cfg = make_config("teacher", "smoke", {"fit.steps": 3, "fit.batch": 8, "fit.log_every": 1,
+                                       "fit.ckpt_every": 2, "fit.warmup_steps": 1, "fit.precision": "fp32",
+                                       "net.patch_size": 2})
 g = torch.Generator().manual_seed(0)
 ref = TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
 run = RunDir.create(out, "30_teacher_fitting", f"rank{ctx.rank}", to_dict(cfg))  # one folder per rank
 net, stats = fit_velocity_net(cfg, ref, run, ctx.device, progress=False, ctx=ctx)
-torch.save({"world_size": ctx.world_size, "ema": net.state_dict(), "stats": stats}, out / f"rank{ctx.rank}.pt")
+torch.save({"world_size": ctx.world_size, "ema": net.state_dict(), "stats": stats},
+           out / f"rank{ctx.rank}.pt")
 cleanup(ctx)
 """
 
@@ -163,23 +168,26 @@ def _spawn(worker, out, timeout: float = 120) -> None:
                 if time.monotonic() > deadline:
                     for p in procs.processes:
                         p.kill()
-                    pytest.fail(f"{worker.__name__} did not finish within {timeout} s: ranks out of step in a "
-                                "collective?")
+                    pytest.fail(f"{worker.__name__} did not finish within {timeout} s: ranks out of step in "
+                                "a collective?")
             return
         except mp.ProcessExitedException as exc:
             if attempt == 2 or not exc.signal_name:
                 raise
-            warnings.warn(f"{worker.__name__}: rank {exc.error_index} died by {exc.signal_name}; retrying once",
+            warnings.warn(f"{worker.__name__}: rank {exc.error_index} died by {exc.signal_name}; retrying "
+                          "once",
                           stacklevel=2)
-            for child in Path(out).iterdir():  # the retry starts from an empty folder, as the first attempt did
+            for child in Path(out).iterdir():  # the retry starts from an empty
+                                               # folder, as the first attempt did
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _join(rank: int, world_size: int, port: int):
-    """The process group of a spawned worker, as torchrun's variables would set it up (`with _join(…) as ctx:`)."""
+    """The process group of a spawned worker, as torchrun's
+    variables would set it up (`with _join(…) as ctx:`)."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     return process_group("cpu")
 
 
@@ -188,8 +196,8 @@ def _tiny_teacher(steps: int):
     from dmvae_lib.data.references import TensorReference
 
     cfg = make_config("teacher", "smoke", {"fit.steps": steps, "fit.batch": 8, "fit.log_every": 1,
-                                           "fit.ckpt_every": 2, "fit.warmup_steps": 1, "fit.precision": "fp32",
-                                           "net.patch_size": 2})
+                                           "fit.ckpt_every": 2, "fit.warmup_steps": 1,
+                                           "fit.precision": "fp32", "net.patch_size": 2})
     g = torch.Generator().manual_seed(0)
     return cfg, TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
 
@@ -223,20 +231,22 @@ def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
         runs = {name: RunDir.create(out, "30_teacher_fitting", name, {}) for name in ("straight", "resumed")}
         straight, _ = fit_velocity_net(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
         try:  # every rank stops at the draw of step 3: the last checkpoint is step 2's
-            fit_velocity_net(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False, ctx=ctx)
+            fit_velocity_net(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False,
+                             ctx=ctx)
         except KeyboardInterrupt:
             pass
         step_at_stop = load_checkpoint(runs["resumed"].ckpt_path("teacher"))["step"] if rank == 0 else None
         resumed, _ = fit_velocity_net(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
-        if rank == 1:  # as on a node that does not see the run folder: every rank must stop, not only this one
+        if rank == 1:  # as on a node that does not see the run
+                       # folder: every rank must stop, not only this one
             loop.load_checkpoint = _unreadable
         try:
             fit_velocity_net(cfg, ref, runs["resumed"], "cpu", progress=False, ctx=ctx)
             error = None
         except RunError as exc:
             error = str(exc)
-        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(), "step_at_stop": step_at_stop,
-                    "error": error}, os.path.join(out, f"rank{rank}.pt"))
+        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict(),
+                    "step_at_stop": step_at_stop, "error": error}, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow
@@ -264,7 +274,8 @@ def test_two_process_fit_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 def test_checkpoint_of_two_processes_does_not_resume_in_one(tmp_path):
     run = RunDir.create(tmp_path, "nb", "r", {})
     gen = torch.Generator().manual_seed(0)
-    save_checkpoint(run.ckpt_path("t"), {"step": 1, "tag": "t", "state": {"gen": gen.get_state()}, "stats": {},
+    save_checkpoint(run.ckpt_path("t"),
+                    {"step": 1, "tag": "t", "state": {"gen": gen.get_state()}, "stats": {},
                                          "rank_generators": [{"gen": gen.get_state()}] * 2})
     with pytest.raises(RunError, match="written by 2 process.*not 1"):
         train(lambda k: {}, max_steps=2, state={"gen": gen}, run=run, tag="t", progress=False)
@@ -288,7 +299,8 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
         # on_nonfinite="skip": the same one-rank fault, skipped by both ranks, and training goes on
         torch.manual_seed(0)
         net = lightning_dit("tiny", input_size=4, in_channels=4, num_classes=3, patch_size=2)
-        model, opt, gen = wrap_ddp(net, ctx), torch.optim.SGD(net.parameters(), lr=0.1), rank_generator(3, ctx)
+        model, opt = wrap_ddp(net, ctx), torch.optim.SGD(net.parameters(), lr=0.1)
+        gen = rank_generator(3, ctx)
         faulty = _Faulty(ref, 1, _nan_data) if rank == 1 else ref
         seen = []
 
@@ -298,8 +310,8 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
             seen.append(stats["nonfinite"])
             return stats
 
-        train(step, max_steps=3, state={"net": net, "opt": opt, "gen": gen}, on_nonfinite="skip", progress=False,
-              ctx=ctx)
+        train(step, max_steps=3, state={"net": net, "opt": opt, "gen": gen}, on_nonfinite="skip",
+              progress=False, ctx=ctx)
         result.update(seen=seen, params=torch.cat([p.detach().flatten() for p in net.parameters()]))
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 
@@ -311,7 +323,8 @@ def test_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank(tmp_path):
     for r in ranks:
         assert "non-finite values at step 2" in r["raised"] and "last good checkpoint" in r["raised"]
         assert r["seen"] == [0, 1, 0]  # rank 0's loss was finite at step 1, and it skipped too
-    assert ranks[0]["raised"].endswith(str(tmp_path / "30_teacher_fitting" / "nan" / "ckpt" / "teacher" / "last.pt"))
+    last = tmp_path / "30_teacher_fitting" / "nan" / "ckpt" / "teacher" / "last.pt"
+    assert ranks[0]["raised"].endswith(str(last))
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 # --- (c) single-process fallback ---------------------------------------------------------------------------
@@ -319,7 +332,8 @@ def test_single_process_fallback(monkeypatch):
     for k in TORCHRUN_VARS:
         monkeypatch.delenv(k, raising=False)
     ctx = init_distributed("cpu")
-    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main, ctx.device) == (0, 1, 0, True, torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main, ctx.device) == (0, 1, 0, True,
+                                                                                   torch.device("cpu"))
     assert not dist.is_initialized()
     net = torch.nn.Linear(2, 2)
     assert wrap_ddp(net, ctx) is net
@@ -360,7 +374,8 @@ def test_fit_teacher_with_single_process_ctx_is_unchanged():
 
     cfg = make_config("teacher", "smoke", {"fit.steps": 2, "fit.batch": 6, "fit.precision": "fp32",
                                            "net.patch_size": 2})
-    ref = TensorReference(torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3)
+    ref = TensorReference(torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0)),
+                          torch.arange(16) % 3)
     a, _ = fit_velocity_net(cfg, ref, None, "cpu", progress=False)
     b, _ = fit_velocity_net(cfg, ref, None, "cpu", progress=False, ctx=DistContext())
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import joint_stage as js
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.stages import joint as joint_stage
 
 root = Path(sys.argv[1])
 ctx = init_distributed("cpu")
-u = js.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r", "cpu",
-                     root / "_cache")
+u = joint_stage.load_upstream(root / "20_tokenizer_pretraining" / "r", root / "30_teacher_fitting" / "r",
+                              "cpu", root / "_cache")
 cfg = make_config("joint", "smoke", {JOINT})
 seen = {{}}  # the nets train_joint does not return (fake net, discriminator), as their steps see them
 
@@ -48,10 +48,10 @@ def spy(name, step):
     return wrapped
 
 
-js.flow_matching_step = spy("fake", js.flow_matching_step)
-js.disc_step = spy("disc", js.disc_step)
+joint_stage.flow_matching_step = spy("fake", joint_stage.flow_matching_step)
+joint_stage.disc_step = spy("disc", joint_stage.disc_step)
 run = RunDir.create(root, "40_joint_dm_training", f"rank{{ctx.rank}}", to_dict(cfg))  # one folder per rank
-tok, head, stats = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
+tok, head, stats = joint_stage.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
                                   dm_weight=10.0, progress=False, ctx=ctx, **u.joint_kwargs(cfg))
 nets = {{name: net.module.state_dict() for name, net in seen.items()}}
 torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "head": head.state_dict(), "stats": stats,
@@ -63,8 +63,8 @@ JOINT = {**TINY_JOINT, "train.batch": 8, "train.refine_steps": 2, "train.control
 
 def _upstream(root):
     """Stage 1 and 2 in this process (tokenizer.pt, teacher.pt and the latent cache the workers read)."""
-    _, run, data, _, _ = tiny.tokenizer_stage(root)
-    tiny.teacher_stage(root, run.path, data, **{"reference.name": "supervised"})
+    stage20 = tiny.tokenizer_stage(root)
+    tiny.teacher_stage(root, stage20.run.path, stage20.data, **{"reference.name": "supervised"})
 
 
 @pytest.mark.slow

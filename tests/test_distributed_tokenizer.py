@@ -77,8 +77,8 @@ def _steps(ctx: DistContext, batch: dict) -> dict:
         params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
         opt = torch.optim.SGD(params, lr=0.1)
         model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx)
-        stats, _ = tokenizer_step(tok, opt, params, batch["images"], batch["features"], gen, rec={"l1": 1.0, "l2": 0.5},
-                                  disc=discs["batch"] if gan else None,
+        stats, _ = tokenizer_step(tok, opt, params, batch["images"], batch["features"], gen,
+                                  rec={"l1": 1.0, "l2": 0.5}, disc=discs["batch"] if gan else None,
                                   disc_weight=0.5, grad_clip=0.0, model=model, ctx=ctx)
         out[name] = {"stats": stats, "grads": _flat(p.grad for p in params), "params": _flat(params)}
     for norm in ("group", "batch"):
@@ -192,11 +192,13 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import tokenizer_stage as ts
 from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.data.images import load_data
+from dmvae_lib.models.ssl_encoder import SmallResNet
 from dmvae_lib.runtime.distributed import cleanup, init_distributed
 from dmvae_lib.runtime.runs import RunDir
-from dmvae_lib.models.ssl_encoder import SmallResNet
+from dmvae_lib.stages import tokenizer as tokenizer_stage
+from dmvae_lib.train.artifacts import build_tokenizer
 
 out = Path(sys.argv[1])
 ctx = init_distributed("cpu")
@@ -206,10 +208,10 @@ ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
 ssl.load_state_dict(torch.load(out / "ssl.pt"))
 runs = {{name: RunDir.create(out, "20_tokenizer_pretraining", f"{{name}}_rank{{ctx.rank}}", to_dict(cfg))
         for name in ("straight", "resumed")}}  # one folder per rank: only rank 0's is written
-fit = lambda name: ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, runs[name], ctx.device,
-                                      progress=False, ctx=ctx)
+fit = lambda name: tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, runs[name],
+                                                   ctx.device, progress=False, ctx=ctx)
 tok, stats = fit("straight")
-real_step, calls = ts.tokenizer_step, []
+real_step, calls = tokenizer_stage.tokenizer_step, []
 
 
 def dying_step(*args, **kwargs):
@@ -219,12 +221,12 @@ def dying_step(*args, **kwargs):
     return real_step(*args, **kwargs)
 
 
-ts.tokenizer_step = dying_step
+tokenizer_stage.tokenizer_step = dying_step
 try:
     fit("resumed")
 except KeyboardInterrupt:
     pass
-ts.tokenizer_step = real_step
+tokenizer_stage.tokenizer_step = real_step
 resumed, _ = fit("resumed")
 torch.save({{"world_size": ctx.world_size, "tok": tok.state_dict(), "stats": stats,
             "resumed": resumed.state_dict()}}, out / f"rank{{ctx.rank}}.pt")
@@ -294,14 +296,14 @@ def test_single_process_helpers_are_identities():
 def test_train_tokenizer_with_single_process_ctx_is_unchanged(tmp_path):
     from dmvae_lib.configs import make_config
     from dmvae_lib.models.ssl_encoder import SmallResNet
-    from dmvae_lib.stages import tokenizer as ts
+    from dmvae_lib.stages import tokenizer as tokenizer_stage
 
     cfg = make_config("tokenizer", "smoke", {**TINY, "train.steps": 3})
     data = load_data(cfg, tmp_path)
     torch.manual_seed(0)
     ssl = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
-    a, sa = ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False)
-    b, sb = ts.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False,
+    a, sa = tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False)
+    b, sb = tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, ssl), data, None, "cpu", progress=False,
                                ctx=DistContext())
     assert sa == sb and "g_loss" in sa
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):

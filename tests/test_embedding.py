@@ -1,4 +1,5 @@
-"""embedding.py: 2-D embeddings (shapes, determinism, errors) and clustering scores (blobs beat shuffled labels)."""
+"""embedding.py: 2-D embeddings (shapes, determinism, errors)
+and clustering scores (blobs beat shuffled labels)."""
 
 import math
 
@@ -20,7 +21,8 @@ def blobs(n_per: int = 20, k: int = 3, dim: int = 8, spread: float = 0.3, seed: 
 @pytest.mark.parametrize("method", ["pca", "tsne", pytest.param("umap", marks=pytest.mark.slow)])
 def test_embed_2d_shape_and_determinism(method):
     x, _ = blobs(dim=60)  # 60 > pca_dims: the PCA pre-reduction runs too
-    a = E.embed_2d(x.reshape(60, 3, 4, 5), method, seed=1, pca_dims=10, tsne_iters=250)  # (N, *D) is flattened
+    # (N, *D) is flattened
+    a = E.embed_2d(x.reshape(60, 3, 4, 5), method, seed=1, pca_dims=10, tsne_iters=250)
     b = E.embed_2d(x, method, seed=1, pca_dims=10, tsne_iters=250)
     assert a.shape == (60, 2) and a.dtype == torch.float32 and a.isfinite().all()
     assert torch.equal(a, b)

@@ -1,5 +1,6 @@
 """Generation and evaluation (notebook 60): samplers on analytic flows, protocol records and file hashes,
-labelled Fréchet distances, the ADM .npz format, the Inception path, and temp-file isolation of parallel runs."""
+labelled Fréchet distances, the ADM .npz format, the Inception path, and temp-file isolation of parallel
+runs."""
 
 import dataclasses
 import json
@@ -22,7 +23,7 @@ from dmvae_lib.metrics.image_metrics import (
     frechet_distance_from_moments,
 )
 from dmvae_lib.runtime.runs import RunDir
-from dmvae_lib.stages import generation as gs
+from dmvae_lib.stages import generation as generation_stage
 from dmvae_lib.train.artifacts import load_generator, save_generator
 
 SHAPE = (2, 4, 4)
@@ -48,7 +49,8 @@ def _sample_cfg(**kw) -> SampleConfig:
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
 def test_exact_gaussian_velocity_maps_noise_to_the_standard_gaussian(sampler):
     ref = GaussianReference(SHAPE)
-    x, y = gs.sample_latents(ref.velocity, SHAPE, 0, _sample_cfg(sampler=sampler), seed=0, device="cpu")
+    x, y = generation_stage.sample_latents(ref.velocity, SHAPE, 0, _sample_cfg(sampler=sampler), seed=0,
+                                           device="cpu")
     assert y is None and x.shape == (2000, *SHAPE)
     assert abs(float(x.mean())) < 0.03 and abs(float(x.std()) - 1) < 0.03
 
@@ -56,7 +58,8 @@ def test_exact_gaussian_velocity_maps_noise_to_the_standard_gaussian(sampler):
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
 def test_shifted_gaussian_oracle_lands_each_class_on_its_mean(sampler):
     means, s = torch.tensor([-2.0, 0.5, 3.0, 0.0]), 0.5  # 3 classes + the null label
-    x, y = gs.sample_latents(gaussian_oracle(means, s), SHAPE, 3, _sample_cfg(sampler=sampler), 0, "cpu")
+    x, y = generation_stage.sample_latents(gaussian_oracle(means, s), SHAPE, 3, _sample_cfg(sampler=sampler),
+                                           0, "cpu")
     assert torch.equal(torch.bincount(y), torch.tensor([667, 667, 666])), "labels are not class-balanced"
     for c in range(3):
         xc = x[y == c]
@@ -68,19 +71,21 @@ def test_cfg_on_gaussians_scales_the_mean_and_the_interval_switches_it_off():
     """Equal-variance Gaussians: w·v_m + (1 − w)·v_0 is exactly v_{w·m}, so guidance w lands on w·m."""
     means, s = torch.tensor([1.0, 0.0]), 0.5  # class 0 at 1, null at 0
     net = gaussian_oracle(means, s)
-    guided, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0), 0, "cpu")
+    guided, _ = generation_stage.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0), 0, "cpu")
     assert abs(float(guided.mean()) - 2.0) < 0.05
-    off, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500, cfg_scale=2.0, cfg_interval=(2.0, 2.0)), 0, "cpu")
-    plain, _ = gs.sample_latents(net, SHAPE, 1, _sample_cfg(n=500), 0, "cpu")
+    off, _ = generation_stage.sample_latents(net, SHAPE, 1,
+                                             _sample_cfg(n=500, cfg_scale=2.0, cfg_interval=(2.0, 2.0)), 0,
+                                             "cpu")
+    plain, _ = generation_stage.sample_latents(net, SHAPE, 1, _sample_cfg(n=500), 0, "cpu")
     torch.testing.assert_close(off, plain)
 
 
 def test_sampling_is_seeded_and_independent_of_the_global_rng():
     net = GaussianReference(SHAPE).velocity
-    a, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
+    a, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
     torch.manual_seed(123)
-    b, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
-    c, _ = gs.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 4, "cpu")
+    b, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 3, "cpu")
+    c, _ = generation_stage.sample_latents(net, SHAPE, 0, _sample_cfg(n=50, steps=5, sampler="sde"), 4, "cpu")
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -93,7 +98,7 @@ def test_config_rejects_sde_shift_and_bad_interval():
         make_config("generation", "smoke", {"sample.sampler": "dopri5"})
 
 
-# --- protocol records and hashes ------------------------------------------------------------------------------
+# --- protocol records and hashes ----------------------------------------------------------------------------
 def _protocol() -> ev.SamplingProtocol:
     return ev.SamplingProtocol(n_samples=10, sampler="sde", steps=250, cfg_scale=1.5, cfg_interval=(0.1, 1.0),
                                ema=True, seed=7)
@@ -119,7 +124,7 @@ def test_protocol_record_refuses_a_missing_file(tmp_path):
         ev.protocol_record(_protocol(), {"stats": tmp_path / "absent.npz"})
 
 
-# --- Fréchet distances ----------------------------------------------------------------------------------------
+# --- Fréchet distances --------------------------------------------------------------------------------------
 def test_fd_identical_sets_is_zero_and_shift_gives_squared_mean_difference(gen):
     a = torch.randn(3000, 6, generator=gen)
     same = ev.feature_fd(a, a, "test features (not FID)")
@@ -128,7 +133,8 @@ def test_fd_identical_sets_is_zero_and_shift_gives_squared_mean_difference(gen):
     shifted = ev.feature_fd(a, a + delta, "test features (not FID)")
     assert shifted["value"] == pytest.approx(float(delta.pow(2).sum()), rel=1e-6)
     b = torch.randn(20000, 6, generator=gen) + delta  # independent draws: ≈ ‖Δμ‖² up to sampling noise
-    assert ev.feature_fd(torch.randn(20000, 6, generator=gen), b, "x")["value"] == pytest.approx(14.25, abs=0.1)
+    assert ev.feature_fd(torch.randn(20000, 6, generator=gen), b, "x")["value"] == pytest.approx(14.25,
+                                                                                                 abs=0.1)
 
 
 def test_fd_label_is_required_and_fid_is_reserved_for_inception(gen):
@@ -146,9 +152,10 @@ def test_fd_from_moments_matches_fd_from_features(gen):
     assert m.value == pytest.approx(frechet_distance(a, b, "x").value, rel=1e-6)
 
 
-# --- ADM sample format and image files -------------------------------------------------------------------------
+# --- ADM sample format and image files ----------------------------------------------------------------------
 def _images(n=6, h=8, w=10, seed=0):
-    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def test_adm_npz_round_trip(tmp_path):
@@ -184,13 +191,13 @@ def test_write_samples_writes_npz_grid_and_capped_pngs(tmp_path):
     from PIL import Image
 
     run, images, labels = RunDir(tmp_path / "run"), _images(n=12, h=8, w=8), torch.arange(12) % 3
-    paths = gs.write_samples(run, images, labels, make_config("generation", "smoke").metrics)
+    paths = generation_stage.write_samples(run, images, labels, make_config("generation", "smoke").metrics)
     assert len(list(paths["pngs"].glob("*.png"))) == 12  # png_limit 40 > 12
     assert np.array_equal(np.asarray(Image.open(paths["pngs"] / "000003.png")), images[3].numpy())
     assert np.asarray(Image.open(paths["grid"])).shape[2] == 3
     assert torch.equal(ev.load_adm_npz(paths["npz"])[0], images)
     capped = dataclasses.replace(make_config("generation", "smoke").metrics, png_limit=5)
-    assert len(list(gs.write_samples(run, images, labels, capped)["pngs"].glob("*.png"))) == 5
+    assert len(list(generation_stage.write_samples(run, images, labels, capped)["pngs"].glob("*.png"))) == 5
     assert not [p for p in run.path.iterdir() if p.name.startswith(".scratch")]
 
 
@@ -207,8 +214,8 @@ def test_parallel_evaluations_do_not_share_temporary_files(tmp_path, monkeypatch
     def work(i):
         barrier.wait()
         for _ in range(5):
-            gs.write_samples(runs[i], data[i], torch.arange(30) % 3, metrics)
-            gs.save_evaluation(runs[i], [{"metric": f"m{i}", "value": float(i)}])
+            generation_stage.write_samples(runs[i], data[i], torch.arange(30) % 3, metrics)
+            generation_stage.save_evaluation(runs[i], [{"metric": f"m{i}", "value": float(i)}])
 
     with ThreadPoolExecutor(2) as pool:
         [f.result() for f in [pool.submit(work, i) for i in range(2)]]  # re-raises a worker's error
@@ -221,10 +228,11 @@ def test_parallel_evaluations_do_not_share_temporary_files(tmp_path, monkeypatch
         assert a != b and a.parent == b.parent == runs[0].path
 
 
-# --- Inception metrics ------------------------------------------------------------------------------------------
+# --- Inception metrics --------------------------------------------------------------------------------------
 def test_inception_metrics_without_weights_say_how_to_get_them(tmp_path):
     res = ev.inception_metrics(_images(), weights_path=tmp_path / "absent.pth", real_u8=_images(seed=1))
-    assert res["available"] is False and INCEPTION_URL in res["reason"] and "inception_weights" in res["reason"]
+    assert res["available"] is False
+    assert INCEPTION_URL in res["reason"] and "inception_weights" in res["reason"]
     assert set(res) == {"available", "reason"}
 
 
@@ -249,8 +257,10 @@ def test_inception_metrics_with_local_weights_and_reference_stats(random_incepti
                                prc_neighborhood=2)
     assert res["available"] and res["feature_space"] == INCEPTION_SPACE
     assert res["fid"]["value"] > 0 and "12 real images" in res["fid"]["against"]
-    assert res["inception_score"]["mean"] >= 1 - 1e-9 and 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
-    same = ev.inception_metrics(samples, weights_path=random_inception, real_u8=samples, batch=6, isc_splits=2)
+    assert res["inception_score"]["mean"] >= 1 - 1e-9
+    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
+    same = ev.inception_metrics(samples, weights_path=random_inception, real_u8=samples, batch=6,
+                                isc_splits=2)
     assert abs(same["fid"]["value"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
     # ADM reference batch: FID against its mu/sigma (here: the samples' own statistics, so ≈ 0)
     from dmvae_lib.metrics.image_metrics import inception_features, load_inception
@@ -258,7 +268,8 @@ def test_inception_metrics_with_local_weights_and_reference_stats(random_incepti
     (pool,) = inception_features(load_inception(random_inception), samples.permute(0, 3, 1, 2), 6)
     ref = tmp_path / "VIRTUAL_ref.npz"
     np.savez(ref, mu=pool.mean(0).numpy(), sigma=torch.cov(pool.T).numpy(), arr_0=real.numpy())
-    res = ev.inception_metrics(samples, weights_path=random_inception, reference_path=ref, batch=6, isc_splits=2)
+    res = ev.inception_metrics(samples, weights_path=random_inception, reference_path=ref, batch=6,
+                               isc_splits=2)
     assert abs(res["fid"]["value"]) < 1e-6 and "reference statistics" in res["fid"]["against"]
     assert res["n_real"] == 12 and res["precision_recall_against"].startswith("reference arr_0")
 
@@ -269,10 +280,10 @@ def test_fit_generator_checkpoints_ema_raw_and_saved_weights(tmp_path, gen):
                                               "net.patch_size": 2})
     data = TensorReference(torch.randn(64, *SHAPE, generator=gen), torch.arange(64) % 4, "latents")
     run = RunDir.create(tmp_path, "60_generation", "t", {"x": 1})
-    net, stats = gs.fit_generator(cfg, data, run, "cpu", progress=False)
+    net, stats = generation_stage.fit_generator(cfg, data, run, "cpu", progress=False)
     assert run.ckpt_path("generator").is_file() and "fm_loss" in stats
     assert [r["step"] for r in run.read_metrics() if r["tag"] == "generator"] == [1, 2, 3]
-    raw = gs.raw_generator(cfg, data, run, "cpu")
+    raw = generation_stage.raw_generator(cfg, data, run, "cpu")
     x, t, y = torch.randn(5, *SHAPE, generator=gen), torch.rand(5, generator=gen), torch.arange(5) % 4
     assert not torch.allclose(raw(x, t, y), net(x, t, y)), "EMA and raw weights should differ"
     tok_file = tmp_path / "tokenizer.pt"

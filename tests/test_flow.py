@@ -109,7 +109,8 @@ def test_sample_t_logit_normal():
     assert t.std() < 0.25  # uniform has std 0.289; logit-normal(0, 1) about 0.21
     hi = flow.sample_t(20000, logit_normal=(1.5, 1.0), generator=torch.Generator().manual_seed(0))
     assert hi.mean() > t.mean() + 0.15
-    ranged = flow.sample_t(2000, t_min=0.3, t_max=0.6, logit_normal=(0.0, 1.0), generator=torch.Generator().manual_seed(0))
+    ranged = flow.sample_t(2000, t_min=0.3, t_max=0.6, logit_normal=(0.0, 1.0),
+                           generator=torch.Generator().manual_seed(0))
     assert ranged.min() >= 0.3 and ranged.max() <= 0.6
 
 

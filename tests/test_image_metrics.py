@@ -108,7 +108,10 @@ def test_fd_matches_scipy_sqrtm(gen):
 def test_fd_few_samples_form_matches_eigen_form(gen):
     """Zero feature columns change nothing, but push D past N and switch to the (N_a, N_b) SVD form."""
     a, b = torch.randn(20, 8, generator=gen), torch.randn(15, 8, generator=gen) * 1.5 + 0.3
-    pad = lambda t: torch.cat([t, torch.zeros(len(t), 16)], dim=1)
+
+    def pad(t):
+        return torch.cat([t, torch.zeros(len(t), 16)], dim=1)
+
     eigen_form, svd_form = frechet_distance(a, b, "x").value, frechet_distance(pad(a), pad(b), "x").value
     assert svd_form == pytest.approx(eigen_form, rel=1e-9)
     c = torch.randn(10, 64, generator=gen)  # N < D: singular covariances

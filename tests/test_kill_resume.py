@@ -31,13 +31,14 @@ import sys
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.data.references import TensorReference
 from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.train.velocity import fit_velocity_net
 
-cfg = make_config("teacher", "smoke", {{"fit.steps": {STEPS}, "fit.batch": 8, "fit.log_every": 1, "fit.ckpt_every": 1,
-                                       "fit.warmup_steps": 5, "fit.precision": "fp32", "net.patch_size": 2}})
+cfg = make_config("teacher", "smoke", {{"fit.steps": {STEPS}, "fit.batch": 8, "fit.log_every": 1,
+                                       "fit.ckpt_every": 1, "fit.warmup_steps": 5, "fit.precision": "fp32",
+                                       "net.patch_size": 2}})
 g = torch.Generator().manual_seed(0)
 ref = TensorReference(torch.randn(32, 4, 4, 4, generator=g), torch.arange(32) % 3)
 run = RunDir.create(sys.argv[1], "30_teacher_fitting", sys.argv[2], to_dict(cfg))
@@ -87,7 +88,8 @@ def test_sigkilled_fit_resumes_to_the_uninterrupted_state(tmp_path):
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    at_kill = load_checkpoint(last, required=("step", "state"))["step"]  # whole: renamed into place atomically
+    # whole: renamed into place atomically
+    at_kill = load_checkpoint(last, required=("step", "state"))["step"]
     assert 1 <= at_kill < STEPS, at_kill  # killed mid-run, not after the end
 
     _finish(_start(tmp_path, "killed"))  # resume from last.pt to the end
@@ -99,7 +101,8 @@ def test_sigkilled_fit_resumes_to_the_uninterrupted_state(tmp_path):
     assert set(final["straight"]["state"]) == {"net", "opt", "sched", "ema", "gen"}
     assert final["straight"]["stats"] == final["killed"]["stats"]
     steps = [r["step"] for r in RunDir(tmp_path / "30_teacher_fitting" / "killed").read_metrics()]
-    assert steps[-1] == STEPS and set(steps) == set(range(1, STEPS + 1))  # steps after the last ckpt are redone
+    # steps after the last ckpt are redone
+    assert steps[-1] == STEPS and set(steps) == set(range(1, STEPS + 1))
 
 
 def test_truncated_last_checkpoint_stops_the_resume_naming_the_file(tmp_path):

@@ -1,4 +1,5 @@
-"""Notebook hygiene: pairing, no committed outputs, the parameters-cell contract, thin cells, no hard-coded CUDA."""
+"""Notebook hygiene: pairing, no committed outputs, the
+parameters-cell contract, thin cells, no hard-coded CUDA."""
 
 import ast
 import re
@@ -32,19 +33,22 @@ def test_pair_exists_is_in_sync_and_has_no_outputs(src):
     b = [(c.cell_type, c.source.strip()) for c in ipy_nb.cells]
     assert a == b, f"{ipynb.name} is out of sync with {src.name}: run `jupytext --sync {src}`"
     for cell in _code_cells(ipy_nb):
-        assert not cell.get("outputs") and cell.get("execution_count") is None, f"{ipynb.name} carries outputs"
+        assert not cell.get("outputs"), f"{ipynb.name} carries outputs"
+        assert cell.get("execution_count") is None, f"{ipynb.name} carries execution counts"
     assert ipy_nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
 def test_structure(src):
     nb = jupytext.read(src)
-    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "first cell must be an H1 title"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), "first cell must be an H1 title"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "exactly one parameters cell"
     assert _code_cells(nb)[0] is params[0], "the parameters cell must be the first code cell"
     for node in ast.parse(params[0].source).body:
-        assert isinstance(node, ast.AnnAssign), f"parameters cell: only annotated assignments, got {ast.dump(node)[:60]}"
+        assert isinstance(node, ast.AnnAssign), \
+            f"parameters cell: only annotated assignments, got {ast.dump(node)[:60]}"
         ast.literal_eval(node.value)  # literals only: papermill appends its overrides after this cell
     lines = params[0].source.splitlines()
     assert all("#" in line for line in lines if line.strip()), "every parameter needs a trailing comment"
@@ -56,7 +60,8 @@ def test_structure(src):
                 for m in mods:
                     assert m.split(".")[0] in ALLOWED_IMPORTS, f"notebooks import only the library: {m}"
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                assert node.end_lineno - node.lineno < 10, f"{node.name}: long definitions belong in dmvae_lib"
+                assert node.end_lineno - node.lineno < 10, \
+                    f"{node.name}: long definitions belong in dmvae_lib"
         assert len(cell.source.splitlines()) <= 16, f"code cell too long:\n{cell.source[:200]}"
 
 

@@ -10,7 +10,8 @@ from dmvae_lib.metrics.evaluation import SamplingProtocol, protocol_record
 from dmvae_lib.workflow import pipeline
 
 # The smoke budgets (the notebook's asserts must hold), on the three objectives its asserts read.
-TINY = {"objectives": ["dm", "fake_fm_target", "real_fm_target"], "eval.grid_n": 5, "eval.field_noise_draws": 4}
+TINY = {"objectives": ["dm", "fake_fm_target", "real_fm_target"], "eval.grid_n": 5,
+        "eval.field_noise_draws": 4}
 
 
 @pytest.mark.slow
@@ -18,8 +19,8 @@ def test_pipeline_runs_writes_artifacts_and_skips_on_rerun(tmp_path, capsys, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipeline.run("smoke", "t", tmp_path, {"overrides": TINY}, only=["10"])
     run_dir = tmp_path / "10_toy_gradient_fields" / "t"
-    for name in ["executed.ipynb", "config.json", "metrics.jsonl", "summary.json", "figures/fig3_point_clouds.html",
-                 "ckpt/fit/last.pt", "ckpt/align/dm/last.pt"]:
+    for name in ["executed.ipynb", "config.json", "metrics.jsonl", "summary.json",
+                 "figures/fig3_point_clouds.html", "ckpt/fit/last.pt", "ckpt/align/dm/last.pt"]:
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "config.json").read_text())["config"]["eval"]["grid_n"] == 5
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -40,7 +41,8 @@ def test_parameter_file_is_strict(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("preset: smoke\nparams: {seed: 2}\nnotebooks:\n  40: {overrides: {train.dm_weight: 1.0}}\n")
     data = pipeline.load_params_file(f)
-    assert data["params"] == {"seed": 2} and data["notebooks"] == {"40": {"overrides": {"train.dm_weight": 1.0}}}
+    assert data["params"] == {"seed": 2}
+    assert data["notebooks"] == {"40": {"overrides": {"train.dm_weight": 1.0}}}
     f.write_text("preset: smoke\nparamz: {seed: 2}\n")
     with pytest.raises(SystemExit, match="unknown key.*paramz"):
         pipeline.load_params_file(f)
@@ -70,18 +72,21 @@ def test_a_run_name_is_never_reused_with_other_settings(tmp_path):
 def test_report_lists_numbers_with_their_labels_protocols_and_figures(tmp_path):
     d = tmp_path / "60_generation" / "r"
     (d / "figures").mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"fit": {"fm_loss": 0.5}, "fd": 1.25, "fd_label": "SSL space (not FID)",
+    (d / "summary.json").write_text(json.dumps({"fit": {"fm_loss": 0.5}, "fd": 1.25,
+                                                "fd_label": "SSL space (not FID)",
                                                 "figures": ["figures/samples.png", "figures/samples.html"]}))
     samples = d / "samples.npz"
     samples.write_bytes(b"x")
     (d / "evaluation.json").write_text(json.dumps([{"metric": "fd_ssl", "value": 2.5, "feature_space": "SSL",
         "protocol": {"n_samples": 10, "sampler": "ode", "steps": 5, "cfg_scale": 1.0, "ema": True, "seed": 0,
                      "files": {"generator": {"path": "g.pt", "sha256": "abcdef0123456789"}}}},
-        {"metric": "inception", "available": False, "reason": "no Inception weights at /x.pth",  # as notebook 60
+        # as notebook 60
+        {"metric": "inception", "available": False, "reason": "no Inception weights at /x.pth",
          "protocol": protocol_record(SamplingProtocol(10, "ode", 5, 1.0, (0.0, 1.0), True, 0),
                                      {"samples": samples, "inception_weights": None})}]))
     report = pipeline.write_report(tmp_path / "pipeline" / "r" / "report.md", "r", "cpu",
-                                   [("60_generation", "ran in 3 s", d), ("70_reference_study", "failed", tmp_path / "none")])
+                                   [("60_generation", "ran in 3 s", d),
+                                    ("70_reference_study", "failed", tmp_path / "none")])
     text = report.read_text()
     assert "| fit.fm_loss | 0.5 |" in text and "| fd [SSL space (not FID)] | 1.25 |" in text
     assert "| fd_ssl | 2.5 | SSL | 10 | ode × 5 | 1.0 | True | 0 | generator abcdef012345 |" in text

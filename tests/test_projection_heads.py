@@ -46,7 +46,8 @@ def test_forced_kinds_and_errors():
 def test_mlp_head_is_per_token():
     """Changing one latent token changes only the output tokens of its own image region."""
     torch.manual_seed(0)
-    for ref_shape, region in [((6, 4, 4), (slice(1, 2), slice(2, 3))), ((3, 8, 8), (slice(2, 4), slice(4, 6))),
+    for ref_shape, region in [((6, 4, 4), (slice(1, 2), slice(2, 3))),
+                              ((3, 8, 8), (slice(2, 4), slice(4, 6))),
                               ((5, 2, 2), (slice(0, 1), slice(1, 2)))]:
         head = make_head(LATENT, ref_shape, width=16)
         latents = torch.randn(1, *LATENT)
@@ -61,7 +62,8 @@ def test_mlp_head_is_per_token():
 def test_mlp_head_upsampling_writes_distinct_sub_pixels():
     torch.manual_seed(0)
     out = make_head(LATENT, (3, 8, 8), width=16)(torch.randn(2, *LATENT))
-    blocks = out.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (B, C', 4, 4, f²): each latent token's 2×2 block
+    blocks = out.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (B, C', 4, 4, f²): each
+                                                              # latent token's 2×2 block
     assert (blocks.std(-1) > 1e-3).all()  # pixel_shuffle: not a copied value (nearest upsampling would be)
 
 

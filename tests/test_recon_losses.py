@@ -113,7 +113,10 @@ def test_diffaug_cutout_zeroes_one_square_per_sample(gen):
 
 def test_bcr_zero_for_constant_discriminator_positive_otherwise(gen):
     images = _images(gen, size=32)
-    const = lambda t: torch.full((t.shape[0], 1, 2, 2), 0.3)
+
+    def const(t):
+        return torch.full((t.shape[0], 1, 2, 2), 0.3)
+
     g = torch.Generator().manual_seed(0)
     assert bcr_loss(const, images, const(images), generator=g).item() == 0
     disc = PatchDiscriminator(ndf=16, n_layers=2, norm="group")

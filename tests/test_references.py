@@ -40,7 +40,8 @@ def test_sample_shapes_dtypes_and_determinism(ref):
     if ref.num_classes == 0:
         assert y is None
     else:
-        assert y.shape == (7,) and y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) < ref.num_classes
+        assert y.shape == (7,) and y.dtype == torch.long
+        assert 0 <= int(y.min()) and int(y.max()) < ref.num_classes
     torch.manual_seed(1)  # the global RNG must not matter ...
     x1, y1 = ref.sample(7, torch.Generator().manual_seed(0))
     torch.manual_seed(2)
@@ -208,7 +209,8 @@ def test_gmm_velocity_stays_float32_under_autocast():
     m = gmm.means
     tt = torch.full((4,), 0.9)
     # midpoints between two components: responsibilities ≈ ½/½ hinge on logits of size ~D that bf16 rounds
-    x_t = (0.9 * (m[:4] + m[4:8]) / 2 + 0.01 * torch.randn(4, 512, generator=torch.Generator().manual_seed(0))).reshape(4, 8, 8, 8)
+    noise = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+    x_t = (0.9 * (m[:4] + m[4:8]) / 2 + 0.01 * noise).reshape(4, 8, 8, 8)
     k = len(m)
     exact = toy2d.gmm_velocity(m, torch.full((k,), 0.36), torch.full((k,), 1 / k))(x_t.reshape(4, -1), tt)
     exact = exact.reshape(x_t.shape)

@@ -1,5 +1,5 @@
-"""Optional TensorBoard logging in RunDir.log_metrics: off by default (no import), on by DMVAE_TENSORBOARD=1 or
-RunDir(tensorboard=True), a clear error when the package is missing."""
+"""Optional TensorBoard logging in RunDir.log_metrics: off by default (no import), on by DMVAE_TENSORBOARD=1
+or RunDir(tensorboard=True), a clear error when the package is missing."""
 
 import pickle
 import sys

@@ -74,7 +74,8 @@ def test_euler_maruyama_deterministic_with_generator(shape):
 def test_euler_maruyama_does_not_touch_global_rng():
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    samplers.euler_maruyama(toy2d.gaussian_velocity(M, S2), torch.zeros(4, 2), 5, generator=torch.Generator().manual_seed(0))
+    samplers.euler_maruyama(toy2d.gaussian_velocity(M, S2), torch.zeros(4, 2), 5,
+                            generator=torch.Generator().manual_seed(0))
     assert torch.equal(state, torch.get_rng_state())
 
 
@@ -85,12 +86,15 @@ def test_euler_maruyama_nfe_equals_steps():
         calls.append(float(t[0]))
         return torch.zeros_like(x)
 
-    samplers.euler_maruyama(net, torch.zeros(4, 2), 7, last_step=0.1, generator=torch.Generator().manual_seed(0))
+    samplers.euler_maruyama(net, torch.zeros(4, 2), 7, last_step=0.1,
+                            generator=torch.Generator().manual_seed(0))
     assert len(calls) == 7
     assert calls[0] == 0.0 and calls[-1] == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("kw", [dict(steps=1), dict(steps=0), dict(steps=10, last_step=0.0), dict(steps=10, last_step=1.0)])
+@pytest.mark.parametrize("kw",
+                         [dict(steps=1), dict(steps=0), dict(steps=10, last_step=0.0),
+                          dict(steps=10, last_step=1.0)])
 def test_euler_maruyama_rejects_bad_args(kw):
     with pytest.raises(ValueError):
         samplers.euler_maruyama(toy2d.gaussian_velocity(M, S2), torch.zeros(4, 2), **kw)

@@ -65,7 +65,8 @@ def test_timestep_embedding(dim):
     e = timestep_embedding(t, dim)
     half = dim // 2
     assert e.shape == (3, dim) and e.dtype == torch.float32
-    assert torch.allclose(e[0, :half], torch.ones(half)) and torch.allclose(e[0, half : 2 * half], torch.zeros(half))
+    assert torch.allclose(e[0, :half], torch.ones(half)) and torch.allclose(e[0, half : 2 * half],
+                                                                            torch.zeros(half))
     assert torch.allclose(e[:, :half] ** 2 + e[:, half : 2 * half] ** 2, torch.ones(3, half), atol=1e-5)
     if dim % 2:
         assert torch.equal(e[:, -1], torch.zeros(3))

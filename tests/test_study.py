@@ -71,7 +71,8 @@ def test_overrides_of_a_mapping_field_merge_into_the_preset():
 
 
 def _fake_result(tmp_path: Path, cell: study.Cell, gen_fd: float, psnr: float, status="ran") -> study.Result:
-    j, g, t = tmp_path / "40" / cell.name("p"), tmp_path / "60" / cell.name("p"), tmp_path / "30" / cell.reference
+    j, g = tmp_path / "40" / cell.name("p"), tmp_path / "60" / cell.name("p")
+    t = tmp_path / "30" / cell.reference
     for d in (j, g, t):
         d.mkdir(parents=True, exist_ok=True)
     (t / "summary.json").write_text(json.dumps({"evaluation": {"sw2_ratio": 2.5}}))
@@ -93,7 +94,8 @@ def test_collect_aggregate_and_verdict(tmp_path):
     ]
     table = study.collect(results)
     assert list(table["gen_fd_ssl"][:2]) == [1.0, 1.2] and math.isnan(table["gen_fd_ssl"].iloc[-1])
-    assert table["teacher_sw2_ratio"].iloc[0] == 2.5 and math.isnan(table["teacher_sw2_ratio"].iloc[4])  # λ = 0
+    # λ = 0
+    assert table["teacher_sw2_ratio"].iloc[0] == 2.5 and math.isnan(table["teacher_sw2_ratio"].iloc[4])
     agg = study.aggregate(table)
     assert list(agg.index) == ["ssl · λ = 10", "gaussian · λ = 10", "λ = 0 (no DM)"]
     assert agg.loc["ssl · λ = 10", ("mean", "gen_fd_ssl")] == pytest.approx(1.1)
@@ -112,7 +114,8 @@ def test_collect_aggregate_and_verdict(tmp_path):
 
 
 def test_verdict_reports_a_lead_smaller_than_the_spread(tmp_path):
-    table = pd.DataFrame([{"condition": c, "status": "ran", **{m: 0.0 for m in study.METRICS}, "gen_fd_ssl": v}
+    table = pd.DataFrame([{"condition": c, "status": "ran", **{m: 0.0 for m in study.METRICS},
+                           "gen_fd_ssl": v}
                           for c, v in (("ssl · λ = 10", 1.0), ("ssl · λ = 10", 2.0), ("gmm · λ = 10", 1.6),
                                        ("gmm · λ = 10", 1.7))])
     v = study.verdict(study.aggregate(table))

@@ -168,7 +168,7 @@ def test_training_from_cached_features_without_encoder(gen):
 def test_tiny_param_counts():
     tok = _tiny_tokenizer("8x8x4")
     assert _n_params(tok.projector) == 64 * 128 + 128 + 128 * 4 + 4
-    assert 0.4e6 < _n_params(tok.decoder) < 0.6e6  # calibration-cpu.md §3: 486 k
+    assert 0.4e6 < _n_params(tok.decoder) < 0.6e6  # 486 k at this size
 
 
 def test_full_scale_decoder_shape_and_size_on_meta():

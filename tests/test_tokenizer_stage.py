@@ -1,12 +1,16 @@
-"""Stage-1 wiring on a tiny configuration: data → SSL + supervised encoders → tokenizer → metrics → checkpoint."""
+"""Stage-1 wiring on a tiny configuration: data → SSL +
+supervised encoders → tokenizer → metrics → checkpoint."""
+
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+from torch import nn
 
 from dmvae_lib.configs import ConfigError, make_config, to_dict
 from dmvae_lib.data.images import load_data, to_float
 from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint, save_checkpoint
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import build_tokenizer, load_tokenizer, save_tokenizer
 
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
@@ -15,36 +19,52 @@ TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.s
         "train.disc_ndf": 8, "train.log_every": 2, "train.ckpt_every": 2, "train.precision": "fp32"}
 
 
+class Stage(NamedTuple):
+    """The tiny stage-1 run every test here reads."""
+
+    cfg: Any
+    run: RunDir
+    data: Any
+    encoders: dict
+    tokenizer: nn.Module
+    stats: dict
+
+
+def _train(cfg, data, encoders, run):
+    return tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, encoders["ssl"]), data, run, "cpu",
+                                           progress=False)
+
+
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
+def stage(tmp_path_factory) -> Stage:
     root = tmp_path_factory.mktemp("stage")
     cfg = make_config("tokenizer", "smoke", TINY)
     run = RunDir.create(root, "20", "r", to_dict(cfg))
     data = load_data(cfg, root / "cache")
-    enc = ts.reference_encoders(cfg, data, run, "cpu")
-    tok, stats = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
-    return cfg, run, data, enc, tok, stats
+    enc = tokenizer_stage.reference_encoders(cfg, data, run, "cpu")
+    tok, stats = _train(cfg, data, enc, run)
+    return Stage(cfg, run, data, enc, tok, stats)
 
 
 def test_data_shapes_and_cache(stage, tmp_path):
-    cfg, run, data, *_ = stage
+    data = stage.data
     assert data.train.shape == (2, 64, 32, 32, 3) and data.train.dtype == torch.uint8
     assert data.val.shape == (32, 32, 32, 3) and data.val_labels.shape == (32,)
     assert not torch.equal(data.train[0], data.train[1]), "paired views must differ in nuisances"
 
 
 def test_encoders_report_scores_and_tokenizer_trains(stage):
-    cfg, run, data, enc, tok, stats = stage
+    enc, tok, stats = stage.encoders, stage.tokenizer, stage.stats
     assert 0.0 <= enc["ssl_scores"]["knn_acc"] <= 1.0 and "val_acc" in enc["supervised_scores"]
     assert stats["nonfinite"] == 0 and "g_loss" in stats and "d_loss" in stats  # the GAN term was active
-    x = to_float(data.val[:4])
+    x = to_float(stage.data.val[:4])
     x_hat, z = tok(x)
-    assert x_hat.shape == x.shape and z.shape == (4, cfg.net.z_channels, 8, 8)
+    assert x_hat.shape == x.shape and z.shape == (4, stage.cfg.net.z_channels, 8, 8)
 
 
 def test_metrics_are_labelled_and_checkpoint_round_trips(stage, tmp_path):
-    cfg, run, data, enc, tok, _ = stage
-    m = ts.evaluate_tokenizer(tok, data, "cpu", enc["ssl"], batch=16)
+    cfg, data, enc, tok = stage.cfg, stage.data, stage.encoders, stage.tokenizer
+    m = tokenizer_stage.evaluate_tokenizer(tok, data, "cpu", enc["ssl"], batch=16)
     assert "not Inception" in m["fd_label"] and m["lpips_label"]
     assert m["latent_scale"] > 0 and float(tok.latent_scale) == pytest.approx(m["latent_scale"])
     path = tmp_path / "tokenizer.pt"
@@ -59,9 +79,9 @@ def test_metrics_are_labelled_and_checkpoint_round_trips(stage, tmp_path):
 
 
 def test_finished_training_resumes_without_steps(stage):
-    cfg, run, data, enc, _, _ = stage
+    run = stage.run
     assert run.ckpt_path("tokenizer").exists() and run.ckpt_path("ssl").exists()
-    tok, stats = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+    _, stats = _train(stage.cfg, stage.data, stage.encoders, run)
     assert stats["nonfinite"] == 0
 
 
@@ -73,16 +93,17 @@ def test_config_errors():
 
 
 def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monkeypatch):
-    """Kill the tokenizer after its step-2 checkpoint, resume with fresh objects: same weights as uninterrupted."""
-    cfg, _, data, enc, _, _ = stage
+    """Kill the tokenizer after its step-2 checkpoint,
+    resume with fresh objects: same weights as uninterrupted."""
+    cfg, data, enc = stage.cfg, stage.data, stage.encoders
 
     def run_to_end(name):
         run = RunDir.create(tmp_path, "20", name, to_dict(cfg))
-        tok, _ = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+        tok, _ = _train(cfg, data, enc, run)
         return tok.state_dict()
 
     reference = run_to_end("straight")
-    calls, real_step = [], ts.tokenizer_step
+    calls, real_step = [], tokenizer_stage.tokenizer_step
 
     def dying_step(*args, **kwargs):
         calls.append(1)
@@ -90,11 +111,11 @@ def test_interrupted_training_resumes_to_identical_weights(stage, tmp_path, monk
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(ts, "tokenizer_step", dying_step)
+    monkeypatch.setattr(tokenizer_stage, "tokenizer_step", dying_step)
     run = RunDir.create(tmp_path, "20", "killed", to_dict(cfg))
     with pytest.raises(KeyboardInterrupt):
-        ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
-    monkeypatch.setattr(ts, "tokenizer_step", real_step)
+        _train(cfg, data, enc, run)
+    monkeypatch.setattr(tokenizer_stage, "tokenizer_step", real_step)
     assert load_checkpoint(run.ckpt_path("tokenizer"))["step"] == 2
     resumed = run_to_end("killed")
     assert resumed.keys() == reference.keys()

@@ -18,7 +18,8 @@ def test_s_shape_deterministic_and_bounded():
 
 
 def test_s_shape_is_an_s():
-    # the skeleton is x = A sin(pi u), y = -(V u - K sin 2 pi u): x and y are anti-correlated in the middle band
+    # the skeleton is x = A sin(pi u), y = -(V u - K sin 2 pi u): x and y are anti-correlated in the middle
+    # band
     pts = toy2d.s_shape(4000, torch.Generator().manual_seed(0))
     x, y = pts[:, 0], pts[:, 1]
     mid = y.abs() < 0.3

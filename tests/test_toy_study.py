@@ -16,7 +16,8 @@ def test_align_records_snapshots_and_resumes_from_its_checkpoint(tmp_path):
     assert res.points.shape == (64, 2) and torch.isfinite(res.points).all()
     assert [s for s, _ in res.snapshots] == [0, 5, 10] and len(res.fake_states) == 3
     assert not torch.equal(res.snapshots[0][1], res.points), "the points did not move"
-    again = toy_study.align("dm", cfg, real, run, torch.device("cpu"), progress=False)  # finished: loads, no steps
+    # finished: loads, no steps
+    again = toy_study.align("dm", cfg, real, run, torch.device("cpu"), progress=False)
     assert torch.equal(again.points, res.points) and [s for s, _ in again.snapshots] == [0, 5, 10]
     only_real = toy_study.align("real_fm_input", cfg, real, None, torch.device("cpu"), progress=False)
     assert only_real.fake_states == [] and toy_study.fake_net_at(only_real, 5, real) is real

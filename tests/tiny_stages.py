@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import nn
 
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.data.images import load_data
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.runtime.runs import RunDir
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages.tokenizer import evaluate_tokenizer, reference_encoders, train_tokenizer
 from dmvae_lib.train import artifacts
 from dmvae_lib.train.artifacts import build_tokenizer, save_teacher, upstream_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net
@@ -26,33 +29,64 @@ TINY_JOINT = {"train.steps": 6, "train.batch": 8, "train.tokenizer_every": 2, "t
               "train.precision": "fp32", "train.cfg_scale": 2.0}
 
 
+class TokenizerSetup(NamedTuple):
+    """Notebook 20 up to its tokenizer cell."""
+
+    cfg: Any
+    run: RunDir
+    data: Any
+    encoders: dict
+
+
+class TokenizerStage(NamedTuple):
+    """Notebook 20 run to the end: the trained tokenizer saved in `run` with its latent statistics."""
+
+    cfg: Any
+    run: RunDir
+    data: Any
+    encoders: dict
+    tokenizer: nn.Module
+
+
+class TeacherStage(NamedTuple):
+    """Notebook 30 run on the tiny tokenizer: latent cache, reference and teacher.pt."""
+
+    cfg: Any
+    run: RunDir
+    tokenizer: nn.Module
+    encoders: dict
+    reference: Any
+    net: nn.Module
+    stats: dict
+    latents: Any
+
+
 def run_dir(root: Path, notebook: str, stage: str, cfg, name: str = "r") -> RunDir:
     """The run folder `session.start` would create for `cfg` (config.json with stage and preset)."""
     return RunDir.create(root, notebook, name, {"stage": stage, "preset": "smoke", **to_dict(cfg)})
 
 
-def tokenizer_stage(root: Path, train: bool = True):
-    """(cfg, run, data, encoders[, tokenizer]): notebook 20 up to its tokenizer cell, then (with `train`) the
-    tokenizer trained and saved with its latent statistics."""
+def tokenizer_stage(root: Path, train: bool = True) -> TokenizerSetup | TokenizerStage:
+    """Notebook 20 up to its tokenizer cell, then (with `train`) the tokenizer trained and saved."""
     cfg = make_config("tokenizer", "smoke", TINY_TOK)
     run = run_dir(root, "20_tokenizer_pretraining", "tokenizer", cfg)
     data = load_data(cfg, root / "_cache")
-    enc = ts.reference_encoders(cfg, data, run, "cpu")
+    enc = reference_encoders(cfg, data, run, "cpu")
     if not train:
-        return cfg, run, data, enc
-    tok, _ = ts.train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
+        return TokenizerSetup(cfg, run, data, enc)
+    tok, _ = train_tokenizer(cfg, build_tokenizer(cfg, enc["ssl"]), data, run, "cpu", progress=False)
     save_tokenizer(cfg, run, data, tok, enc)
-    return cfg, run, data, enc, tok
+    return TokenizerStage(cfg, run, data, enc, tok)
 
 
 def save_tokenizer(cfg, run: RunDir, data, tok, enc) -> None:
-    ts.evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
+    evaluate_tokenizer(tok, data, "cpu", None, batch=32)  # measures the latent stats
     artifacts.save_tokenizer(run.path / "tokenizer.pt", cfg, tok, enc)
     run.write_summary({"ok": True})
 
 
-def teacher_stage(root: Path, tok_dir: Path, data, **overrides):
-    """(cfg, run, tokenizer, encoders, reference, net, stats, latents): notebook 30 on the tiny tokenizer."""
+def teacher_stage(root: Path, tok_dir: Path, data, **overrides) -> TeacherStage:
+    """Notebook 30 on the tiny tokenizer in `tok_dir`."""
     cfg = make_config("teacher", "smoke", {"tokenizer_run": str(tok_dir), **TINY_TEACHER, **overrides})
     run = run_dir(root, "30_teacher_fitting", "teacher", cfg)
     tok, _, enc, tok_file = upstream_tokenizer(tok_dir, "cpu")
@@ -61,4 +95,4 @@ def teacher_stage(root: Path, tok_dir: Path, data, **overrides):
     net, stats = fit_velocity_net(cfg, ref, run, "cpu", progress=False)
     save_teacher(run.path / "teacher.pt", cfg, net, ref, tok_file)
     run.write_summary({"ok": True})
-    return cfg, run, tok, enc, ref, net, stats, latents
+    return TeacherStage(cfg, run, tok, enc, ref, net, stats, latents)

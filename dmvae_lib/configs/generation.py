@@ -1,5 +1,5 @@
 """Configuration of stage 4: the final generator on the DM tokenizer's latents, sampling and evaluation
-(notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6)."""
+(notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2, §5.4, §6)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class MetricsConfig:
     real_images: int = 10000  # real training images (val when streamed) behind the SSL-space statistics
     floor_images: int = 2000  # val images for the real-vs-real noise floor and the reconstruction FD (rFD)
     feature_batch: int = 500
-    inception_weights: str = ""  # torch-fidelity Inception file; "" -> $TORCH_HOME/hub/checkpoints; never downloaded
+    inception_weights: str = ""  # torch-fidelity Inception file; "" ->
+                                 # $TORCH_HOME/hub/checkpoints; never downloaded
     reference_batch: str = ""  # ADM reference .npz (mu/sigma [+ arr_0]); "" -> statistics of the real images
     isc_splits: int = 10  # Inception-score splits (torch-fidelity default, as the authors' sample_50k.py)
     prc_neighborhood: int = 3  # k of the k-NN balls of precision/recall (ADM evaluator: 3)
@@ -62,7 +63,8 @@ class GenerationStageConfig:
     seed: int = 0
     threads: int = 0
     joint_run: str = ""  # a notebook-40 run folder (resolved by the notebook)
-    tokenizer_file: str = "tokenizer.pt"  # in joint_run: tokenizer.pt (DM) | control_tokenizer.pt (λ = 0 baseline)
+    tokenizer_file: str = "tokenizer.pt"  # in joint_run: tokenizer.pt (DM) |
+                                          # control_tokenizer.pt (λ = 0 baseline)
     flip: bool = False  # also cache horizontally flipped images (doubles the latent cache)
     encode_batch: int = 500
     net: DiTConfig = field(default_factory=DiTConfig)
@@ -75,10 +77,11 @@ class GenerationStageConfig:
         if s.sampler not in SAMPLERS:
             raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
         if s.sampler == "sde" and s.shift != 1.0:
-            raise ConfigError("sample.shift only applies to the ODE sampler (the authors' SDE run passes a shift "
-                              "that has no effect); leave it at 1.0 with sampler 'sde'")
+            raise ConfigError("sample.shift only applies to the ODE sampler (the authors' SDE run passes a "
+                              "shift that has no effect); leave it at 1.0 with sampler 'sde'")
         if s.sampler == "sde" and (s.steps < 2 or not 0.0 < s.last_step < 1.0):
-            raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, {s.last_step}")
+            raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, "
+                              f"{s.last_step}")
         lo, hi = s.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
@@ -90,12 +93,14 @@ class GenerationStageConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "smoke": {"fit.steps": 100, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 50, "net.size": "tiny",
-              "sample.n": 300, "sample.steps": 20, "metrics.real_images": 2048, "metrics.floor_images": 300,
-              "metrics.png_limit": 40, "metrics.grid_per_class": 6, "metrics.cluster_latents": 300},
+    "smoke": {"fit.steps": 100, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 50,
+              "net.size": "tiny", "sample.n": 300, "sample.steps": 20, "metrics.real_images": 2048,
+              "metrics.floor_images": 300, "metrics.png_limit": 40, "metrics.grid_per_class": 6,
+              "metrics.cluster_latents": 300},
     "cpu": {},
-    # The authors' final DiT (§5.2) and 50K evaluation (§5.4): XL/1, EMA 0.9999, no warm-up; 64 epochs of
-    # ImageNet at batch 1024 ≈ 80k steps; SDE Euler–Maruyama, 250 steps, no CFG (paper Tab. 3).
+    # The authors' final DiT and 50K evaluation (docs/authors-code.md §5.2, §5.4): XL/1, EMA 0.9999, no
+    # warm-up; 64 epochs of ImageNet at batch 1024 ≈ 80k steps; SDE Euler–Maruyama, 250 steps, no CFG (paper
+    # Tab. 3).
     "imagenet256": {"net.size": "XL", "net.patch_size": 1, "net.grad_checkpoint": True, "fit.steps": 80000,
                     "fit.batch": 1024, "fit.lr": 2e-4, "fit.warmup_steps": 0, "fit.ema_decay": 0.9999,
                     "fit.ckpt_every": 10000, "fit.log_every": 100, "flip": True, "encode_batch": 256,

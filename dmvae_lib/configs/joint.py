@@ -1,5 +1,5 @@
 """Configuration of stage 3: joint distribution-matching training of the tokenizer (notebook 40; paper §3.2,
-App. A.3; reference note §5.3, with its bugs fixed)."""
+App. A.3; docs/authors-code.md §5.3, with its bugs fixed (§8))."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ class JointTrainConfig:
     cfg_scale: float = 5.0  # CFG on both the real and the fake scores (authors: 5); 1 = none
     t_min: float = 0.02  # DM timesteps ~ U[t_min, t_max], clamped off the singular ends
     t_max: float = 0.98
-    anneal_steps: int = 0  # >0: move t_min to anneal_t_min over this many global steps (low-noise end is t → 1)
+    anneal_steps: int = 0  # >0: move t_min to anneal_t_min over this
+                           # many global steps (low-noise end is t → 1)
     anneal_t_min: float = 0.5
     lr: float = 2e-4  # tokenizer (projector [+ encoder]) and projection head, AdamW (0.9, 0.95)
     fake_lr: float = 2e-4
@@ -32,7 +33,8 @@ class JointTrainConfig:
     lpips_weight: float = 1.0
     disc_weight: float = 0.5  # adaptive hinge GAN from disc_start
     disc_start: int = 500
-    disc_init: str = "stage1"  # "stage1": the stage-1 PatchGAN (no fresh-discriminator shock) | "fresh" (authors)
+    disc_init: str = "stage1"  # "stage1": the stage-1 PatchGAN (no
+                               # fresh-discriminator shock) | "fresh" (authors)
     bcr: float = 1.0
     precision: str = "bf16"
     log_every: int = 50
@@ -54,7 +56,8 @@ class JointStageConfig:
     def validate(self) -> None:
         t = self.train
         if not 0.0 <= t.t_min < t.t_max <= 1.0:
-            raise ConfigError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t.t_min}, {t.t_max}")
+            raise ConfigError(f"train.t_min/t_max must satisfy 0 <= t_min < t_max <= 1, got {t.t_min}, "
+                              f"{t.t_max}")
         if t.tokenizer_every < 1:
             raise ConfigError(f"train.tokenizer_every must be >= 1, got {t.tokenizer_every}")
         if t.cfg_scale < 1.0:
@@ -71,8 +74,9 @@ PRESETS: dict[str, dict] = {
     # cpu: DM without CFG. The embedded classes barely cluster in the latents (kNN ≈ 0.18), so the teacher's
     # class-conditional scores are mostly noise that guidance ×5 would amplify.
     "cpu": {"train.cfg_scale": 1.0},
-    "imagenet256": {"train.steps": 500000, "train.disc_init": "fresh", "train.batch": 128, "train.lr": 2e-5, "train.fake_lr": 2e-5,
-                    "train.disc_lr": 2e-5, "train.warmup_steps": 1000, "train.train_encoder": True,
-                    "train.disc_start": 5000, "train.log_every": 100, "train.ckpt_every": 50000,
-                    "train.eval_every": 10000, "train.eval_samples": 10000, "train.control": False},
+    "imagenet256": {"train.steps": 500000, "train.disc_init": "fresh", "train.batch": 128, "train.lr": 2e-5,
+                    "train.fake_lr": 2e-5, "train.disc_lr": 2e-5, "train.warmup_steps": 1000,
+                    "train.train_encoder": True, "train.disc_start": 5000, "train.log_every": 100,
+                    "train.ckpt_every": 50000, "train.eval_every": 10000, "train.eval_samples": 10000,
+                    "train.control": False},
 }  # fmt: skip

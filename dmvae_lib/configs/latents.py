@@ -13,10 +13,12 @@ EMBED_METHODS = ("tsne", "umap", "pca")
 @dataclass(frozen=True)
 class EmbedConfig:
     points: int = 2000  # per set, class-balanced (t-SNE of 2000 ≈ 28 s a set on 2 loaded cores, niced)
-    methods: tuple[str, ...] = ("tsne", "umap")  # one saved figure each; the explorer offers all EMBED_METHODS
+    methods: tuple[str, ...] = ("tsne", "umap")  # one saved figure each; the
+                                                 # explorer offers all EMBED_METHODS
     pca_dims: int = 50  # PCA to this many dims before t-SNE/UMAP (van der Maaten's advice); 0 = off
     perplexity: float = 30.0  # t-SNE (clamped below (N − 1)/3)
-    tsne_iters: int = 500  # t-SNE steps, the first 250 exaggerated (sklearn max_iter); 1000: same 2-D kNN at cpu
+    tsne_iters: int = 500  # t-SNE steps, the first 250 exaggerated
+                           # (sklearn max_iter); 1000: same 2-D kNN at cpu
     n_neighbors: int = 15  # UMAP (clamped below N)
     min_dist: float = 0.1  # UMAP
     threads: int = 1  # OpenMP threads for t-SNE/UMAP: 2 were 4–20× slower than 1 on 2 cores under other load
@@ -26,9 +28,11 @@ class EmbedConfig:
 class LatentsStageConfig:
     seed: int = 0
     threads: int = 0
-    joint_run: str = ""  # notebook-40 run folder (tokenizer.pt, control_tokenizer.pt, head.pt); resolved by the notebook
+    joint_run: str = ""  # notebook-40 run folder (tokenizer.pt,
+                         # control_tokenizer.pt, head.pt); resolved by the notebook
     classes: tuple[int, ...] = ()  # the classes embedded; () = all
-    stage1: bool = True  # also embed the stage-1 latents (skipped when the reference *is* them: reference "ssl")
+    stage1: bool = True  # also embed the stage-1 latents (skipped when
+                         # the reference *is* them: reference "ssl")
     encode_batch: int = 500
     knn_k: int = 10  # leave-one-out kNN accuracy (Euclidean, majority vote) as the clustering score
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -43,7 +47,8 @@ class LatentsStageConfig:
         if e.tsne_iters < 250:
             raise ConfigError(f"embed.tsne_iters must be >= 250 (sklearn's minimum), got {e.tsne_iters}")
         if e.perplexity <= 0 or e.n_neighbors < 2 or self.knn_k < 1 or e.threads < 1:
-            raise ConfigError("need embed.perplexity > 0, embed.n_neighbors >= 2, knn_k >= 1, embed.threads >= 1")
+            raise ConfigError("need embed.perplexity > 0, embed.n_neighbors >= 2, knn_k >= 1, embed.threads "
+                              ">= 1")
 
 
 PRESETS: dict[str, dict] = {

@@ -9,7 +9,7 @@ from ..models.ssl_encoder import ARCHS, OBJECTIVES
 
 @dataclass(frozen=True)
 class SSLConfig:
-    seed: int = 0  # model init (seed) and the batch/augmentation generator (seed + 1)
+    seed: int = 0  # model init (seed itself) and the batch/augmentation stream "ssl.batches"
     width: int = 32  # stem channels w; the last block has 4w → an 8×8×4w feature map
     arch: str = "r3"  # a key of ARCHS; r3 is 2× cheaper per step than r4 and better per second
     objective: str = "ntxent"  # a key of OBJECTIVES (VICReg: 4.7 points lower at 300 steps)

@@ -1,5 +1,5 @@
 """Configuration of stage 2: the reference distribution and the real (teacher) velocity net (notebook 30;
-paper §4, App. A.2; reference note §3, §5.2)."""
+paper §4, App. A.2; docs/authors-code.md §3, §5.2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ REFERENCE_NAMES = ("ssl", "supervised", "gaussian", "gmm", "class_subset", "nois
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    name: str = "ssl"  # one of REFERENCE_NAMES; "ssl" = the stage-1 tokenizer's own latents (as the authors do)
+    name: str = "ssl"  # one of REFERENCE_NAMES; "ssl" = the stage-1
+                       # tokenizer's own latents (as the authors do)
     classes: tuple[int, ...] = (0, 1, 2, 3, 4)  # class_subset: the classes kept
     noise_t: float = 0.5  # noise_states: x_t = (1 − t)·ε + t·latent at this fixed t (t = 1 is data)
     gmm_components: int = 10
@@ -22,7 +23,8 @@ class ReferenceConfig:
 @dataclass(frozen=True)
 class DiTConfig:
     size: str = "Micro"  # a key of lightning_dit.DIT_SIZES (XL at full scale)
-    patch_size: int = 4  # 8×8 latent → 4 tokens on a CPU (patch 1 → 64 tokens is ~10× slower); 1 at full scale
+    patch_size: int = 4  # 8×8 latent → 4 tokens on a CPU (patch 1 →
+                         # 64 tokens is ~10× slower); 1 at full scale
     label_dropout: float = 0.1  # labels replaced by the null label while fitting (classifier-free guidance)
     grad_checkpoint: bool = False
 
@@ -57,7 +59,8 @@ class TeacherStageConfig:
 
     def validate(self) -> None:
         if self.reference.name not in REFERENCE_NAMES:
-            raise ConfigError(f"reference.name {self.reference.name!r} unknown; use one of {', '.join(REFERENCE_NAMES)}")
+            raise ConfigError(f"reference.name {self.reference.name!r} unknown; use one of "
+                              f"{', '.join(REFERENCE_NAMES)}")
         if not 0.0 < self.reference.noise_t < 1.0:
             raise ConfigError(f"reference.noise_t must lie in (0, 1), got {self.reference.noise_t}")
         if self.fit.precision not in ("fp32", "bf16"):
@@ -65,10 +68,11 @@ class TeacherStageConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "smoke": {"fit.steps": 150, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 75, "fit.eval_samples": 500,
-              "fit.sample_steps": 20, "net.size": "tiny"},
+    "smoke": {"fit.steps": 150, "fit.batch": 128, "fit.log_every": 25, "fit.ckpt_every": 75,
+              "fit.eval_samples": 500, "fit.sample_steps": 20, "net.size": "tiny"},
     "cpu": {},
-    "imagenet256": {"net.size": "XL", "net.patch_size": 1, "fit.steps": 400000, "fit.batch": 256, "fit.lr": 1e-4, "fit.warmup_steps": 0,
-                    "fit.ema_decay": 0.9999, "fit.ckpt_every": 20000, "fit.log_every": 100, "fit.eval_samples": 10000,
-                    "fit.sample_steps": 250, "reference.flip": True, "encode_batch": 256},
+    "imagenet256": {"net.size": "XL", "net.patch_size": 1, "fit.steps": 400000, "fit.batch": 256,
+                    "fit.lr": 1e-4, "fit.warmup_steps": 0, "fit.ema_decay": 0.9999, "fit.ckpt_every": 20000,
+                    "fit.log_every": 100, "fit.eval_samples": 10000, "fit.sample_steps": 250,
+                    "reference.flip": True, "encode_batch": 256},
 }  # fmt: skip

@@ -10,8 +10,10 @@ from .ssl import SSLConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "shapes"  # "shapes" (embedded, generated) | "cifar10" (python-pickle folder) | "imagefolder"
-    root: str = ""  # local dataset folder for cifar10 / imagefolder (ImageNet: the folder holding train/ and val/)
+    source: str = "shapes"  # "shapes" (embedded, generated) | "cifar10"
+                            # (python-pickle folder) | "imagefolder"
+    root: str = ""  # local dataset folder for cifar10 / imagefolder
+                    # (ImageNet: the folder holding train/ and val/)
     n_train: int = 20000  # shapes: generated training images (cifar10/imagefolder: all)
     n_val: int = 2000  # shapes: generated validation images; also the evaluation sample size elsewhere
     n_views: int = 2  # shapes: renders per instance (>1: label-free paired views for SSL)
@@ -22,15 +24,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    kind: str = "ssl"  # "ssl" (trained here, no labels) | "supervised" (trained here) | "timm" (local weights)
-    side_input: bool = True  # ssl/supervised: also feed the colour-preserving stem (SSL features are colour-blind)
+    kind: str = "ssl"  # "ssl" (trained here, no labels) | "supervised"
+                       # (trained here) | "timm" (local weights)
+    side_input: bool = True  # ssl/supervised: also feed the colour-preserving
+                             # stem (SSL features are colour-blind)
     # 1,200 steps (≈ 90 s here): kNN ≈ 97–99 %; SSLConfig's own default (1,800) adds ≈ 1 point for 45 s more
     ssl: SSLConfig = field(default_factory=lambda: SSLConfig(steps=1200))
     supervised_steps: int = 480  # the supervised reference classifier ("ResNet features" row of Tab. 1)
-    supervised_batch: int = 256  # labelled images per step (one view each; colour jitter, see SUPERVISED_OVERRIDES)
+    supervised_batch: int = 256  # labelled images per step (one view each;
+                                 # colour jitter, see SUPERVISED_OVERRIDES)
     knn_k: int = 20
     timm_name: str = "vit_large_patch14_dinov2.lvd142m"  # kind="timm"
-    timm_weights: str = ""  # local .safetensors/.pth; "" → HF cache under HF_HUB_OFFLINE=1, else a clear error
+    timm_weights: str = ""  # local .safetensors/.pth; "" → HF cache
+                            # under HF_HUB_OFFLINE=1, else a clear error
     timm_patch_size: int = 16  # DINOv2 at patch 16 on 256 px → 16×16 tokens, as the authors run it
     timm_pretrained: bool = True  # False: random weights (tests, throughput checks)
 
@@ -40,8 +46,10 @@ class NetConfig:
     z_channels: int = 4  # 8×8×4 = 256 numbers for a 32×32×3 image (12× compression)
     unshuffle: int = 1  # pixel_unshuffle factor before the projector (shrinks the latent grid)
     proj_hidden: int = 256  # per-token MLP hidden width (2048 at full scale)
-    dec_ch: int = 32  # decoder base width (128 at full scale); the Flux layout is conv-heavy at high resolution
-    dec_mult: tuple[int, ...] = (1, 1, 2)  # width multipliers per level, lowest resolution last ((1, 2, 4): 2.5× slower)
+    dec_ch: int = 32  # decoder base width (128 at full scale); the
+                      # Flux layout is conv-heavy at high resolution
+    dec_mult: tuple[int, ...] = (1, 1, 2)  # width multipliers per level, lowest
+                                           # resolution last ((1, 2, 4): 2.5× slower)
     dec_res_blocks: int = 0  # + 1 ResBlock per level (2 at full scale)
     dec_attn: bool = False  # single-head attention in the decoder's mid block
     dec_groups: int = 16  # GroupNorm groups
@@ -57,7 +65,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     l1: float = 1.0
     l2: float = 0.0
-    lpips: str = "auto"  # "auto": real LPIPS if the VGG16 file is local, else off (logged) | "real" | "random" | "off"
+    lpips: str = "auto"  # "auto": real LPIPS if the VGG16 file is local,
+                         # else off (logged) | "real" | "random" | "off"
     lpips_weight: float = 1.0
     disc_weight: float = 0.5  # × the adaptive weight ‖∇L_rec‖/‖∇L_G‖ on the decoder's last layer
     disc_start: int = 600  # generator adversarial term and discriminator updates from this step
@@ -97,7 +106,8 @@ PRESETS: dict[str, dict] = {
     "smoke": {
         "data.n_train": 2048, "data.n_val": 512, "encoder.ssl.steps": 40,
         "encoder.supervised_steps": 30, "encoder.supervised_batch": 64,
-        "train.steps": 60, "train.disc_start": 40, "train.batch": 64, "train.log_every": 10, "train.ckpt_every": 30,
+        "train.steps": 60, "train.disc_start": 40, "train.batch": 64,
+        "train.log_every": 10, "train.ckpt_every": 30,
     },
     "cpu": {},
     "imagenet256": {

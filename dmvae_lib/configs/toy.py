@@ -40,7 +40,8 @@ class ToyAlignConfig:
     steps: int = 600  # global steps (fake-net updates)
     n_points: int = 1536  # free 2-D "latents", as in the paper's toy
     init_half_width: float = 1.5  # points start i.i.d. U[−w, w]²
-    points_every: int = 2  # the reference uses 5 with lr 1e-4, which cannot reach the S (note §1.4)
+    points_every: int = 2  # the reference uses 5 with lr 1e-4, which
+                           # cannot reach the S (docs/authors-code.md §1.4)
     points_lr: float = 1e-2  # Adam on the points; 1e-4 (authors) moves a point ~0.2 in 2,000 updates
     fake_lr: float = 1e-3
     fake_batch: int = 512  # points drawn (without replacement) for each fake-net step
@@ -79,7 +80,8 @@ class ToyConfig:
         if bad or not self.objectives:
             raise ConfigError(f"objectives {bad or '()'} unknown; known: {', '.join(OBJECTIVES)}")
         if not 0.0 <= self.align.t_min < self.align.t_max <= 1.0:
-            raise ConfigError(f"need 0 <= align.t_min < align.t_max <= 1, got {self.align.t_min}, {self.align.t_max}")
+            raise ConfigError(f"need 0 <= align.t_min < align.t_max <= 1, got {self.align.t_min}, "
+                              f"{self.align.t_max}")
 
 
 PRESETS: dict[str, dict] = {

@@ -1,1 +1,2 @@
-"""The math: the flow path, samplers, distribution-matching objectives, distances, 2-D toy targets (torch only)."""
+"""The math: the flow path, samplers, distribution-matching
+objectives, distances, 2-D toy targets (torch only)."""

@@ -36,7 +36,8 @@ def _quantiles(x: Tensor, m: int) -> Tensor:
     return xs[lo] * (1 - w) + xs[hi] * w
 
 
-def sliced_w2(a: Tensor, b: Tensor, n_directions: int = 256, generator: Optional[torch.Generator] = None) -> float:
+def sliced_w2(a: Tensor, b: Tensor, n_directions: int = 256,
+              generator: Optional[torch.Generator] = None) -> float:
     """Sliced Wasserstein-2 distance between point sets a (N, D) and b (M, D)."""
     a, b = a.detach().float().cpu().reshape(a.shape[0], -1), b.detach().float().cpu().reshape(b.shape[0], -1)
     dirs = random_directions(n_directions, a.shape[1], generator)
@@ -46,7 +47,8 @@ def sliced_w2(a: Tensor, b: Tensor, n_directions: int = 256, generator: Optional
 
 
 def noise_floor(
-    sampler: Callable[[int, torch.Generator], Tensor], n: int, repeats: int = 10, n_directions: int = 256, seed: int = 0
+    sampler: Callable[[int, torch.Generator], Tensor], n: int, repeats: int = 10, n_directions: int = 256,
+    seed: int = 0
 ) -> float:
     """Median sliced-W2 between pairs of independent n-point samples of one distribution."""
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +57,8 @@ def noise_floor(
 
 
 def mean_sliced_w2(
-    points: Tensor, sampler: Callable[[int, torch.Generator], Tensor], repeats: int = 10, n_directions: int = 256, seed: int = 1
+    points: Tensor, sampler: Callable[[int, torch.Generator], Tensor], repeats: int = 10,
+    n_directions: int = 256, seed: int = 1
 ) -> float:
     """Mean sliced-W2 from `points` to `repeats` fresh samples of the same size (lower variance)."""
     g = torch.Generator().manual_seed(seed)

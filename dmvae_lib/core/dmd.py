@@ -66,7 +66,8 @@ def _direct(loss_terms: Tensor) -> tuple[Tensor, ObjectiveStats]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def dm_direction(latents: Tensor, x_t: Tensor, t: Tensor, v_real: Tensor, v_fake: Tensor, normalize: bool = True) -> Tensor:
+def dm_direction(latents: Tensor, x_t: Tensor, t: Tensor, v_real: Tensor, v_fake: Tensor,
+                 normalize: bool = True) -> Tensor:
     """g = (x̂_fake − x̂_real) / mean_flat|latents − x̂_real| (no normalisation when normalize=False)."""
     data_real, data_fake = predict_data(x_t, t, v_real), predict_data(x_t, t, v_fake)
     g = data_fake - data_real
@@ -224,21 +225,36 @@ class ObjectiveInfo:
 
 
 OBJECTIVES: dict[str, ObjectiveInfo] = {
-    "dm": ObjectiveInfo(dm, "distribution matching", "b", "surrogate: (x̂_fake − x̂_real)/w, no net Jacobian", True, "dmd (+ImageNet normalisation)"),
-    "dm_unnormalized": ObjectiveInfo(dm_unnormalized, "distribution matching", "", "surrogate: x̂_fake − x̂_real", True, "dmd (toy)"),
-    "real_fm_input": ObjectiveInfo(real_fm_input, "real-score maximisation", "d", "real net input (Jacobian)", False, "loss_teacher1"),
-    "real_fm_target": ObjectiveInfo(real_fm_target, "real-score maximisation", "e", "FM target only", False, "loss_teacher2"),
-    "real_fm_both": ObjectiveInfo(real_fm_both, "real-score maximisation", "f", "real net input + target", False, "loss_teacher3"),
-    "fake_fm_input": ObjectiveInfo(fake_fm_input, "fake-score maximisation", "g", "fake net input (Jacobian)", True, "loss_student1"),
-    "fake_fm_target": ObjectiveInfo(fake_fm_target, "fake-score maximisation", "h", "FM target only", True, "loss_student2"),
-    "fake_fm_both": ObjectiveInfo(fake_fm_both, "fake-score maximisation", "i", "fake net input + target", True, "loss_student3"),
-    "score_diff_fake_input": ObjectiveInfo(score_diff_fake_input, "score-difference minimisation", "j", "fake net input (Jacobian)", True, "score_teacher_student1"),
-    "score_diff_real_input": ObjectiveInfo(score_diff_real_input, "score-difference minimisation", "k", "real net input (Jacobian)", True, "score_teacher_student2"),
-    "score_diff_both": ObjectiveInfo(score_diff_both, "score-difference minimisation", "l", "both nets' inputs", True, "score_teacher_student3"),
-    "loss_diff": ObjectiveInfo(loss_diff, "loss-difference minimisation", "", "both nets' inputs", True, "loss_teacher_student1"),
-    "real_score_ascent": ObjectiveInfo(real_score_ascent, "score ascent", "", "surrogate: −s_real", False, "score_teacher"),
-    "fake_score_ascent": ObjectiveInfo(fake_score_ascent, "score ascent", "", "surrogate: −s_fake", True, "score_student"),
-    "fake_score_descent": ObjectiveInfo(fake_score_descent, "score ascent", "", "surrogate: +s_fake", True, "score_student_minus"),
+    "dm": ObjectiveInfo(dm, "distribution matching", "b", "surrogate: (x̂_fake − x̂_real)/w, no net Jacobian",
+                        True, "dmd (+ImageNet normalisation)"),
+    "dm_unnormalized": ObjectiveInfo(dm_unnormalized, "distribution matching", "",
+                                     "surrogate: x̂_fake − x̂_real", True, "dmd (toy)"),
+    "real_fm_input": ObjectiveInfo(real_fm_input, "real-score maximisation", "d", "real net input (Jacobian)",
+                                   False, "loss_teacher1"),
+    "real_fm_target": ObjectiveInfo(real_fm_target, "real-score maximisation", "e", "FM target only", False,
+                                    "loss_teacher2"),
+    "real_fm_both": ObjectiveInfo(real_fm_both, "real-score maximisation", "f", "real net input + target",
+                                  False, "loss_teacher3"),
+    "fake_fm_input": ObjectiveInfo(fake_fm_input, "fake-score maximisation", "g", "fake net input (Jacobian)",
+                                   True, "loss_student1"),
+    "fake_fm_target": ObjectiveInfo(fake_fm_target, "fake-score maximisation", "h", "FM target only", True,
+                                    "loss_student2"),
+    "fake_fm_both": ObjectiveInfo(fake_fm_both, "fake-score maximisation", "i", "fake net input + target",
+                                  True, "loss_student3"),
+    "score_diff_fake_input": ObjectiveInfo(score_diff_fake_input, "score-difference minimisation", "j",
+                                           "fake net input (Jacobian)", True, "score_teacher_student1"),
+    "score_diff_real_input": ObjectiveInfo(score_diff_real_input, "score-difference minimisation", "k",
+                                           "real net input (Jacobian)", True, "score_teacher_student2"),
+    "score_diff_both": ObjectiveInfo(score_diff_both, "score-difference minimisation", "l",
+                                     "both nets' inputs", True, "score_teacher_student3"),
+    "loss_diff": ObjectiveInfo(loss_diff, "loss-difference minimisation", "", "both nets' inputs", True,
+                               "loss_teacher_student1"),
+    "real_score_ascent": ObjectiveInfo(real_score_ascent, "score ascent", "", "surrogate: −s_real", False,
+                                       "score_teacher"),
+    "fake_score_ascent": ObjectiveInfo(fake_score_ascent, "score ascent", "", "surrogate: −s_fake", True,
+                                       "score_student"),
+    "fake_score_descent": ObjectiveInfo(fake_score_descent, "score ascent", "", "surrogate: +s_fake", True,
+                                        "score_student_minus"),
 }
 
 
@@ -250,8 +266,9 @@ def get_objective(name: str) -> ObjectiveInfo:
         raise KeyError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
 
 
-def update_direction(objective: Objective, latents: Tensor, real_net: VelocityFn, fake_net: VelocityFn, t: float,
-                     draws: int, generator: Optional[torch.Generator] = None, y: Optional[Tensor] = None) -> Tensor:
+def update_direction(objective: Objective, latents: Tensor, real_net: VelocityFn, fake_net: VelocityFn,
+                     t: float, draws: int, generator: Optional[torch.Generator] = None,
+                     y: Optional[Tensor] = None) -> Tensor:
     """The per-sample update direction −N·∂L/∂latents at a fixed t, averaged over `draws` noise draws.
 
     This is what a descent step moves each latent along (paper App. B, Fig. 7); latents (P, *D) -> (P, *D).

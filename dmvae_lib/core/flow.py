@@ -98,7 +98,8 @@ def sample_t(
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     else:
         mean, std = logit_normal
-        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device, dtype=torch.float32))
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device,
+                                                   dtype=torch.float32))
     u = shift_t(u, shift)
     return t_min + (t_max - t_min) * u
 

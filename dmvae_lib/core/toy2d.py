@@ -132,6 +132,7 @@ def grid(n: int = 15, half_width: float = 1.5) -> Tensor:
 
 def corner_probes(half_width: float = 1.5) -> Tensor:
     """The authors' 6 lower-left "triangle" probes and their point reflections (12, 2)."""
-    base: Sequence[tuple[float, float]] = [(-1, -1), (-0.75, -1), (-0.5, -1), (-1, -0.75), (-1, -0.5), (-0.75, -0.75)]
+    base: Sequence[tuple[float, float]] = [(-1, -1), (-0.75, -1), (-0.5, -1), (-1, -0.75), (-1, -0.5),
+                                           (-0.75, -0.75)]
     lower = torch.tensor(base) * (half_width / 1.5)
     return torch.cat([lower, -lower])

@@ -91,7 +91,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         counts = np.bincount([label for _, label in self.samples], minlength=len(self.classes))
         empty = [str(self.root / c) for c, k in zip(self.classes, counts) if k == 0]
         if empty:
-            raise DatasetError(f"class folder(s) with no images ({', '.join(extensions)}): {', '.join(empty)}")
+            raise DatasetError(f"class folder(s) with no images ({', '.join(extensions)}): "
+                               f"{', '.join(empty)}")
         self.targets = [label for _, label in self.samples]
         self.resolution, self.hflip, self.seed, self.skip_corrupt = resolution, hflip, seed, skip_corrupt
         self.epoch = 0

@@ -12,13 +12,15 @@ from torch import Tensor
 
 from ..configs.tokenizer import TokenizerStageConfig
 from ..runtime.runs import RunError, atomic_write_bytes
+from ..runtime.seeds import stream_seed
 from . import shapes_dataset
 from .image_folders import ImageFolderDataset, load_cifar10
 
 
 @dataclass
 class ImageData:
-    train: Optional[Tensor]  # uint8 (V, N, H, W, 3): V renders per instance (V > 1: paired views); None if streamed
+    train: Optional[Tensor]  # uint8 (V, N, H, W, 3): V renders per instance
+                             # (V > 1: paired views); None if streamed
     train_labels: Optional[Tensor]
     val: Tensor  # uint8 (N, H, W, 3)
     val_labels: Tensor
@@ -34,11 +36,14 @@ def to_float(u8: Tensor) -> Tensor:
 
 def _shapes(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     d = cfg.data
-    file = cache_dir / f"shapes_{shapes_dataset.VERSION}_n{d.n_train}_v{d.n_views}_val{d.n_val}_s{cfg.seed}.npz"
+    file = cache_dir / (f"shapes_{shapes_dataset.VERSION}_n{d.n_train}_v{d.n_views}_val{d.n_val}"
+                        f"_s{cfg.seed}.npz")
     if not file.exists():
-        views = [shapes_dataset.generate(d.n_train, cfg.seed, nuisance_seed=1000 + v) for v in range(d.n_views)]
-        val, val_y = shapes_dataset.generate(d.n_val, cfg.seed + 7919)
-        atomic_write_bytes(file, lambda f: np.savez(f, train=np.stack([v[0] for v in views]), train_y=views[0][1],
+        views = [shapes_dataset.generate(d.n_train, cfg.seed,
+                                         nuisance_seed=1000 + v) for v in range(d.n_views)]
+        val, val_y = shapes_dataset.generate(d.n_val, stream_seed(cfg.seed, "data.shapes_val"))
+        atomic_write_bytes(file,
+                           lambda f: np.savez(f, train=np.stack([v[0] for v in views]), train_y=views[0][1],
                                                     val=val, val_y=val_y))
     z = np.load(file)
     t = {k: torch.from_numpy(z[k]) for k in ("train", "train_y", "val", "val_y")}
@@ -55,29 +60,32 @@ def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
         u8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # noqa: E731
         return ImageData(u8(x)[None], y, u8(xv)[: d.n_val], yv[: d.n_val])
     root = Path(d.root)
-    folder = ImageFolderDataset(root / "train", d.resolution, hflip=True, seed=cfg.seed, skip_corrupt=d.skip_corrupt)
+    folder = ImageFolderDataset(root / "train", d.resolution, hflip=True, seed=cfg.seed,
+                                skip_corrupt=d.skip_corrupt)
     val = ImageFolderDataset(root / "val", d.resolution, skip_corrupt=d.skip_corrupt)
     idx = torch.linspace(0, len(val) - 1, min(d.n_val, len(val))).long().tolist()
     items = [val[i] for i in idx]
-    val_u8 = torch.stack([((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0) for x, _ in items])
+    val_u8 = torch.stack([((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0) for x,
+                          _ in items])
     return ImageData(None, None, val_u8, torch.tensor([int(y) for _, y in items]), folder)
 
 
-def batches(data: ImageData, batch: int, gen: torch.Generator, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+def batches(data: ImageData, batch: int, gen: torch.Generator,
+            workers: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless (images in [−1, 1], labels) training batches drawn with replacement by `gen`."""
     if data.folder is None:
         while True:
             idx = torch.randint(data.train.shape[1], (batch,), generator=gen)
             yield to_float(data.train[0][idx]), data.train_labels[idx].long()
     sampler = torch.utils.data.RandomSampler(data.folder, replacement=True, num_samples=10**12, generator=gen)
-    for x, y in torch.utils.data.DataLoader(data.folder, batch_size=batch, sampler=sampler, num_workers=workers,
-                                            drop_last=True):
+    for x, y in torch.utils.data.DataLoader(data.folder, batch_size=batch, sampler=sampler,
+                                            num_workers=workers, drop_last=True):
         yield x, torch.as_tensor(y).long()
 
 
 def train_images(data: ImageData) -> tuple[Tensor, Tensor]:
     """The first render of every training instance, (N, H, W, 3) uint8, and its labels."""
     if data.train is None:
-        raise RunError("the latent cache needs in-memory training images (shapes or cifar10); for an ImageFolder "
-                       "use the cache writer on a DataLoader (not wired at this scale)")
+        raise RunError("the latent cache needs in-memory training images (shapes or cifar10); for an "
+                       "ImageFolder use the cache writer on a DataLoader (not wired at this scale)")
     return data.train[0], data.train_labels

@@ -8,10 +8,10 @@ of rows 0 … N − 1, and the labels repeat.
 
 File format: safetensors with tensors "latents" (N, C, H, W) float32 and, if labelled, "labels" (N,) int64.
 The header metadata holds one JSON object under "dmvae_latent_cache": the caller's `meta` (e.g.
-`tokenizer_meta`: latent_mean, latent_scale and the SHA-256 of the tokenizer checkpoint file) plus keys written
-here (schema, latents_shape, dtype, labels). Files are written atomically (temp file, fsync, rename; the temp
-file is removed if anything fails), so a reader sees the old file or the new one, never a partial one.
-Loading is strict: a missing, truncated or foreign file, or metadata that disagrees with what the caller
+`tokenizer_meta`: latent_mean, latent_scale and the SHA-256 of the tokenizer checkpoint file) plus keys
+written here (schema, latents_shape, dtype, labels). Files are written atomically (temp file, fsync, rename;
+the temp file is removed if anything fails), so a reader sees the old file or the new one, never a partial
+one. Loading is strict: a missing, truncated or foreign file, or metadata that disagrees with what the caller
 expects, raises `CacheError` naming the file.
 """
 
@@ -59,7 +59,8 @@ def file_digest(path: Path) -> str:
 def tokenizer_meta(tokenizer: nn.Module, checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """The metadata that ties a cache to its tokenizer: latent_mean, latent_scale and, given the checkpoint
     file the tokenizer was loaded from, its SHA-256 (`tokenizer_sha256`)."""
-    meta: dict[str, Any] = {"latent_mean": float(tokenizer.latent_mean), "latent_scale": float(tokenizer.latent_scale)}
+    meta: dict[str, Any] = {"latent_mean": float(tokenizer.latent_mean),
+                            "latent_scale": float(tokenizer.latent_scale)}
     if checkpoint is not None:
         meta["tokenizer_sha256"] = file_sha256(checkpoint)
     return meta
@@ -81,7 +82,8 @@ def encode_latents(tokenizer: nn.Module, images_u8: Tensor, labels: Tensor | Non
         latents (N·(1 + flip), C, h, w) float32 on the CPU, labels (N·(1 + flip),) int64 or None.
     """
     if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or images_u8.shape[1] != 3:
-        raise ValueError(f"images_u8 must be uint8 (N, 3, H, W), got {images_u8.dtype} {tuple(images_u8.shape)}"
+        raise ValueError(f"images_u8 must be uint8 (N, 3, H, W), got {images_u8.dtype} "
+                         f"{tuple(images_u8.shape)}"
                          " (channels-last arrays: pass images.permute(0, 3, 1, 2))")
     n = len(images_u8)
     if n == 0:
@@ -113,8 +115,8 @@ def _json(value: Any) -> Any:
 
 
 def _own_meta(latents: Tensor, labels: Tensor | None) -> dict[str, Any]:
-    return {"schema": SCHEMA, "latents_shape": list(latents.shape), "dtype": str(latents.dtype).split(".")[-1],
-            "labels": labels is not None}
+    return {"schema": SCHEMA, "latents_shape": list(latents.shape),
+            "dtype": str(latents.dtype).split(".")[-1], "labels": labels is not None}
 
 
 def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
@@ -139,7 +141,8 @@ def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
     tensors = {"latents": latents.detach().cpu().contiguous()}
     if labels is not None:
         tensors["labels"] = labels.detach().long().cpu().contiguous()
-    data = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(stored)})  # serialise before touching disk
+    # serialise before touching disk
+    data = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(stored)})
     atomic_write_bytes(Path(path), lambda f: f.write(data))
     return stored
 
@@ -159,7 +162,8 @@ def load_cache(path: str | os.PathLike, expect_meta: Mapping[str, Any] | None = 
     path = Path(path)
     rebuild = f"delete it and rerun {producer}" if producer else "delete it to rebuild"
     if not path.is_file():
-        raise CacheError(f"latent cache {path} does not exist" + (f"; run {producer} first" if producer else ""))
+        hint = f"; run {producer} first" if producer else ""
+        raise CacheError(f"latent cache {path} does not exist{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -169,7 +173,8 @@ def load_cache(path: str | os.PathLike, expect_meta: Mapping[str, Any] | None = 
         raise CacheError(f"latent cache {path} is unreadable (truncated or not a safetensors file): {exc}; "
                          f"{rebuild}") from exc
     if META_KEY not in header:
-        raise CacheError(f"{path} is a safetensors file but not a dmvae latent cache (no {META_KEY!r} metadata)")
+        raise CacheError(f"{path} is a safetensors file but not a dmvae latent cache (no {META_KEY!r} "
+                         "metadata)")
     try:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as exc:
@@ -195,7 +200,8 @@ def cached_latents(path: str | os.PathLike, build_fn: Callable[[], tuple[Tensor,
     """Load the cache at `path` if it exists and matches `expect_meta`; otherwise call `build_fn()` →
     (latents, labels), save them with `expect_meta` as metadata, and return them.
 
-    A file that exists but is unreadable or stale is rebuilt and overwritten, with a warning giving the reason.
+    A file that exists but is unreadable or stale is rebuilt and overwritten, with a warning giving the
+    reason.
     """
     path = Path(path)
     try:

@@ -34,7 +34,8 @@ def latents_for(tok: Tokenizer, tokenizer_file: Path, data: ImageData, run: RunD
 
 
 def supervised_features(encoder: nn.Module, images_u8: Tensor, device, batch: int = 500) -> Tensor:
-    """The supervised backbone's 8×8 feature map average-pooled to 4×4, (N, C, 4, 4), standardised per channel."""
+    """The supervised backbone's 8×8 feature map average-pooled
+    to 4×4, (N, C, 4, 4), standardised per channel."""
     outs = []
     with torch.no_grad():
         for s in range(0, len(images_u8), batch):
@@ -45,7 +46,8 @@ def supervised_features(encoder: nn.Module, images_u8: Tensor, device, batch: in
     return (f - mean) / std
 
 
-def build_reference(cfg: TeacherStageConfig, latents: Tensor, labels: Tensor, encoders: dict, data: ImageData, device):
+def build_reference(cfg: TeacherStageConfig, latents: Tensor, labels: Tensor, encoders: dict, data: ImageData,
+                    device):
     r = cfg.reference
     features = None
     if r.name == "supervised":
@@ -54,5 +56,5 @@ def build_reference(cfg: TeacherStageConfig, latents: Tensor, labels: Tensor, en
                            "(encoder.supervised_steps > 0 there)")
         features = supervised_features(encoders["supervised"], train_images(data)[0], device)
     return make_reference(r.name, latents=latents, labels=labels, features=features,
-                          feature_labels=labels if features is not None else None, classes=r.classes, t=r.noise_t,
-                          seed=cfg.seed)
+                          feature_labels=labels if features is not None else None, classes=r.classes,
+                          t=r.noise_t, seed=cfg.seed)

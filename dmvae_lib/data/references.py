@@ -1,4 +1,5 @@
-"""Reference distributions p_ref that DMVAE pulls the tokenizer's aggregate latent distribution onto (paper §4).
+"""Reference distributions p_ref that DMVAE pulls the tokenizer's aggregate latent distribution onto
+(paper §4).
 
 A reference is an object with
     name         a short label ("ssl", "gaussian", …)
@@ -13,18 +14,20 @@ Kinds (paper §4, Tab. 1):
                          tokenizer's own normalized latents, as the authors do), supervised-encoder features,
                          text embeddings; `class_subset` keeps a few classes ("SubDino").
     GaussianReference    N(0, I), with its exact velocity.
-    GMMReference         an isotropic K-component Gaussian mixture in the flattened space, with its exact velocity.
+    GMMReference         an isotropic K-component Gaussian mixture in the flattened space, with its exact
+                         velocity.
     NoiseStateReference  diffusion-noise states x_t = (1 − t)·ε + t·latents at one fixed t, fresh ε per draw.
 
 Exact velocities (time convention of `flow`: x_t = t·data + (1 − t)·noise, t = 1 is data). For data from one
 isotropic component N(m, s²I), x_t ~ N(t·m, σ_t² I) with σ_t² = t²s² + (1 − t)², and
     E[data | x_t]          = m + t·s²·(x_t − t·m) / σ_t²
     v(x_t, t) = E[data − noise | x_t] = m + (t·s² − (1 − t))·(x_t − t·m) / σ_t²
-which never divides by (1 − t) (σ_t² ≥ s²/(1 + s²) > 0). For N(0, I) this is v = (2t − 1)·x_t / (t² + (1 − t)²).
-A mixture with equal weights and a shared s mixes the per-component velocities with the posterior
-responsibilities r_k(x_t) = softmax_k[(t·⟨x_t, m_k⟩ − t²‖m_k‖²/2) / σ_t²] (the ‖x_t‖² term is common to all
-components and drops out), so v = m̄ + c·(x_t − t·m̄) with m̄ = Σ_k r_k m_k and c = (t·s² − (1 − t)) / σ_t²:
-O(B·K·D) work, no (B, K, D) tensor. These velocities are usable as an exact `real_net(x_t, t, y=None)`.
+which never divides by (1 − t) (σ_t² ≥ s²/(1 + s²) > 0). For N(0, I) this is
+v = (2t − 1)·x_t / (t² + (1 − t)²). A mixture with equal weights and a shared s mixes the per-component
+velocities with the posterior responsibilities r_k(x_t) = softmax_k[(t·⟨x_t, m_k⟩ − t²‖m_k‖²/2) / σ_t²] (the
+‖x_t‖² term is common to all components and drops out), so v = m̄ + c·(x_t − t·m̄) with m̄ = Σ_k r_k m_k and
+c = (t·s² − (1 − t)) / σ_t²: O(B·K·D) work, no (B, K, D) tensor. These velocities are usable as an exact
+`real_net(x_t, t, y=None)`.
 
 Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778, §4.
 """
@@ -57,7 +60,8 @@ def _check_labels(labels: Tensor | None, n: int, what: str) -> Tensor | None:
     if labels is None:
         return None
     if labels.shape != (n,) or labels.dtype.is_floating_point:
-        raise ValueError(f"{what} labels must be integer of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(f"{what} labels must be integer of shape ({n},), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
     return labels.long()
 
 
@@ -72,7 +76,8 @@ class Reference:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, shape={self.shape}, num_classes={self.num_classes})"
+        return (f"{type(self).__name__}(name={self.name!r}, shape={self.shape}, "
+                f"num_classes={self.num_classes})")
 
 
 class TensorReference(Reference):
@@ -136,7 +141,8 @@ class GaussianReference(Reference):
         return torch.randn(n, *self.shape, generator=generator, device=_gen_device(generator)), None
 
     def velocity(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """v = (2t − 1)·x_t / (t² + (1 − t)²) for x_t (B, *shape), t (B,); `y` is ignored. Computed in float32."""
+        """v = (2t − 1)·x_t / (t² + (1 − t)²) for x_t (B, *shape), t (B,); `y` is ignored. Computed in
+        float32."""
         x = x_t.float()
         tt = expand_t(_as_t(t, x), x)
         return ((2 * tt - 1) * x / (tt**2 + (1 - tt) ** 2)).to(x_t.dtype)
@@ -159,7 +165,8 @@ class GMMReference(Reference):
         self.num_classes = components if conditional else 0
         dim = math.prod(self.shape)
         directions = torch.randn(components, dim, generator=torch.Generator().manual_seed(seed))
-        self.means = radius * directions / directions.pow(2).mean(1, keepdim=True).sqrt()  # (K, D), RMS = radius
+        # (K, D), RMS = radius
+        self.means = radius * directions / directions.pow(2).mean(1, keepdim=True).sqrt()
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         device = _gen_device(generator)
@@ -198,7 +205,8 @@ class NoiseStateReference(Reference):
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"t must lie in [0, 1], got {t}")
         self.rows = TensorReference(bank, labels, name, num_classes)
-        self.t, self.name, self.shape, self.num_classes = float(t), name, self.rows.shape, self.rows.num_classes
+        self.t, self.name = float(t), name
+        self.shape, self.num_classes = self.rows.shape, self.rows.num_classes
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         data, y = self.rows.sample(n, generator)

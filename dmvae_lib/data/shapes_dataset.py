@@ -22,8 +22,8 @@ shape stream) and redraws every nuisance from stream `s`, so the same shape inst
 independent colours, background and noise.
 
 Determinism: images depend only on (n, seed, nuisance_seed). Draws happen per chunk of `CHUNK` images from
-`np.random.default_rng([seed, stream, chunk])`; the global RNG is never touched. Speed (calibration-cpu.md
-§1): class masks are computed only on that class's images, and upsampling uses matrix products, not einsum.
+`np.random.default_rng([seed, stream, chunk])`; the global RNG is never touched. Speed (measured on
+CPU): class masks are computed only on that class's images, and upsampling uses matrix products, not einsum.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ _MASKS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
 assert len(_MASKS) == len(CLASS_NAMES)
 
 
-# --- Rendering helpers ---------------------------------------------------------------------------------------
+# --- Rendering helpers --------------------------------------------------------------------------------------
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates in [-1, 1], (size, size) each; y grows downwards."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
@@ -138,7 +138,8 @@ def _draw_nuisances(rng: np.random.Generator, m: int) -> dict[str, np.ndarray]:
         close = np.linalg.norm(fg - bg, axis=1) < MIN_CONTRAST
         fg[close] = rng.uniform(0, 1, (int(close.sum()), 3))
     close = np.linalg.norm(fg - bg, axis=1) < MIN_CONTRAST
-    fg[close] = np.where(bg[close] > 0.5, bg[close] - 0.5, bg[close] + 0.5)  # stays in [0, 1]; distance ≥ 0.87
+    # stays in [0, 1]; distance ≥ 0.87
+    fg[close] = np.where(bg[close] > 0.5, bg[close] - 0.5, bg[close] + 0.5)
     return {"bg": bg, "fg": fg,
             "bg_grad": rng.uniform(-0.2, 0.2, (m, 2, 3)), "fg_grad": rng.uniform(-0.06, 0.06, (m, 2, 3)),
             "lowfreq_sigma": rng.uniform(0.0, 0.1, m), "lowfreq": rng.standard_normal((m, 3, 4, 4)),
@@ -193,7 +194,7 @@ def _render_chunk(labels: np.ndarray, seed: int, nuisance_seed: int, chunk: int)
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
-# --- Public API ----------------------------------------------------------------------------------------------
+# --- Public API ---------------------------------------------------------------------------------------------
 def make_labels(n: int, seed: int) -> np.ndarray:
     """Balanced labels: arange(n) % 10, shuffled by `seed`. Returns int64 (n,)."""
     labels = np.arange(n, dtype=np.int64) % len(CLASS_NAMES)
@@ -276,7 +277,8 @@ def _load_cache(path: Path, n_train: int, n_val: int) -> dict[str, np.ndarray] |
     ok = (str(arrays.pop("version")) == VERSION and arrays["x_train"].shape == (n_train, SIZE, SIZE, 3)
           and arrays["x_val"].shape == (n_val, SIZE, SIZE, 3) and arrays["x_train"].dtype == np.uint8)
     if not ok:
-        log.warning("shapes cache %s does not match %s (n=%d/%d); regenerating it", path, VERSION, n_train, n_val)
+        log.warning("shapes cache %s does not match %s (n=%d/%d); regenerating it", path, VERSION, n_train,
+                    n_val)
     return arrays if ok else None
 
 

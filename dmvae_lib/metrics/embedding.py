@@ -52,10 +52,10 @@ def embed_2d(x: Tensor | np.ndarray, method: str = "tsne", *, seed: int = 0, per
              threads: int = 1) -> Tensor:
     """A 2-D embedding (N, 2) float32 of the points (N, *D); the same inputs and `seed` give the same output.
 
-    perplexity is clamped below (N − 1)/3 and n_neighbors below N, so tiny sets work. UMAP runs single-threaded
-    (umap-learn's condition for reproducibility with a fixed random_state). `threads` caps the OpenMP/BLAS
-    pools (t-SNE's gradient): on 2 cores shared with other jobs, 2 OpenMP threads ran t-SNE 4–20× *slower*
-    than 1 (spin-waiting at barriers), so 1 is the default.
+    perplexity is clamped below (N − 1)/3 and n_neighbors below N, so tiny sets work. UMAP runs
+    single-threaded (umap-learn's condition for reproducibility with a fixed random_state). `threads` caps the
+    OpenMP/BLAS pools (t-SNE's gradient): on 2 cores shared with other jobs, 2 OpenMP threads ran t-SNE 4–20×
+    *slower* than 1 (spin-waiting at barriers), so 1 is the default.
     """
     from threadpoolctl import threadpool_limits
 
@@ -92,8 +92,8 @@ def _embed_2d(x, method, seed, perplexity, n_neighbors, min_dist, pca_dims, tsne
 
 @torch.no_grad()
 def knn_loo_accuracy(x: Tensor | np.ndarray, labels: Tensor, k: int = 10, *, chunk: int = 1024) -> float:
-    """Leave-one-out kNN accuracy of (N, *D) points with labels (N,): Euclidean, majority vote of the k nearest
-    other points, ties to the class of the nearer neighbours."""
+    """Leave-one-out kNN accuracy of (N, *D) points with labels (N,): Euclidean, majority vote of the k
+    nearest other points, ties to the class of the nearer neighbours."""
     pts = torch.from_numpy(_as_2d_numpy(x)).double()
     y = torch.as_tensor(labels).long()
     n, k = len(pts), min(k, len(pts) - 1)

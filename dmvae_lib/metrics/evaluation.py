@@ -1,6 +1,6 @@
 """Evaluation of generated images: protocol records, the ADM sample format, and labelled metrics.
 
-A generation metric is only meaningful with the protocol that produced it (field notes §4: sampler and steps,
+A generation metric is only meaningful with the protocol that produced it (sampler and steps,
 guidance, EMA, sample count, label scheme, precision, and the exact weights and statistics files). So every
 metric here is stored as `{"metric", "value", "feature_space", …, "protocol": protocol_record(…)}`, where the
 record holds the `SamplingProtocol` and the SHA-256 of each file used (generator, tokenizer, Inception
@@ -16,8 +16,8 @@ Metrics:
         samples and of real images; the label says which space it is. Only the Inception pool3 space is FID.
     `inception_metrics`: FID (against reference `mu`/`sigma`, or real images), Inception score
         (exp E_x KL(p(y|x) ‖ p(y)) over `isc_splits` splits, torch-fidelity's logits_unbiased) and
-        precision/recall (Kynkäänniemi et al. 2019, k-NN balls, k = 3), with the Inception weights from a local
-        file only. Without that file it returns a record saying so and how to provide it; nothing is
+        precision/recall (Kynkäänniemi et al. 2019, k-NN balls, k = 3), with the Inception weights from a
+        local file only. Without that file it returns a record saying so and how to provide it; nothing is
         downloaded and nothing else is computed in its place.
 
 Files are written through a scratch directory made by `tempfile.mkdtemp` inside the run folder and renamed
@@ -94,7 +94,7 @@ def protocol_record(sampling: SamplingProtocol, files: Mapping[str, str | os.Pat
     return record
 
 
-# --- files ---------------------------------------------------------------------------------------------------
+# --- files --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def scratch_dir(run_path: str | os.PathLike) -> Iterator[Path]:
     """A fresh private directory inside `run_path` (tempfile.mkdtemp), removed on exit."""
@@ -108,7 +108,8 @@ def scratch_dir(run_path: str | os.PathLike) -> Iterator[Path]:
 
 def to_uint8(images: Tensor) -> Tensor:
     """(N, 3, H, W) floats in [−1, 1] → uint8 (N, H, W, 3), rounded as `image_metrics.fid_inception` does."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3,
+                                                                                        1).contiguous()
 
 
 def _check_images(images: Tensor | np.ndarray, what: str) -> np.ndarray:
@@ -185,7 +186,7 @@ def save_png(image: Tensor, path: str | os.PathLike, *, scratch: Path | None = N
     return path
 
 
-# --- metrics -------------------------------------------------------------------------------------------------
+# --- metrics ------------------------------------------------------------------------------------------------
 def feature_fd(feats_samples: Tensor, feats_real: Tensor, feature_space: str) -> dict[str, Any]:
     """Fréchet distance between features (N_a, D) of samples and (N_b, D) of real images, labelled.
 
@@ -207,7 +208,9 @@ def read_reference_stats(path: str | os.PathLike) -> dict[str, Tensor | None]:
     """`mu`, `sigma` (pool3 statistics) and `arr_0` (reference images, for precision/recall) of an ADM
     reference batch or an LTH14/MAR `adm_in256_stats.npz`; absent entries are None."""
     with np.load(path) as z:
-        get = lambda k: torch.from_numpy(np.asarray(z[k])) if k in z else None
+        def get(k):
+            return torch.from_numpy(np.asarray(z[k])) if k in z else None
+
         out = {"mu": get("mu"), "sigma": get("sigma"), "arr_0": get("arr_0")}
     if out["mu"] is None and out["arr_0"] is None:
         raise ValueError(f"{path} holds neither mu/sigma nor arr_0 reference images")
@@ -226,21 +229,28 @@ def inception_metrics(samples_u8: Tensor, *, weights_path: str | os.PathLike | N
     if weights_path is None or not Path(weights_path).is_file():
         return {"available": False, "reason": (
             f"no Inception weights at {weights_path}: FID, IS and precision/recall not computed. Fetch "
-            f"{INCEPTION_URL} on a machine with network, put it there (or pass metrics.inception_weights), and "
-            "optionally an ADM reference batch (metrics.reference_batch); nothing is downloaded at runtime.")}
+            f"{INCEPTION_URL} on a machine with network, put it there (or pass metrics.inception_weights), "
+            "and optionally an ADM reference batch (metrics.reference_batch); nothing is downloaded at "
+            "runtime.")}
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 
-    ref = read_reference_stats(reference_path) if reference_path else {"mu": None, "sigma": None, "arr_0": None}
+    no_stats = {"mu": None, "sigma": None, "arr_0": None}
+    ref = read_reference_stats(reference_path) if reference_path else no_stats
     real_images = ref["arr_0"] if ref["arr_0"] is not None else real_u8
     net = image_metrics.load_inception(weights_path, ("2048", "logits_unbiased"), device)
-    nchw = lambda u8: u8.permute(0, 3, 1, 2)
+
+    def nchw(u8):
+        return u8.permute(0, 3, 1, 2)
+
     pool, logits = image_metrics.inception_features(net, nchw(_as_tensor(samples_u8)), batch)
     out: dict[str, Any] = {"available": True, "feature_space": INCEPTION_SPACE}
-    real_pool = None if real_images is None else image_metrics.inception_features(net, nchw(real_images), batch)[0]
+    real_pool = None
+    if real_images is not None:
+        real_pool = image_metrics.inception_features(net, nchw(real_images), batch)[0]
     if ref["mu"] is not None:
-        fd = image_metrics.frechet_distance_from_moments(pool.mean(0), torch.cov(pool.T), ref["mu"], ref["sigma"],
-                                                         INCEPTION_SPACE, len(pool), 0)
+        fd = image_metrics.frechet_distance_from_moments(pool.mean(0), torch.cov(pool.T), ref["mu"],
+                                                         ref["sigma"], INCEPTION_SPACE, len(pool), 0)
         out["fid"] = {"value": fd.value, "against": f"reference statistics {reference_path}"}
     elif real_pool is not None:
         fd = image_metrics.frechet_distance(pool, real_pool, INCEPTION_SPACE)

@@ -18,7 +18,8 @@ reference computes rFID with torchmetrics on the same Inception network after a 
 torch-fidelity resizes uint8 images itself (TF-style bilinear), so the two differ slightly on non-299
 inputs. The reference PSNR does not clamp x̂ (bf16), so it can differ for out-of-range reconstructions.
 
-Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778 (§6 of the notes).
+Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778; the authors'
+evaluation: docs/authors-code.md §6.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def load_inception(weights_path: Optional[str | Path], features: tuple[str, ...]
     path = _check_inception_file(weights_path, "load_inception")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    net = FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=str(path))
+    net = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
+                                      feature_extractor_weights_path=str(path))
     return net.to(device or "cpu")
 
 
@@ -189,5 +191,6 @@ def fid_inception(images_a: Images, images_b: Images, *, weights_path: Optional[
     """
     _check_inception_file(weights_path, "fid_inception")
     net = load_inception(weights_path, ("2048",), device)
-    (fa,), (fb,) = inception_features(net, images_a, batch_size), inception_features(net, images_b, batch_size)
+    (fa,), (fb,) = inception_features(net, images_a, batch_size), inception_features(net, images_b,
+                                                                                     batch_size)
     return frechet_distance(fa, fb, INCEPTION_SPACE)

@@ -11,7 +11,8 @@ from ..runtime.device import autocast_ctx
 
 
 @torch.no_grad()
-def reconstruct(tok: Tokenizer, images_u8: Tensor, device, batch: int = 500, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+def reconstruct(tok: Tokenizer, images_u8: Tensor, device, batch: int = 500,
+                precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """(x̂ float in [−1, 1] clamped, z) for uint8 images, batched."""
     outs, zs = [], []
     for s in range(0, len(images_u8), batch):

@@ -1,1 +1,2 @@
-"""Networks: LightningDiT and toy velocity nets, the tokenizer, projection heads, reconstruction losses, SSL encoder."""
+"""Networks: LightningDiT and toy velocity nets, the tokenizer,
+projection heads, reconstruction losses, SSL encoder."""

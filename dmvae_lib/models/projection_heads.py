@@ -11,11 +11,12 @@ two-layer MLP for a spatially aligned reference and a two-layer transformer deco
 
     nn.Identity        shapes equal (the authors' setting: the reference is the stage-1 latents themselves).
     MLPHead            a (C', H', W') reference on the same grid, or on a grid an integer factor f finer or
-                       coarser (same f on both axes). Per-token MLP as 1×1 convs C → width → SiLU → C'. A finer
-                       grid is reached by predicting C'·f² channels per token and `pixel_shuffle` (each latent
-                       token writes its own f×f block); a coarser one by `pixel_unshuffle` of the latents first
-                       (each output token sees its f×f block of latent tokens). Both keep every token tied to
-                       the same image region, which interpolation would blur, and lose no information.
+                       coarser (same f on both axes). Per-token MLP as 1×1 convs C → width → SiLU → C'. A
+                       finer grid is reached by predicting C'·f² channels per token and `pixel_shuffle` (each
+                       latent token writes its own f×f block); a coarser one by `pixel_unshuffle` of the
+                       latents first (each output token sees its f×f block of latent tokens). Both keep every
+                       token tied to the same image region, which interpolation would blur, and lose no
+                       information.
     QueryDecoderHead   any other reference shape. One learnable query per output token cross-attends to the
                        latent tokens through a pre-norm `nn.TransformerDecoder` (self-attention among queries,
                        cross-attention, MLP; no dropout), then a linear map to the output channels.
@@ -75,15 +76,16 @@ class MLPHead(nn.Module):
         (c, h, w), (out_c, oh, ow) = latent_shape, ref_shape
         factors = _grid_factor((h, w), (oh, ow))
         if factors is None:
-            raise ValueError(f"MLPHead needs grids that are equal or integer multiples with one factor on both "
-                             f"axes; got {h}×{w} → {oh}×{ow} (use QueryDecoderHead)")
+            raise ValueError("MLPHead needs grids that are equal or integer multiples with one factor on "
+                             f"both axes; got {h}×{w} → {oh}×{ow} (use QueryDecoderHead)")
         self.down, self.up = factors
         self.latent_shape, self.ref_shape = (c, h, w), (out_c, oh, ow)
         self.net = nn.Sequential(nn.Conv2d(c * self.down**2, width, 1), nn.SiLU(),
                                  nn.Conv2d(width, out_c * self.up**2, 1))
 
     def forward(self, latents: Tensor) -> Tensor:
-        assert latents.shape[1:] == self.latent_shape, f"expected (B, {self.latent_shape}), got {latents.shape}"
+        assert latents.shape[1:] == self.latent_shape, \
+            f"expected (B, {self.latent_shape}), got {latents.shape}"
         if self.down > 1:
             latents = F.pixel_unshuffle(latents, self.down)  # (B, C, H, W) -> (B, C·f², H/f, W/f)
         out = self.net(latents)
@@ -117,13 +119,15 @@ class QueryDecoderHead(nn.Module):
         self.queries = nn.Parameter(0.02 * torch.randn(len(query_pos), width))
         self.register_buffer("memory_pos", sincos_2d(h, w, width), persistent=False)
         self.register_buffer("query_pos", query_pos, persistent=False)
-        layer = nn.TransformerDecoderLayer(width, heads, int(mlp_ratio * width), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(width))  # pre-norm needs a final norm
+        layer = nn.TransformerDecoderLayer(width, heads, int(mlp_ratio * width), dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        # pre-norm needs a final norm
+        self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(width))
         self.out_proj = nn.Linear(width, out_c)
 
     def forward(self, latents: Tensor) -> Tensor:
-        assert latents.shape[1:] == self.latent_shape, f"expected (B, {self.latent_shape}), got {latents.shape}"
+        assert latents.shape[1:] == self.latent_shape, \
+            f"expected (B, {self.latent_shape}), got {latents.shape}"
         b = latents.shape[0]
         memory = self.in_proj(latents.flatten(2).transpose(1, 2)) + self.memory_pos  # (B, H·W, width)
         queries = (self.queries + self.query_pos).expand(b, -1, -1)  # (B, Q, width)
@@ -137,9 +141,9 @@ def make_head(latent_shape: Sequence[int], ref_shape: Sequence[int], *, width: i
               heads: int = 4, kind: str = "auto") -> nn.Module:
     """The projection head from latents of `latent_shape` (C, H, W) onto a reference of `ref_shape`.
 
-    kind="auto": nn.Identity if the shapes are equal; MLPHead if `ref_shape` is (C', H', W') on the same grid or
-    an integer multiple of it (one factor on both axes); otherwise QueryDecoderHead. kind="mlp" / "query" forces
-    one (MLPHead raises if the grids are not aligned).
+    kind="auto": nn.Identity if the shapes are equal; MLPHead if `ref_shape` is (C', H', W') on the same grid
+    or an integer multiple of it (one factor on both axes); otherwise QueryDecoderHead. kind="mlp" / "query"
+    forces one (MLPHead raises if the grids are not aligned).
     """
     latent_shape, ref_shape = tuple(latent_shape), tuple(ref_shape)
     if len(latent_shape) != 3:

@@ -53,7 +53,8 @@ class ToyScoreMLP(nn.Module):
         # num_classes + 1 rows: the last one is the null label (classifier-free guidance).
         self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"fc1": nn.Linear(width, width), "cond": nn.Linear(width, width), "fc2": nn.Linear(width, width)})
+            nn.ModuleDict({"fc1": nn.Linear(width, width), "cond": nn.Linear(width, width),
+                           "fc2": nn.Linear(width, width)})
             for _ in range(depth)
         )
         self.out = nn.Linear(width, dim)

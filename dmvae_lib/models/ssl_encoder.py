@@ -8,7 +8,7 @@
 
 Why (kNN k=20 cosine, 10 k labelled train images vs the 5 k val split / linear probe, %; 20 k instances; seed
 0 unless noted): paired views also redraw background texture and noise, the shortcuts that held plain SimCLR
-at ≈ 50 % (calibration-cpu.md §2); given them, colour jitter hurts, and small batches win at equal compute.
+at ≈ 50 %; given them, colour jitter hurts, and small batches win at equal compute.
 
     r4, B=256, T=0.5, jitter, 300 steps: 50 % paired 79.7/84.0; 100 % 85.8/89.2; + no jitter 87.8/89.9
     r3 (2× cheaper), 100 % paired, B=256, 300 steps: jitter 73.3/77.8; none 78.6/83.0; VICReg 73.9/76.8

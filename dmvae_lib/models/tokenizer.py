@@ -304,7 +304,8 @@ class Tokenizer(nn.Module):
 
 class SSLFeatures(nn.Module):
     """A frozen SmallResNet as the tokenizer's encoder: its 8×8 features, plus (side_input) the 16×16 stem
-    folded to 8×8 by pixel_unshuffle. The stem keeps the colour that the SSL features were trained to ignore."""
+    folded to 8×8 by pixel_unshuffle. The stem keeps the colour that the SSL features were trained to
+    ignore."""
 
     def __init__(self, backbone: SmallResNet, side_input: bool):
         super().__init__()

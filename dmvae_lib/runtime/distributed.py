@@ -5,17 +5,29 @@
     gen = rank_generator(seed, ctx)            # data seed differs per rank; model init must not
     model = wrap_ddp(net, ctx)                 # gradients are averaged over ranks in backward
     train(..., run=main_only_run(run, ctx), ctx=ctx)  # rank 0 writes; every rank resumes from its checkpoint
-    cleanup(ctx)                               # barrier, then leave the group (`with process_group(…) as ctx:`
-                                               # does init and cleanup, and skips the barrier if the block raised)
+    cleanup(ctx)                               # barrier, then leave the group
+
+`with process_group(…) as ctx:` does init_distributed and cleanup, and skips the barrier if the block raised.
 
 Without the torchrun variables (a notebook, pytest, `python script.py`) everything degrades to one process:
 world_size 1, no process group, `wrap_ddp` returns the module itself, and the helpers are no-ops, so a
 stage has one code path. The backend is NCCL on CUDA and gloo otherwise (CPU tests run two gloo processes).
 
-Why equal shards give the single-process step: DDP averages the per-rank gradients, and for a loss that is a
-mean over the batch, the mean over ranks of per-shard means over equal shards is the mean over the global
-batch. So a step on `world_size` shards of `n_global / world_size` samples equals a step on `n_global`
-samples, up to float summation order (tests/test_distributed.py checks this to 1e-6).
+How a stage trains under DDP (the stages point here instead of repeating it):
+  * Sharding. Each rank draws `n_global / world_size` samples (and their augmentations, t and noise) from
+    its own `rank_generator`; rank 0 keeps the single-process stream. DDP averages the per-rank gradients,
+    and for a loss that is a mean over the batch the mean of per-shard means over equal shards is the mean
+    over the global batch, so a step on the shards equals the single-process step up to float summation
+    order (tests/test_distributed.py checks this to 1e-6). The model's initialisation uses the same seed on
+    every rank. Quantities that must be those of the global batch (the adaptive GAN weight's gradients) go
+    through `all_reduce_tensor_mean`; BatchNorm normalises with per-rank shard statistics, and its running
+    statistics are averaged over ranks after each update (`average_buffers`).
+  * Agreeing on skips. A step's stats go through `reduce_stats`: logged numbers are rank means and
+    `nonfinite` is the maximum over ranks, so a non-finite value on any rank makes every rank skip that
+    update (and the loop raise at the same step).
+  * Writing. Only rank 0 writes metrics and checkpoints (`main_only_run`); the other ranks may pass any run.
+  * Resuming. Every rank restores rank 0's `last.pt` (`loop.train`), each with its own data generator
+    state, under the same world size (an unfinished checkpoint of another world size is refused).
 
 `launch(nproc, target, args)` starts a stage under `torchrun --standalone` from a notebook cell or the
 pipeline (single node). Multi-node: run `python -m torch.distributed.run --nnodes … --rdzv-endpoint …` by
@@ -38,11 +50,13 @@ from torch import nn
 
 from .device import resolve_device
 from .runs import RunDir
+from .seeds import RANK_STRIDE
 
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process sits: its global `rank` among `world_size`, its `local_rank` on the node, its device."""
+    """Where this process sits: its global `rank` among
+    `world_size`, its `local_rank` on the node, its device."""
 
     rank: int = 0
     world_size: int = 1
@@ -70,14 +84,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(device: str = "auto") -> DistContext:
-    """The context of this process; joins the process group when torchrun started several (WORLD_SIZE > 1).
-
-    On CUDA each process takes the GPU numbered LOCAL_RANK (an explicit "cuda" without an index gets it too)
-    and the backend is NCCL; otherwise gloo. Calling it again in a process that already joined is harmless.
-
-    Raises:
-        ValueError: WORLD_SIZE > 1 without MASTER_ADDR/MASTER_PORT, or RANK/LOCAL_RANK out of range.
-    """
+    """This process's context; joins the process group (NCCL on GPU LOCAL_RANK, else gloo) when
+    WORLD_SIZE > 1. Harmless when called again; ValueError without MASTER_ADDR/MASTER_PORT or with
+    RANK/LOCAL_RANK out of range."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size or local_rank < 0:
@@ -101,7 +110,8 @@ def init_distributed(device: str = "auto") -> DistContext:
 
 
 def shard_batch(n_global: int, ctx: DistContext, name: str = "batch") -> int:
-    """The per-rank share of a global batch of `n_global` samples (`name` is the config key, for the error)."""
+    """The per-rank share of a global batch of `n_global`
+    samples (`name` is the config key, for the error)."""
     if n_global % ctx.world_size:
         raise ValueError(f"{name}={n_global} is not divisible by the world size {ctx.world_size}; "
                          f"choose a multiple of {ctx.world_size}")
@@ -109,18 +119,14 @@ def shard_batch(n_global: int, ctx: DistContext, name: str = "batch") -> int:
 
 
 def rank_generator(seed: int, ctx: DistContext, device: torch.device | str = "cpu") -> torch.Generator:
-    """The data generator of this rank, seeded seed + 1000·rank (rank 0 keeps `seed`, the single-process stream).
-
-    Only data, t and noise draws use it; seed the model's initialisation with the same `seed` on every rank.
-    """
-    return torch.Generator(device=device).manual_seed(seed + 1000 * ctx.rank)
+    """This rank's data generator, seeded seed + RANK_STRIDE·rank (rank 0 keeps `seed`, the single-process
+    stream); for data, t and noise draws only, never the model's initialisation."""
+    return torch.Generator(device=device).manual_seed(seed + RANK_STRIDE * ctx.rank)
 
 
 def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
-    """`module` under DistributedDataParallel (gradients averaged over ranks); `module` itself when world_size 1.
-
-    The module must already be on `ctx.device`. Keep the unwrapped module for EMA, checkpoints and sampling.
-    """
+    """`module` (already on `ctx.device`) under DistributedDataParallel; itself when world_size is 1. Keep the
+    unwrapped module for EMA, checkpoints and sampling."""
     if not ctx.distributed:
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -158,12 +164,14 @@ def all_reduce_sum(value: float, ctx: DistContext) -> float:
 
 
 def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """The largest `value` over ranks, so that every rank takes the same decision (identity in one process)."""
+    """The largest `value` over ranks, so that every rank
+    takes the same decision (identity in one process)."""
     return _all_reduce(value, ctx, dist.ReduceOp.MAX) if ctx.distributed else float(value)
 
 
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
-    """Rank `src`'s `obj` (any picklable object, tensors included) on every rank; `obj` itself in one process."""
+    """Rank `src`'s `obj` (any picklable object, tensors
+    included) on every rank; `obj` itself in one process."""
     if not ctx.distributed:
         return obj
     box = [obj]
@@ -181,13 +189,9 @@ def gather_objects(obj, ctx: DistContext, dst: int = 0) -> list | None:
 
 
 def cleanup(ctx: DistContext, *, sync: bool = True) -> None:
-    """Leave the process group (no-op in one process).
-
-    With `sync` (the normal end of a run) every rank first waits at a barrier, so that no rank tears down its
-    connections while a peer is still finishing: a gloo peer whose connections vanish under it can abort the
-    whole process. Pass `sync=False` on an error path, where the peers may never reach the barrier
-    (`process_group` does this for you).
-    """
+    """Leave the process group (no-op in one process). With `sync`, first wait at a barrier: a gloo peer whose
+    connections vanish while it finishes can abort. Pass `sync=False` on an error path (as `process_group`
+    does), where the peers may never reach the barrier."""
     if ctx.distributed and dist.is_initialized():
         if sync:
             barrier(ctx)
@@ -196,11 +200,8 @@ def cleanup(ctx: DistContext, *, sync: bool = True) -> None:
 
 @contextmanager
 def process_group(device: str = "auto") -> Iterator[DistContext]:
-    """`init_distributed(device)` for the `with` block; leaves the group at its end (synchronised unless it raised).
-
-        with process_group("auto") as ctx:
-            train(..., ctx=ctx)
-    """
+    """`init_distributed(device)` for a `with` block (`with process_group("auto") as ctx: ...`); leaves the
+    group at its end, synchronised unless the block raised."""
     ctx = init_distributed(device)
     try:
         yield ctx
@@ -210,17 +211,12 @@ def process_group(device: str = "auto") -> Iterator[DistContext]:
     cleanup(ctx)
 
 
-def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
-           timeout: float | None = None, tail: int = 40) -> subprocess.CompletedProcess:
-    """Run `module_or_script` in `nproc` processes on this node under `torchrun --standalone`; wait for it.
-
-    A path ending in .py (or an existing file) is run as a script, anything else as a module (`-m`). The
-    venv's torchrun is used (`sys.executable -m torch.distributed.run`). `env` adds variables to the current
-    environment. Returns the finished process with its captured stdout/stderr.
-
-    Raises:
-        RuntimeError: the run failed; the message holds the exit code and the last `tail` lines of stderr.
-    """
+def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *,
+           env: Mapping[str, str] | None = None, timeout: float | None = None,
+           tail: int = 40) -> subprocess.CompletedProcess:
+    """Run `module_or_script` (a .py file or existing path as a script, else `-m`) in `nproc` processes under
+    this venv's `torchrun --standalone`, with `env` added; the finished process, or RuntimeError with the exit
+    code and the last `tail` lines of stderr."""
     if nproc < 1:
         raise ValueError(f"nproc must be ≥ 1, got {nproc}")
     is_script = module_or_script.endswith(".py") or Path(module_or_script).is_file()
@@ -231,16 +227,14 @@ def launch(nproc: int, module_or_script: str, args: Sequence[str] = (), *, env: 
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         last = "\n".join(proc.stderr.splitlines()[-tail:])
-        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) ---\n{last}")
+        raise RuntimeError(f"torchrun exited with {proc.returncode}: {' '.join(cmd)}\n--- stderr (tail) "
+                           f"---\n{last}")
     return proc
 
 
 def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """The mean of `tensor` over ranks, as a new detached tensor (`tensor` itself in one process).
-
-    For quantities that must be those of the global batch, such as the adaptive GAN weight's gradients
-    (every rank must call it with a tensor of the same shape).
-    """
+    """The mean of `tensor` over ranks as a new detached tensor (`tensor` itself in one process); every rank
+    must call it with the same shape."""
     if not ctx.distributed:
         return tensor
     out = tensor.detach().clone()
@@ -250,11 +244,8 @@ def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tens
 
 def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
                  max_keys: Sequence[str] = ("nonfinite",)) -> dict:
-    """A step's numbers averaged over ranks; counts in `max_keys` take their maximum (ints stay ints).
-
-    Every rank logs the same record and sees the same `nonfinite`, so every rank takes the same decision.
-    Every rank must pass the same keys. The identity in one process.
-    """
+    """A step's numbers averaged over ranks, counts in `max_keys` their maximum (ints stay ints), so every
+    rank logs and decides alike; every rank must pass the same keys. The identity in one process."""
     if not ctx.distributed:
         return dict(stats)
     out = {}
@@ -271,12 +262,8 @@ def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
 
 
 def average_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Average `module`'s floating-point buffers over ranks in place (no-op in one process).
-
-    DDP broadcasts rank 0's buffers before each forward, but a training forward then updates each rank's
-    BatchNorm running statistics from its own shard. Averaging them afterwards keeps the ranks identical
-    between steps (what rank 0 checkpoints is what every rank holds) and uses every shard, not rank 0's.
-    """
+    """Average `module`'s floating-point buffers (BatchNorm running statistics, updated from each rank's
+    shard) over ranks in place, so every rank holds what rank 0 checkpoints; no-op in one process."""
     if not ctx.distributed:
         return
     for buf in module.buffers():

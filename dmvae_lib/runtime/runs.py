@@ -50,7 +50,8 @@ def default_run_name(preset: str, seed: int) -> str:
     return f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}_{preset}_s{seed}"
 
 
-STALE_TEMP_SECONDS = 600.0  # a temp file untouched this long belongs to a writer that died (SIGKILL, power loss)
+STALE_TEMP_SECONDS = 600.0  # a temp file untouched this long belongs
+                            # to a writer that died (SIGKILL, power loss)
 
 
 def _remove_stale_temps(path: Path, keep: Path) -> None:
@@ -103,16 +104,17 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ImportError(f"TensorBoard logging is on ({TENSORBOARD_ENV}=1 or RunDir(tensorboard=True)) but the "
-                          "tensorboard package is missing: pip install tensorboard (or pip install -e '.[logging]'), "
-                          f"or turn it off with {TENSORBOARD_ENV}=0") from exc
+        raise ImportError(f"TensorBoard logging is on ({TENSORBOARD_ENV}=1 or RunDir(tensorboard=True)) but "
+                          "the tensorboard package is missing: pip install tensorboard (or pip install -e "
+                          f"'.[logging]'), or turn it off with {TENSORBOARD_ENV}=0") from exc
     return SummaryWriter
 
 
 @dataclass
 class RunDir:
     path: Path
-    tensorboard: bool | None = None  # also write scalars to <path>/tensorboard/; None: DMVAE_TENSORBOARD decides
+    tensorboard: bool | None = None  # also write scalars to <path>/tensorboard/;
+                                     # None: DMVAE_TENSORBOARD decides
     _writer: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -149,7 +151,8 @@ class RunDir:
         return _tensorboard_env() if self.tensorboard is None else self.tensorboard
 
     def log_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append `record` to metrics.jsonl (and, with TensorBoard on, its numbers as scalars `<tag>/<key>`)."""
+        """Append `record` to metrics.jsonl (and, with
+        TensorBoard on, its numbers as scalars `<tag>/<key>`)."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(record)) + "\n")
         if self.tensorboard_on:

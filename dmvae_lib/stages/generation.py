@@ -1,4 +1,5 @@
-"""Stage 4 orchestration (notebook 60; paper §5, Tab. 3; reference note §5.2, §5.4, §6): the final generator.
+"""Stage 4 orchestration: the final generator (notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2,
+§5.4, §6).
 
     latent cache of the DM tokenizer → LightningDiT fitted by flow matching (fit_velocity_net, the same
     loop, loss, EMA and label dropout) → class-balanced samples by Euler ODE or Euler–Maruyama SDE, optionally
@@ -38,6 +39,7 @@ from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx, denormals_flushed
 from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
+from ..runtime.seeds import stream
 from ..train.artifacts import build_net
 from ..train.velocity import fit_velocity_net
 from ..viz import figures as viz
@@ -47,7 +49,8 @@ SSL_SPACE = "SSL-encoder pooled features (not Inception; not FID)"
 
 def generator_data(cfg: GenerationStageConfig, tok: Tokenizer, tok_file: Path, data: ImageData, run: RunDir,
                    device) -> TensorReference:
-    """The generator's training set: the tokenizer's normalised latents (cached in `run`) with their labels."""
+    """The generator's training set: the tokenizer's
+    normalised latents (cached in `run`) with their labels."""
     latents, labels = latents_for(tok, tok_file, data, run, device, flip=cfg.flip, batch=cfg.encode_batch)
     return TensorReference(latents, labels, f"{tok_file.stem} latents")
 
@@ -85,7 +88,7 @@ def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: 
     """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels."""
     dev = torch.device(device)
     noise_gen = torch.Generator().manual_seed(seed)
-    sde_gen = torch.Generator(device=dev).manual_seed(seed + 1)  # the SDE's Brownian increments
+    sde_gen = stream(seed, "generation.sde", dev)
     labels = class_balanced_labels(s.n, num_classes)
     velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
     out = []
@@ -108,14 +111,16 @@ def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, pr
                    progress: bool = True) -> Tensor:
     """Normalised latents → uint8 (N, H, W, 3) images: decode(denormalize(latents)), clamped and rounded."""
     dev, out = torch.device(device), []
-    for start in tqdm(range(0, len(latents), batch), desc="decoding (batches)", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(latents), batch), desc="decoding (batches)", disable=not progress,
+                      leave=False):
         with autocast_ctx(dev, precision), denormals_flushed():
             x = tok.decode(tok.denormalize(latents[start:start + batch].to(dev)))
         out.append(ev.to_uint8(x.float().clamp(-1, 1).cpu()))
     return torch.cat(out)
 
 
-def class_rows(images: Tensor, labels: Tensor | None, per_class: int, max_rows: int = 10) -> dict[str, Tensor]:
+def class_rows(images: Tensor, labels: Tensor | None, per_class: int,
+               max_rows: int = 10) -> dict[str, Tensor]:
     """{"class c": uint8 images of class c} for the first `max_rows` classes, all rows of equal length
     (`per_class`, or fewer when a class has fewer samples)."""
     if labels is None:
@@ -141,8 +146,9 @@ def samples_figure(images: Tensor, labels: Tensor | None, per_class: int, real: 
 
 
 def latent_fit(latents: Tensor, data: TensorReference, seed: int) -> dict:
-    """FD and sliced-W2 of sampled latents to the latent cache, read against two draws of the cache (the floor)."""
-    gen = torch.Generator().manual_seed(seed + 5)
+    """FD and sliced-W2 of sampled latents to the latent
+    cache, read against two draws of the cache (the floor)."""
+    gen = stream(seed, "generation.latent_fit")
     a, b = data.sample(len(latents), gen)[0], data.sample(len(latents), gen)[0]
     fit, floor = distribution_distances(latents, a, seed), distribution_distances(b, a, seed)
     return {"samples_vs_cache": fit, "noise_floor": floor, "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),
@@ -156,7 +162,8 @@ def latent_clustering(data: TensorReference, n: int, seed: int, k: int = 10) -> 
         return {"knn": math.nan, "silhouette": math.nan, "n": 0, "chance": math.nan}
     idx = embedding.balanced_indices(data.labels, n, seed=seed)
     sc = embedding.clustering_scores(data.bank[idx].float(), data.labels[idx], k=k)
-    return {"knn": sc.knn, "silhouette": sc.silhouette, "n": len(idx), "k": k, "chance": 1.0 / data.num_classes}
+    return {"knn": sc.knn, "silhouette": sc.silhouette, "n": len(idx), "k": k,
+            "chance": 1.0 / data.num_classes}
 
 
 def write_samples(run: RunDir, images: Tensor, labels: Tensor | None, m: MetricsConfig) -> dict[str, Path]:
@@ -192,11 +199,15 @@ def feature_fn(tok: Tokenizer, encoders: dict, device) -> tuple[Callable[[Tensor
 
 def evaluate(cfg: GenerationStageConfig, images: Tensor, tok: Tokenizer, encoders: dict, data: ImageData,
              files: dict[str, Path | None], device) -> list[dict]:
-    """Every metric of the run as {"metric", "value", …, "protocol"}: FD in the SSL space (samples vs real), its
-    real-vs-real floor, the reconstruction FD, and the Inception metrics (or why they are not available)."""
+    """Every metric of the run as {"metric", "value", …, "protocol"}: FD in the SSL space (samples vs real),
+    its real-vs-real floor, the reconstruction FD, and the Inception metrics (or why they are not
+    available)."""
     m, proto = cfg.metrics, sampling_protocol(cfg)
     fn, space = feature_fn(tok, encoders, device)
-    feats = lambda u8: probes.extract_features(fn, u8, batch=m.feature_batch, device=device)
+
+    def feats(u8):
+        return probes.extract_features(fn, u8, batch=m.feature_batch, device=device)
+
     val = data.val[-m.floor_images:]  # the floor's and the rFD's images; never in the real set
     real, real_desc = real_images(data, m.real_images, len(val))
     f_real, f_gen, f_val = feats(real), feats(images), feats(val)

@@ -8,8 +8,8 @@ Global step k, as `train_joint`'s `step` spells it out:
   * every step: the fake net takes a flow-matching step on sg(target) with label dropout (on a tokenizer turn
     it reuses that turn's latents: no extra encoder pass).
 The teacher is loaded strictly; DM timesteps stay in [t_min, t_max] (optionally annealed toward t → 1); the
-λ = 0 control runs the same function with no fake net and no DM forward pass. What differs from the authors'
-code is listed in docs/authors-code.md.
+λ = 0 control runs the same function with no fake net and no DM forward pass. The authors' step and what
+we do differently: docs/authors-code.md §5.3 and §8.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Notebook 50 orchestration (paper Fig. 4): which point sets are embedded, and how they are drawn.
 
-Sets, all flattened to (N, D) on one class-balanced subset of the images (the same images in every encoded set):
+Sets, all flattened to (N, D) on one class-balanced subset of the images (the same images in every
+encoded set):
   * the reference, in reference space (rows of its bank, without replacement; for reference "ssl" the bank is
     the stage-1 latents of the training images, so the same images are taken);
   * the stage-1 latents, normalize₁(E₁(x)), unless the reference is exactly those;
@@ -38,7 +39,8 @@ from ..viz import figures as viz
 
 @dataclass
 class PointSet:
-    """One embedded set: points (N, D), labels (N,) or None, and the image row each point encodes (or None)."""
+    """One embedded set: points (N, D), labels (N,) or
+    None, and the image row each point encodes (or None)."""
 
     points: Tensor
     labels: Tensor | None
@@ -46,7 +48,8 @@ class PointSet:
 
 
 def joint_upstreams(joint_dir: Path) -> tuple[Path, Path]:
-    """The notebook-20 and notebook-30 run folders a notebook-40 run was trained from (its summary, else config)."""
+    """The notebook-20 and notebook-30 run folders a
+    notebook-40 run was trained from (its summary, else config)."""
     joint_dir = Path(joint_dir)
     for file, keys in (("summary.json", ()), ("config.json", ("config",))):
         rec = json.loads((joint_dir / file).read_text()) if (joint_dir / file).is_file() else {}
@@ -68,13 +71,15 @@ def class_names(source: str, data: ImageData) -> list[str]:
         return list(CLASS_NAMES)
     if source == "cifar10":
         return list(CIFAR10_CLASSES)
-    return list(getattr(data.folder, "classes", [])) or [str(i) for i in range(int(data.val_labels.max()) + 1)]
+    names = list(getattr(data.folder, "classes", []))
+    return names or [str(i) for i in range(int(data.val_labels.max()) + 1)]
 
 
 @torch.no_grad()
-def encode(tok: Tokenizer, images_u8: Tensor, device, *, batch: int = 500, normalizer: Tokenizer | None = None,
-           head: nn.Module | None = None) -> Tensor:
-    """head(normalizer.normalize(tok.encode(x))) of uint8 images (N, H, W, 3), flattened to (N, D) on the CPU."""
+def encode(tok: Tokenizer, images_u8: Tensor, device, *, batch: int = 500,
+           normalizer: Tokenizer | None = None, head: nn.Module | None = None) -> Tensor:
+    """head(normalizer.normalize(tok.encode(x))) of uint8
+    images (N, H, W, 3), flattened to (N, D) on the CPU."""
     norm, head = normalizer or tok, (head or nn.Identity()).to(device)
     out = []
     for s in range(0, len(images_u8), batch):
@@ -84,8 +89,9 @@ def encode(tok: Tokenizer, images_u8: Tensor, device, *, batch: int = 500, norma
 
 
 def reference_set(ref, n: int, seed: int, classes: Sequence[int], aligned_index: Tensor | None) -> PointSet:
-    """Reference points: bank rows (class-balanced, no repeats) when it has a labelled bank, else fresh samples.
-    `aligned_index`: the image rows to take when the bank is row-aligned with the images (reference "ssl")."""
+    """Reference points: bank rows (class-balanced, no repeats) when it has a labelled bank, else fresh
+    samples. `aligned_index`: the image rows to take when the bank is row-aligned with the images (reference
+    "ssl")."""
     bank, labels = getattr(ref, "bank", None), getattr(ref, "labels", None)
     if bank is not None and labels is not None:
         idx = aligned_index if aligned_index is not None else embedding.balanced_indices(labels, n, seed=seed,
@@ -95,10 +101,12 @@ def reference_set(ref, n: int, seed: int, classes: Sequence[int], aligned_index:
     return PointSet(x.float().flatten(1).cpu(), None if y is None else y.cpu(), None)
 
 
-def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device) -> tuple[dict[str, PointSet], Tensor]:
+def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device) -> tuple[dict[str, PointSet],
+                                                                                      Tensor]:
     """The point sets to embed (see the module docstring) and the uint8 images (M, H, W, 3) they index."""
     data, ref, stage1 = upstream.data, upstream.reference, upstream.tokenizer
-    images, labels = (data.train[0], data.train_labels) if data.train is not None else (data.val, data.val_labels)
+    images, labels = (data.train[0], data.train_labels) if data.train is not None else (data.val,
+                                                                                        data.val_labels)
     idx = embedding.balanced_indices(labels, cfg.embed.points, seed=cfg.seed, classes=cfg.classes)
     x, y = images[idx], labels[idx]
     is_stage1 = ref.name == "ssl" and len(getattr(ref, "bank", ())) == len(images)
@@ -122,7 +130,8 @@ def class_gallery(images_u8: Tensor, labels: Tensor, names: Sequence[str], per_c
     """A row of example images per class: what the colours of the embeddings stand for."""
     rows = {}
     for c in classes or sorted(set(labels.tolist())):
-        rows[names[c] if c < len(names) else str(c)] = to_float(images_u8[(labels == c).nonzero().flatten()[:per_class]])
+        idx = (labels == c).nonzero().flatten()[:per_class]
+        rows[names[c] if c < len(names) else str(c)] = to_float(images_u8[idx])
     return viz.image_grid(rows, scale=3, title="examples per class")
 
 
@@ -138,13 +147,14 @@ def embeddings_for(sets: Mapping[str, PointSet], cache: dict, method: str, cfg: 
     """2-D embeddings {set: (N, 2)} by `method`, computed once per (method, parameter) and kept in `cache`
     (`cache["seconds"]` records the time each took)."""
     e = cfg.embed
-    p, k = e.perplexity if perplexity is None else perplexity, e.n_neighbors if n_neighbors is None else n_neighbors
+    p = e.perplexity if perplexity is None else perplexity
+    k = e.n_neighbors if n_neighbors is None else n_neighbors
     key = _key(method, p, k)
     if key not in cache:
         t0 = time.perf_counter()
         cache[key] = {name: embedding.embed_2d(s.points, method, seed=cfg.seed, perplexity=p, n_neighbors=k,
-                                               min_dist=e.min_dist, pca_dims=e.pca_dims, tsne_iters=e.tsne_iters,
-                                               threads=e.threads)
+                                               min_dist=e.min_dist, pca_dims=e.pca_dims,
+                                               tsne_iters=e.tsne_iters, threads=e.threads)
                       for name, s in sets.items()}
         cache.setdefault("seconds", {})[key] = time.perf_counter() - t0
     return cache[key]
@@ -174,8 +184,9 @@ def panel_title(name: str, dim: int, sc: embedding.ClusterScores) -> str:
             f"<br>2-D: kNN {sc.knn_2d:.2f} · silhouette {sc.silhouette_2d:.2f}")
 
 
-def panels_figure(sets: Mapping[str, PointSet], emb: Mapping[str, Tensor], scores: Mapping[str, embedding.ClusterScores],
-                  names: Sequence[str], *, classes: Sequence[int] | None = None, highlight: int | None = None,
+def panels_figure(sets: Mapping[str, PointSet], emb: Mapping[str, Tensor],
+                  scores: Mapping[str, embedding.ClusterScores], names: Sequence[str], *,
+                  classes: Sequence[int] | None = None, highlight: int | None = None,
                   title: str = "") -> go.Figure:
     """One panel per set (scores in the panel titles), restricted to `classes` when given."""
     masks = {n: _shown(s, classes) for n, s in sets.items()}
@@ -196,7 +207,8 @@ def score_table(sets: Mapping[str, PointSet], scores: Mapping[str, Mapping[str, 
                 "silhouette": first[n].silhouette} for n, s in sets.items()}
     for method, sc in scores.items():
         for n in sets:
-            rows[n].update({f"{method} kNN (2-D)": sc[n].knn_2d, f"{method} silhouette (2-D)": sc[n].silhouette_2d})
+            rows[n].update({f"{method} kNN (2-D)": sc[n].knn_2d,
+                            f"{method} silhouette (2-D)": sc[n].silhouette_2d})
     return pd.DataFrame(rows).T
 
 
@@ -220,9 +232,10 @@ def explorer(sets: Mapping[str, PointSet], cache: dict, cfg: LatentsStageConfig,
     shown = W.SelectMultiple(options=[(names[c] if c < len(names) else str(c), c) for c in present],
                              value=tuple(present), rows=min(10, max(len(present), 1)), description="classes")
     slider = {"continuous_update": False, "style": {"description_width": "initial"}}
-    perplexity = W.IntSlider(value=int(cfg.embed.perplexity), min=5, max=100, step=5, description="t-SNE perplexity",
+    perplexity = W.IntSlider(value=int(cfg.embed.perplexity), min=5, max=100, step=5,
+                             description="t-SNE perplexity", **slider)
+    neighbours = W.IntSlider(value=cfg.embed.n_neighbors, min=2, max=100, description="UMAP neighbours",
                              **slider)
-    neighbours = W.IntSlider(value=cfg.embed.n_neighbors, min=2, max=100, description="UMAP neighbours", **slider)
     image = W.BoundedIntText(value=-1 if first is None else int(first[0]), min=-1, max=len(images_u8) - 1,
                              description="image #")
     out = W.Output()
@@ -230,7 +243,8 @@ def explorer(sets: Mapping[str, PointSet], cache: dict, cfg: LatentsStageConfig,
     def render(method: str, shown: tuple, perplexity: int, neighbours: int, image: int) -> None:
         emb = embeddings_for(sets, cache, method, cfg, perplexity=perplexity, n_neighbors=neighbours)
         scores = score_sets(sets, emb, cfg.knn_k, classes=shown)
-        figs = [panels_figure(sets, emb, scores, names, classes=shown, highlight=image if image >= 0 else None,
+        figs = [panels_figure(sets, emb, scores, names, classes=shown,
+                              highlight=image if image >= 0 else None,
                               title=f"{METHOD_LABELS[method]} (scores over the classes shown)")]
         if image >= 0:
             figs.append(viz.image_grid({f"image #{image}": to_float(images_u8[image:image + 1])}, scale=4))

@@ -6,7 +6,7 @@ The stage-1 tokenizer encodes the training images once into a latent cache insid
 samples by flow matching with label dropout; its EMA weights are the teacher that stage 3 loads.
 A teacher checkpoint records the reference it was fitted on, so loading it against another reference, a
 missing file, or a foreign checkpoint is an error (the authors' script silently trains against a random
-teacher, reference note §5.3).
+teacher, docs/authors-code.md §5.3).
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ from torch import Tensor, nn
 
 from ..configs.teacher import TeacherStageConfig
 from ..metrics.distributions import distribution_distances
+from ..runtime.seeds import stream
 from ..train.velocity import sample
 
 
 def evaluate_teacher(cfg: TeacherStageConfig, net: nn.Module, reference, device) -> dict:
     f = cfg.fit
-    samples, _ = sample(net, reference, f.eval_samples, f.sample_steps, device, cfg_scale=f.cfg_scale, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    samples, _ = sample(net, reference, f.eval_samples, f.sample_steps, device, cfg_scale=f.cfg_scale,
+                        seed=cfg.seed)
+    gen = stream(cfg.seed, "teacher.eval")
     ref_a, _ = reference.sample(f.eval_samples, gen)
     ref_b, _ = reference.sample(f.eval_samples, gen)
     fit = distribution_distances(samples, ref_a, cfg.seed)
     floor = distribution_distances(ref_b, ref_a, cfg.seed)
     return {"samples_vs_reference": fit, "noise_floor": floor,
-            "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12), "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12),
-            "samples": samples}
+            "fd_ratio": fit["fd"] / max(floor["fd"], 1e-12),
+            "sw2_ratio": fit["sw2"] / max(floor["sw2"], 1e-12), "samples": samples}
 
 
 # --- checkpoint --------------------------------------------------------------------------------------------

@@ -32,16 +32,16 @@ from ..runtime.distributed import (
     shard_batch,
     wrap_ddp,
 )
-from ..runtime.runs import (
-    RunDir,
-)
+from ..runtime.runs import RunDir
+from ..runtime.seeds import stream_seed
 from ..train.loop import train
 from ..train.phases import TokenizerParts, disc_step, tokenizer_step
 from ..train.ssl import SUPERVISED_OVERRIDES, train_ssl, train_supervised
 
 
 def evaluate_features(fn, data: ImageData, device, k: int = 20, n_bank: int = 10000) -> dict:
-    """kNN (k, cosine, weighted) and linear-probe val accuracy of pooled features `fn(x)`; labels used here only."""
+    """kNN (k, cosine, weighted) and linear-probe val accuracy
+    of pooled features `fn(x)`; labels used here only."""
     bank = data.train[0][:n_bank]
     ftr = probes.extract_features(fn, bank, device=device)
     fva = probes.extract_features(fn, data.val, device=device)
@@ -52,8 +52,8 @@ def evaluate_features(fn, data: ImageData, device, k: int = 20, n_bank: int = 10
 
 def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional[RunDir], device,
                        scores: bool = True) -> dict:
-    """Train (or resume, or load when finished) the SSL encoder and the supervised classifier; return the models
-    and, with `scores`, their kNN / linear-probe / val scores."""
+    """Train (or resume, or load when finished) the SSL encoder and the supervised classifier; return the
+    models and, with `scores`, their kNN / linear-probe / val scores."""
     e, out = cfg.encoder, {}
     if e.kind == "timm":
         return out
@@ -62,9 +62,12 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     if scores:
         out["ssl_scores"] = evaluate_features(out["ssl"], data, device, e.knn_k)
     if e.supervised_steps > 0:
-        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES, "seed": cfg.seed + 1, "steps": e.supervised_steps,
-                                                "batch": e.supervised_batch, "max_seconds": 0.0})
-        sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run, tag="supervised")
+        sup_cfg = dataclasses.replace(e.ssl, **{**SUPERVISED_OVERRIDES,
+                                                "seed": stream_seed(cfg.seed, "tokenizer.supervised"),
+                                                "steps": e.supervised_steps, "batch": e.supervised_batch,
+                                                "max_seconds": 0.0})
+        sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run,
+                               tag="supervised")
         out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
         if not scores:
             return out
@@ -76,25 +79,20 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
 
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
                     progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
-    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer, stats).
-
-    With a multi-process `ctx` (torchrun) each rank draws train.batch / world_size images (and its DiffAug
-    draws) from its own generator; the projector + decoder and the discriminator train under DDP (the frozen
-    encoder is not wrapped; every parameter is used in every forward, so find_unused_parameters stays off).
-    The adaptive GAN weight is that of the global batch (its last-layer gradients are averaged over ranks).
-    The discriminator's BatchNorm normalises with per-rank shard statistics, as in multi-GPU PatchGAN
-    training; its running statistics are averaged over ranks after each update. A non-finite value on any
-    rank makes every rank skip that update (and the loop raise at the same step). Logged numbers are rank
-    means; only rank 0 writes. Resuming restores rank 0's checkpoint on every rank, each with its own data
-    generator (`loop.train`), under the same world size.
-    """
+    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer,
+    stats). With a multi-process `ctx`, projector + decoder and discriminator train under DDP (the frozen
+    encoder is not wrapped), as in runtime/distributed.py."""
     t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
     params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    warm = lambda s: min(1.0, (s + 1) / max(t.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))  # noqa: E731
+
+    def warm(s: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))
+        return min(1.0, (s + 1) / max(t.warmup_steps, 1)) * cosine
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 6)
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.disc_init"))
         disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
     trainable = TokenizerParts(tok.projector, tok.decoder)
@@ -103,7 +101,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     perceptual = perceptual_loss(t.lpips)
     rec = {"l1": t.l1, "l2": t.l2, "perceptual": perceptual, "lpips_weight": t.lpips_weight}
-    gen = rank_generator(cfg.seed + 11, ctx)  # rank 0 (or one process): the single-process stream
+    # rank 0 (or one process): the single-process stream
+    gen = rank_generator(stream_seed(cfg.seed, "tokenizer.batches"), ctx)
     stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 
@@ -122,18 +121,22 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         ema.update(trainable, step=k + 1)
         return reduce_stats(stats, ctx)
 
-    state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema, "gen": gen}
+    state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema,
+             "gen": gen}
     stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
                   log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
     trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights
     return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
 
 
-def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Optional[nn.Module], batch: int = 500) -> dict:
-    """Val PSNR, SSIM, LPIPS (labelled) and the Fréchet distance of reconstructions in `feature_net`'s space."""
+def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Optional[nn.Module],
+                       batch: int = 500) -> dict:
+    """Val PSNR, SSIM, LPIPS (labelled) and the Fréchet
+    distance of reconstructions in `feature_net`'s space."""
     x_hat, z = reconstruct(tok, data.val, device, batch)
     x = to_float(data.val)
-    out = {"psnr": float(image_metrics.psnr(x_hat, x).mean()), "ssim": float(image_metrics.ssim(x_hat, x).mean())}
+    out = {"psnr": float(image_metrics.psnr(x_hat, x).mean()),
+           "ssim": float(image_metrics.ssim(x_hat, x).mean())}
     lp = perceptual_loss("auto") or PerceptualLoss(allow_random_backbone=True)
     res = image_metrics.lpips_distance(x_hat[:1000], x[:1000], lp)
     out.update(lpips=float(res.values.mean()), lpips_label=res.label)
@@ -148,12 +151,15 @@ def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Opt
 
 
 def encoder_scores(encoders: dict) -> dict[str, dict[str, float]]:
-    """{encoder: its label-based scores} (labels are used for evaluation only); only the scores each one has."""
-    return {name.removesuffix("_scores"): scores for name, scores in encoders.items() if name.endswith("_scores")}
+    """{encoder: its label-based scores} (labels are used
+    for evaluation only); only the scores each one has."""
+    return {name.removesuffix("_scores"): scores for name,
+            scores in encoders.items() if name.endswith("_scores")}
 
 
 def encoder_table(encoders: dict):
-    """encoder_scores as a table (a score an encoder does not have, e.g. the SSL encoder's val_acc, is NaN)."""
+    """encoder_scores as a table (a score an encoder does
+    not have, e.g. the SSL encoder's val_acc, is NaN)."""
     import pandas as pd
 
     return pd.DataFrame(encoder_scores(encoders)).T

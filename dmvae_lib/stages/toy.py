@@ -24,6 +24,7 @@ from ..core.dmd import get_objective, update_direction
 from ..core.samplers import euler_ode
 from ..models.score_nets import ToyScoreMLP
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream, stream_seed
 from ..train.loop import train
 from ..train.phases import flow_matching_step, objective_step
 from ..viz import figures as viz
@@ -53,7 +54,8 @@ def fit_real_net(cfg: ToyConfig, run: Optional[RunDir], device: torch.device, pr
     sample = reference_sampler(cfg)
     net = build_net(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.fit.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.fit.lr, total_steps=cfg.fit.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.fit.lr, total_steps=cfg.fit.steps,
+                                                pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def step(_: int) -> dict:
@@ -68,31 +70,36 @@ def fit_real_net(cfg: ToyConfig, run: Optional[RunDir], device: torch.device, pr
 def evaluate_points(points: Tensor, cfg: ToyConfig, repeats: Optional[int] = None) -> dict:
     """SW2 to fresh reference samples, spread, coverage; all against the same reference stream."""
     sample = reference_sampler(cfg)
-    ref = sample(points.shape[0], torch.Generator().manual_seed(cfg.seed + 10_000))
-    sw2 = distances.mean_sliced_w2(points.cpu(), sample, repeats or cfg.eval.repeats, cfg.eval.n_directions, cfg.seed + 1)
-    return {"sw2": sw2, "spread": distances.spread(points), "spread_ratio": distances.spread(points) / distances.spread(ref),
+    ref = sample(points.shape[0], stream(cfg.seed, "toy.reference_eval"))
+    sw2 = distances.mean_sliced_w2(points.cpu(), sample, repeats or cfg.eval.repeats, cfg.eval.n_directions,
+                                  stream_seed(cfg.seed, "toy.sw2"))
+    return {"sw2": sw2, "spread": distances.spread(points),
+            "spread_ratio": distances.spread(points) / distances.spread(ref),
             "coverage": distances.coverage(ref, points.cpu(), cfg.eval.coverage_k),
             "nonfinite_points": int((~torch.isfinite(points)).sum())}
 
 
 def noise_floor(cfg: ToyConfig) -> float:
     """Median SW2 between independent n_points-samples of the reference (what a perfect fit scores)."""
-    return distances.noise_floor(reference_sampler(cfg), cfg.align.n_points, cfg.eval.repeats, cfg.eval.n_directions, cfg.seed + 2)
+    return distances.noise_floor(reference_sampler(cfg), cfg.align.n_points, cfg.eval.repeats,
+                                 cfg.eval.n_directions, stream_seed(cfg.seed, "toy.noise_floor"))
 
 
 def initial_points(cfg: ToyConfig) -> Tensor:
-    return toy2d.uniform_square(cfg.align.n_points, cfg.align.init_half_width, torch.Generator().manual_seed(cfg.seed + 3))
+    return toy2d.uniform_square(cfg.align.n_points, cfg.align.init_half_width,
+                                stream(cfg.seed, "toy.init_points"))
 
 
 def align(name: str, cfg: ToyConfig, real_net: torch.nn.Module, run: Optional[RunDir], device: torch.device,
           progress: bool = True) -> AlignResult:
-    """Move the free points with objective `name`; fake net trained every step only if the objective uses it."""
+    """Move the free points with objective `name`; fake
+    net trained every step only if the objective uses it."""
     info, a = get_objective(name), cfg.align
     points = torch.nn.Parameter(initial_points(cfg).to(device))
     fake = copy.deepcopy(real_net).requires_grad_(True).train()
     popt = torch.optim.Adam([points], lr=a.points_lr, betas=(0.9, 0.95))
     fopt = torch.optim.AdamW(fake.parameters(), lr=a.fake_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    gen = stream(cfg.seed, "toy.align")
     res = AlignResult(name, points.detach(), [(0, points.detach().cpu().clone())], [], [])
     if info.uses_fake:
         res.fake_states.append((0, _half(fake.state_dict())))
@@ -197,15 +204,16 @@ def results_table(results: dict, floor: float):
         info, m = get_objective(name), res.metrics
         verdict, paper = classify(m, floor, dm_cov), PAPER_VERDICT[info.family]
         rows.append({"objective": name, "family": info.family, "panel": info.panel, "sw2": m["sw2"],
-                     "sw2/floor": m["sw2"] / floor, "spread ratio": m["spread_ratio"], "coverage": m["coverage"],
-                     "seconds": m["seconds"], "measured": verdict, "paper": " or ".join(paper) or "—",
+                     "sw2/floor": m["sw2"] / floor, "spread ratio": m["spread_ratio"],
+                     "coverage": m["coverage"], "seconds": m["seconds"], "measured": verdict,
+                     "paper": " or ".join(paper) or "—",
                      "agrees": "—" if not paper else ("yes" if verdict in paper else "no")})
     return pd.DataFrame(rows).set_index("objective")
 
 
 def sample_points(net: torch.nn.Module, cfg: ToyConfig, device: torch.device, steps: int = 100) -> Tensor:
     """n_points Euler-ODE samples of a velocity net, (n, 2) on the CPU."""
-    noise = torch.randn(cfg.align.n_points, 2, generator=torch.Generator().manual_seed(cfg.seed + 5)).to(device)
+    noise = torch.randn(cfg.align.n_points, 2, generator=stream(cfg.seed, "toy.sample_noise")).to(device)
     return euler_ode(net, noise, steps).cpu()
 
 
@@ -213,23 +221,27 @@ def objectives_table(names):
     """The objectives' registry entries as a table."""
     import pandas as pd
 
-    return pd.DataFrame([{"objective": n, "family": get_objective(n).family, "Fig. 3 panel": get_objective(n).panel,
+    return pd.DataFrame([{"objective": n, "family": get_objective(n).family,
+                          "Fig. 3 panel": get_objective(n).panel,
                           "gradient reaches the points via": get_objective(n).gradient,
                           "trains fake net": get_objective(n).uses_fake,
-                          "reference-code name": get_objective(n).reference_name} for n in names]).set_index("objective")
+                          "reference-code name": get_objective(n).reference_name}
+                         for n in names]).set_index("objective")
 
 
 def paper_comparison(table) -> str:
     """Markdown: where each objective agrees or disagrees with the paper's Fig. 3, with the numbers."""
     lines = []
     for name, row in table.iterrows():
-        nums = f"SW2 {row['sw2']:.3f} ({row['sw2/floor']:.1f}× floor), spread ×{row['spread ratio']:.2f}, coverage {row['coverage']:.2f}"
+        nums = (f"SW2 {row['sw2']:.3f} ({row['sw2/floor']:.1f}× floor), spread ×{row['spread ratio']:.2f}, "
+                f"coverage {row['coverage']:.2f}")
         if row["agrees"] == "—":
             lines.append(f"- **{name}** ({row['family']}, not in Fig. 3): {row['measured']}: {nums}.")
         elif row["agrees"] == "yes":
             lines.append(f"- **{name}**: {row['measured']}, as the paper reports: {nums}.")
         else:
-            lines.append(f"- **{name}**: ⚠ the paper reports *{row['paper']}*, here it is **{row['measured']}**: {nums}.")
+            lines.append(f"- **{name}**: ⚠ the paper reports *{row['paper']}*, here it is "
+                         f"**{row['measured']}**: {nums}.")
     return "\n".join(lines)
 
 
@@ -258,8 +270,8 @@ def toy_explorer(results: Mapping[str, AlignResult], real_net: torch.nn.Module, 
         points = dict(res.snapshots)[step]
         fake = fake_net_at(res, step, real_net)
         field = direction_fields(objective, probes, real_net, fake, [t], draws)[0]
-        fig = viz.direction_panels(probes, {f"{objective} · t={t:.2f} · step {step}": field}, reference, points,
-                                   size=480)
+        fig = viz.direction_panels(probes, {f"{objective} · t={t:.2f} · step {step}": field}, reference,
+                                   points, size=480)
         # Set the Output's state directly: routing a large display message through `with out:` stalls
         # nbclient (papermill, nbval) indefinitely. The plotly mimetype renders in JupyterLab.
         out.outputs = ({"output_type": "display_data", "metadata": {},

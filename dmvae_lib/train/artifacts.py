@@ -21,6 +21,7 @@ from ..models.projection_heads import make_head
 from ..models.ssl_encoder import SmallResNet
 from ..models.tokenizer import Decoder, Projector, SSLFeatures, Tokenizer, timm_encoder
 from ..runtime.runs import RunError, load_checkpoint, load_state_strict, save_checkpoint
+from ..runtime.seeds import stream_seed
 
 
 def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -31,16 +32,20 @@ def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int)
                          patch_size=cfg.net.patch_size, grad_checkpoint=cfg.net.grad_checkpoint)
 
 
-def save_teacher(path: Path, cfg: TeacherStageConfig, net: nn.Module, reference, tokenizer_file: Path) -> None:
+def save_teacher(path: Path, cfg: TeacherStageConfig, net: nn.Module, reference,
+                 tokenizer_file: Path) -> None:
     save_checkpoint(path, {
         "kind": "teacher", "config": to_dict(cfg), "net": net.state_dict(),
-        "reference": {"name": reference.name, "shape": list(reference.shape), "num_classes": reference.num_classes},
+        "reference": {"name": reference.name, "shape": list(reference.shape),
+                      "num_classes": reference.num_classes},
         "tokenizer": {"path": str(tokenizer_file), "digest": file_digest(tokenizer_file)},
     })
 
 
-def load_teacher(path: str | Path, device="cpu", expect_reference: Optional[str] = None) -> tuple[nn.Module, dict]:
-    """The frozen teacher from `save_teacher` (strict); wrong kind, missing file or reference mismatch raise."""
+def load_teacher(path: str | Path, device="cpu", expect_reference: Optional[str] = None) -> tuple[nn.Module,
+                                                                                                  dict]:
+    """The frozen teacher from `save_teacher` (strict);
+    wrong kind, missing file or reference mismatch raise."""
     ck = load_checkpoint(path, required=("kind", "config", "net", "reference", "tokenizer"))
     if ck["kind"] != "teacher":
         raise RunError(f"{path} holds a {ck['kind']!r} checkpoint, not a teacher")
@@ -53,7 +58,8 @@ def load_teacher(path: str | Path, device="cpu", expect_reference: Optional[str]
     return net.to(device).eval().requires_grad_(False), ck
 
 
-def upstream_tokenizer(folder: Path, device, name: str = "tokenizer.pt") -> tuple[Tokenizer, object, dict, Path]:
+def upstream_tokenizer(folder: Path, device, name: str = "tokenizer.pt") -> tuple[Tokenizer, object, dict,
+                                                                                  Path]:
     """A tokenizer saved in a run folder (stage 1's, or notebook 40's DM/control one): (tokenizer, its stage-1
     config, encoders, file)."""
     file = Path(folder) / name
@@ -62,7 +68,8 @@ def upstream_tokenizer(folder: Path, device, name: str = "tokenizer.pt") -> tupl
 
 
 def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> Tokenizer:
-    """Frozen encoder (ssl/supervised backbone wrapped by SSLFeatures, or a timm model) → projector → decoder."""
+    """Frozen encoder (ssl/supervised backbone wrapped by
+    SSLFeatures, or a timm model) → projector → decoder."""
     e, n = cfg.encoder, cfg.net
     if encoder is None:
         encoder = timm_encoder(e.timm_name, img_size=cfg.data.resolution, patch_size=e.timm_patch_size,
@@ -73,10 +80,11 @@ def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> 
         channels, reduction = encoder.out_channels, 4
     latent = cfg.data.resolution // (reduction * n.unshuffle)
     with torch.random.fork_rng(devices=[]):  # the initialisation depends on cfg.seed only
-        torch.manual_seed(cfg.seed + 5)
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.init"))
         proj = Projector(channels, n.z_channels, hidden_channels=n.proj_hidden, unshuffle=n.unshuffle)
         dec = Decoder(n.z_channels, latent_size=latent, image_size=cfg.data.resolution, ch=n.dec_ch,
-                      ch_mult=n.dec_mult, num_res_blocks=n.dec_res_blocks, attn=n.dec_attn, num_groups=n.dec_groups)
+                      ch_mult=n.dec_mult, num_res_blocks=n.dec_res_blocks, attn=n.dec_attn,
+                      num_groups=n.dec_groups)
     return Tokenizer(encoder, proj, dec)
 
 
@@ -93,7 +101,8 @@ def save_tokenizer(path: Path, cfg: TokenizerStageConfig, tok: Tokenizer, encode
 
 def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, TokenizerStageConfig, dict]:
     """Rebuild a tokenizer saved by `save_tokenizer` (strict); returns (tokenizer, config, encoders)."""
-    ck = load_checkpoint(path, required=("kind", "config", "projector", "decoder", "latent_mean", "latent_scale"))
+    ck = load_checkpoint(path,
+                         required=("kind", "config", "projector", "decoder", "latent_mean", "latent_scale"))
     if ck["kind"] != "tokenizer":
         raise RunError(f"{path} holds a {ck['kind']!r} checkpoint, not a tokenizer")
     cfg = from_dict(TokenizerStageConfig, ck["config"])
@@ -103,7 +112,8 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
             net = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
             load_state_strict(net, ck[name], f"{path} [{name}]")
             encoders[name] = net.eval()
-    tok = build_tokenizer(cfg, encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+    tok = build_tokenizer(cfg,
+                          encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
     load_state_strict(tok.projector, ck["projector"], f"{path} [projector]")
     load_state_strict(tok.decoder, ck["decoder"], f"{path} [decoder]")
     tok.latent_mean.fill_(ck["latent_mean"])
@@ -138,7 +148,8 @@ def load_head(path: Path, latent_shape: Sequence[int], ref_shape: Sequence[int])
     """The projection head saved by notebook 40 (strict: it must map these latents onto this reference)."""
     ck = load_checkpoint(path, required=("kind", "head", "reference"))
     if ck["kind"] != "projection_head" or list(ck["reference"]["shape"]) != list(ref_shape):
-        raise RunError(f"{path} is not a projection head onto a {tuple(ref_shape)} reference ({ck['reference']})")
+        raise RunError(f"{path} is not a projection head onto a {tuple(ref_shape)} reference "
+                       f"({ck['reference']})")
     head = make_head(latent_shape, ref_shape)
     load_state_strict(head, ck["head"], str(path))
     return head.eval()

@@ -11,14 +11,9 @@ with the step and the last good checkpoint named, or counts the skip when `on_no
 `state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
 
-Several processes (`ctx` from `distributed.init_distributed`, `run` given on rank 0 only): every rank must call
-`train` with the same arguments. Rank 0 names its checkpoint and every rank reads that file (one node, or a
-shared filesystem), so every rank resumes from the same step and state. Each rank's generators are gathered
-into rank 0's checkpoint (`rank_generators`) at every save and each rank restores its own, since every rank
-draws different data; all other state is rank 0's (DDP keeps modules and optimizers identical). A step's `nonfinite` is replaced by its maximum over
-ranks, so all ranks raise, or all skip, at the same step. A checkpoint resumes only under the world size that
-wrote it (the per-rank data streams are part of the state); a finished one loads under any world size, which is
-how a notebook picks up the result of a fit that `ddp_fit` ran in several processes.
+Several processes (`ctx`, `run` on rank 0 only; see runtime/distributed.py): every rank calls `train` with
+the same arguments. Each rank's generators are saved in rank 0's checkpoint (`rank_generators`); all other
+state is rank 0's. A finished checkpoint loads under any world size (how a notebook picks up a `ddp_fit` run).
 """
 
 from __future__ import annotations
@@ -69,13 +64,11 @@ def _restore(state: Mapping[str, Any], saved: Mapping[str, Any], source: str) ->
             raise RunError(f"cannot restore state {name!r} of type {type(obj).__name__}")
 
 
-def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None, Path | None]:
-    """(checkpoint or None, rank 0's checkpoint path) on every rank; a checkpoint any rank cannot read raises on all.
-
-    Rank 0 (the only one with `run`) names the file and every rank reads it itself, so the run folder must be
-    visible to all ranks (one node, or a shared filesystem); broadcasting a full-scale checkpoint instead would
-    pass the weights, EMA and optimizer moments through every GPU's memory at once.
-    """
+def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int) -> tuple[dict | None,
+                                                                                           Path | None]:
+    """(checkpoint or None, rank 0's checkpoint path) on every rank; one no rank can read raises on all. Every
+    rank reads the file rank 0 names (one node or a shared filesystem), which keeps a full-scale checkpoint
+    out of a broadcast through every GPU's memory."""
     file = None if run is None else run.ckpt_path(tag)
     exists = file is not None and file.exists()
     if ctx.distributed:  # the other ranks have no run: they wait for rank 0's answer
@@ -90,8 +83,9 @@ def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int
             error = f"rank {ctx.rank}: {exc}"
     if ctx.distributed:
         if all_reduce_max(float(error is not None), ctx) > 0:
-            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads the "
-                                    "checkpoint itself: one node, or the run folder on a shared filesystem")
+            raise RunError(error or f"another rank could not read {file} (see its error); every rank reads "
+                                    "the checkpoint itself: one node, or the run folder on a shared "
+                                    "filesystem")
         step = -1 if saved is None else saved["step"]
         if all_reduce_max(step, ctx) != -all_reduce_max(-step, ctx):  # e.g. a stale network-filesystem cache
             raise RunError(f"the ranks read different checkpoints at {file} (this rank: step {step})")
@@ -147,7 +141,8 @@ def train(
         if keep_every and step % keep_every == 0:
             save_checkpoint(run.ckpt_path(tag, step), payload)
 
-    bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start, total=max_steps)
+    bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start,
+               total=max_steps)
     for step in bar:
         stats = dict(step_fn(step))
         if ctx.distributed and "nonfinite" in stats:  # one decision for all ranks

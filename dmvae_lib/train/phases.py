@@ -186,7 +186,8 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
               generator: torch.Generator, *, bcr: float = 1.0, grad_clip: float = 1.0,
               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
               ctx: Optional[DistContext] = None) -> dict[str, float]:
-    """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation (reference §4.5).
+    """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation
+    (docs/authors-code.md §4.5).
 
     Data parallel (`ctx`, `disc` DDP-wrapped): BatchNorm normalises each rank's shard with its own statistics
     (as multi-GPU PatchGAN training does; SyncBatchNorm has no CPU path); the running statistics are averaged

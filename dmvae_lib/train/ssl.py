@@ -1,4 +1,5 @@
-"""Training the embedded reference encoders: the SSL encoder (NT-Xent on paired views) and the supervised one."""
+"""Training the embedded reference encoders: the SSL
+encoder (NT-Xent on paired views) and the supervised one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..data.views import augment, batch_images, renders_tensor, sample_views
 from ..models.ssl_encoder import OBJECTIVES, SmallResNet, projector
 from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream
 from . import loop
 from .phases import apply_update
 
@@ -72,7 +74,7 @@ def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, devic
     """AdamW, linear warm-up then cosine over `cfg.steps` or `cfg.max_seconds` (whichever ends first), run
     by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # batches + augmentations
+    gen = stream(cfg.seed, "ssl.batches")
     clock, last = [0.0], {}  # step seconds so far (evaluation hooks excluded; survives resume); last stats
 
     def step_fn(step: int) -> dict:
@@ -98,10 +100,9 @@ def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, devic
 def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", run: RunDir | None = None,
               tag: str = "ssl", progress: bool = True, hooks: Sequence = (), log_every: int = 25,
               ckpt_every: int = 0) -> Trained:
-    """Self-supervised training, no labels, on uint8 renders (V, N, 32, 32, 3) (V ≥ 2: paired views).
-
-    Resumes from `run`'s ckpt/<tag>/last.pt. `hooks` [(every, fn(step, encoder))] run between steps, e.g. a
-    kNN evaluation (it may switch the encoder to eval mode; training mode is restored after it)."""
+    """Self-supervised training, no labels, on uint8 renders (V, N, 32, 32, 3) (V ≥ 2: paired views); resumes
+    from `run`. `hooks` [(every, fn(step, encoder))] run between steps, e.g. a kNN evaluation (it may switch
+    the encoder to eval mode; training mode is restored after it)."""
     data = renders_tensor(renders)
     with torch.random.fork_rng(devices=[]):  # deterministic init; the caller's global RNG is untouched
         torch.manual_seed(cfg.seed)

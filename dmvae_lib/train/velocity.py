@@ -1,4 +1,5 @@
-"""Fitting and sampling a velocity net on a reference distribution (the teacher of stage 2, the generator of stage 6)."""
+"""Fitting and sampling a velocity net on a reference distribution
+(the teacher of stage 2, the generator of stage 6)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..runtime.distributed import (
     wrap_ddp,
 )
 from ..runtime.runs import RunDir
+from ..runtime.seeds import stream_seed
 from .artifacts import build_net
 from .loop import train
 from .phases import flow_matching_step
@@ -29,18 +31,9 @@ from .phases import flow_matching_step
 
 def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
                 ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
-    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns the EMA net.
-
-    Also fits the final generator of notebook 60 (`tag="generator"`): `cfg` may be any config with `seed`, a
-    `net` (DiTConfig) and a `fit` holding the training fields read here (configs.generation.GeneratorFitConfig).
-
-    With a multi-process `ctx` (`distributed.init_distributed` under torchrun) each rank draws
-    fit.batch / world_size samples from its own generator, gradients are averaged by DDP, the logged fm_loss
-    is the mean over ranks, and only rank 0 writes to `run` (the other ranks may pass any `run` or None).
-    Resuming works as in one process: every rank restores rank 0's `last.pt`, with its own generator
-    states (`loop.train`), under the same world size. A non-finite loss on any rank makes all ranks skip the
-    update together and raise NonFiniteError at the same step (`phases.flow_matching_step` with `ctx`).
-    """
+    """Flow matching on fresh reference samples (label dropout → null label for CFG); returns (EMA net,
+    stats). Also fits notebook 60's generator (`tag="generator"`, a cfg with `seed`, `net`, `fit`). With a
+    multi-process `ctx`, DDP as in runtime/distributed.py."""
     f = cfg.fit
     ctx = ctx or DistContext()
     batch = shard_batch(f.batch, ctx, "fit.batch")
@@ -52,18 +45,20 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
     ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
     model = wrap_ddp(net, ctx)
     model = torch.compile(model) if f.compile else model
-    gen = rank_generator(cfg.seed + 23, ctx)  # rank 0 (or one process): the single-process stream
+    # rank 0 (or one process): the single-process stream
+    gen = rank_generator(stream_seed(cfg.seed, "velocity.batches"), ctx)
     # t and noise are drawn on the training device: a CPU generator cannot draw CUDA tensors.
     on_cpu = torch.device(device).type == "cpu"
-    noise_gen = gen if on_cpu else rank_generator(cfg.seed + 29, ctx, device)
+    noise_gen = gen if on_cpu else rank_generator(stream_seed(cfg.seed, "velocity.noise"), ctx, device)
     autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
 
     def step(k: int) -> dict:
         x, y = reference.sample(batch, gen)
         if y is not None:
             y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
-        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched, grad_clip=f.grad_clip,
-                                   autocast=autocast, ctx=ctx if ctx.distributed else None)
+        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched,
+                                   grad_clip=f.grad_clip, autocast=autocast,
+                                   ctx=ctx if ctx.distributed else None)
         ema.update(net, step=k + 1)
         if ctx.distributed:
             stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)
@@ -79,7 +74,8 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
 
 @torch.no_grad()
 def fm_loss_per_t_bin(net: nn.Module, reference, n: int, bins: int, device, seed: int = 0) -> list[dict]:
-    """Held-out flow-matching loss of `net` on fresh reference samples at the centre of each of `bins` t-bins."""
+    """Held-out flow-matching loss of `net` on fresh
+    reference samples at the centre of each of `bins` t-bins."""
     gen = torch.Generator().manual_seed(seed)
     x, y = reference.sample(n, gen)
     x, y = x.to(device), None if y is None else y.to(device)
@@ -87,7 +83,8 @@ def fm_loss_per_t_bin(net: nn.Module, reference, n: int, bins: int, device, seed
     for i in range(bins):
         t = torch.full((n,), (i + 0.5) / bins, device=device)
         noise = torch.randn(x.shape, generator=gen).to(device)
-        out.append({"t": (i + 0.5) / bins, "fm_loss": float(flow.flow_matching_loss(net, x, t, noise, y).mean())})
+        out.append({"t": (i + 0.5) / bins,
+                    "fm_loss": float(flow.flow_matching_loss(net, x, t, noise, y).mean())})
     return out
 
 

@@ -53,7 +53,8 @@ class FigureStore:
             figs, files = zip(*self.pending)
             # kaleido renders at 700×500 unless told: pass each figure's own layout size.
             pio.write_images(list(figs), list(files), format="png",
-                             width=[f.layout.width or 900 for f in figs], height=[f.layout.height or 500 for f in figs])
+                             width=[f.layout.width or 900 for f in figs],
+                             height=[f.layout.height or 500 for f in figs])
             self.paths.extend(files)
             self.pending.clear()
         return self.paths
@@ -97,7 +98,8 @@ def progress_slider(snapshots: Mapping[str, Sequence[tuple[int, Tensor]]], refer
     fig = point_clouds(first, reference, cols=cols, lim=lim, size=size)
     point_traces = list(range(1, 2 * len(snapshots), 2))
     frames = [go.Frame(name=str(step), traces=point_traces,
-                       data=[go.Scatter(x=snaps[i][1][:, 0], y=snaps[i][1][:, 1]) for snaps in snapshots.values()])
+                       data=[go.Scatter(x=snaps[i][1][:, 0],
+                                        y=snaps[i][1][:, 1]) for snaps in snapshots.values()])
               for i, step in enumerate(steps)]
     fig.frames = frames
     slider = dict(active=0, currentvalue=dict(prefix="step "), pad=dict(t=30),
@@ -130,12 +132,15 @@ def quiver_traces(probes: Tensor, directions: Tensor, max_len: float, color: str
         hx2, hy2 = tip[0] - 0.3 * (dx * 0.866 + dy * 0.5), tip[1] - 0.3 * (dy * 0.866 - dx * 0.5)
         xs += [p[0], tip[0], None, hx1, tip[0], hx2, None]
         ys += [p[1], tip[1], None, hy1, tip[1], hy2, None]
-    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), showlegend=False, hoverinfo="skip")
+    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=color, width=1), showlegend=False,
+                      hoverinfo="skip")
 
 
-def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: Tensor, points: Tensor | None = None,
-                     lim: float = 1.6, size: int = 260, title: str = "") -> go.Figure:
-    """One panel per field (e.g. per t, plus their average): arrows over the reference (and current points)."""
+def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: Tensor,
+                     points: Tensor | None = None, lim: float = 1.6, size: int = 260,
+                     title: str = "") -> go.Figure:
+    """One panel per field (e.g. per t, plus their
+    average): arrows over the reference (and current points)."""
     names = list(fields)
     fig = make_subplots(1, len(names), subplot_titles=names, horizontal_spacing=0.02)
     for i, name in enumerate(names):
@@ -143,10 +148,12 @@ def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: T
                                  marker=dict(size=3, color=REF_COLOR), hoverinfo="skip"), 1, i + 1)
         if points is not None:
             fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", showlegend=False,
-                                     marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), 1, i + 1)
+                                     marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), 1,
+                          i + 1)
         fig.add_trace(quiver_traces(probes, fields[name], 0.18 * lim), 1, i + 1)
     _square_axes(fig, lim)
-    fig.update_layout(height=size + 70, width=size * len(names), title=title, margin=dict(l=10, r=10, t=70, b=10))
+    fig.update_layout(height=size + 70, width=size * len(names), title=title,
+                      margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 
@@ -155,12 +162,13 @@ def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: st
     """One line per run of `key` against step, with an optional horizontal reference level."""
     fig = go.Figure()
     for name, hist in histories.items():
-        fig.add_trace(go.Scatter(x=[h["step"] for h in hist], y=[h[key] for h in hist], mode="lines+markers", name=name))
+        fig.add_trace(go.Scatter(x=[h["step"] for h in hist], y=[h[key] for h in hist], mode="lines+markers",
+                                 name=name))
     if floor is not None:
         fig.add_hline(y=floor, line_dash="dot", annotation_text="noise floor")
         fig.add_hline(y=1.5 * floor, line_dash="dash", annotation_text="1.5 × floor")
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key, yaxis_type="log" if log_y else "linear",
-                      height=420, width=900)
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=key,
+                      yaxis_type="log" if log_y else "linear", height=420, width=900)
     return fig
 
 
@@ -170,7 +178,8 @@ def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> g
 
     tiles = []
     for imgs in rows.values():
-        u8 = ((imgs.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        u8 = ((imgs.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3,
+                                                                                       1).cpu().numpy()
         pad = np.full((u8.shape[0], u8.shape[1] + 2, u8.shape[2] + 2, 3), 255, np.uint8)
         pad[:, 1:-1, 1:-1] = u8
         tiles.append(np.concatenate(list(pad), axis=1))
@@ -184,7 +193,8 @@ def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> g
     return fig
 
 
-def bar_chart(x: Sequence[float], y: Sequence[float], title: str = "", x_title: str = "", y_title: str = "") -> go.Figure:
+def bar_chart(x: Sequence[float], y: Sequence[float], title: str = "", x_title: str = "",
+              y_title: str = "") -> go.Figure:
     """A single-series bar chart (e.g. a loss per t-bin)."""
     fig = go.Figure(go.Bar(x=list(x), y=list(y)))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=360, width=700)
@@ -200,9 +210,9 @@ def class_colors(n: int) -> list[str]:
 
 
 def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor | None], *,
-                     index: Mapping[str, Tensor | None] | None = None, titles: Mapping[str, str] | None = None,
-                     class_names: Sequence[str] = (), highlight: int | None = None, size: int = 340,
-                     title: str = "") -> go.Figure:
+                     index: Mapping[str, Tensor | None] | None = None,
+                     titles: Mapping[str, str] | None = None, class_names: Sequence[str] = (),
+                     highlight: int | None = None, size: int = 340, title: str = "") -> go.Figure:
     """One panel per 2-D point set (N, 2), coloured by class (paper Fig. 4 layout).
 
     A legend entry per class toggles that class in every panel. Hover names the class and the image index
@@ -221,7 +231,10 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
         p, y = points[name], labels.get(name)
         idx = (index or {}).get(name)
         ids, what = (idx, "image") if idx is not None else (torch.arange(len(p)), "sample")
-        groups = [(None, torch.ones(len(p), dtype=torch.bool))] if y is None else [(c, y == c) for c in all_classes]
+        if y is None:
+            groups = [(None, torch.ones(len(p), dtype=torch.bool))]
+        else:
+            groups = [(c, y == c) for c in all_classes]
         for c, mask in groups:
             if not bool(mask.any()):
                 continue
@@ -230,7 +243,8 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
                 x=p[mask, 0].tolist(), y=p[mask, 1].tolist(), mode="markers", name=cname, legendgroup=cname,
                 showlegend=cname not in shown, customdata=ids[mask].tolist(),
                 marker=dict(size=4, opacity=0.75, color=color.get(c, "gray")),
-                hovertemplate=f"<b>{cname}</b><br>{what} #%{{customdata}}<br>{name}<extra></extra>"), 1, i + 1)
+                hovertemplate=f"<b>{cname}</b><br>{what} #%{{customdata}}<br>{name}<extra></extra>"), 1,
+                          i + 1)
             shown.add(cname)
         if highlight is not None and idx is not None and bool((idx == highlight).any()):
             j = int((idx == highlight).nonzero()[0, 0])
@@ -250,7 +264,8 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
 def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles: Mapping[str, str],
                      title: str = "", cols: int = 3) -> go.Figure:
     """One panel per metric: per condition, the mean ± sample standard deviation of its seeds (bar and error
-    bar) and every seed as a dot. `points[metric][condition]` lists the seeds' values; `titles[metric]` names it."""
+    bar) and every seed as a dot. `points[metric][condition]` lists the seeds' values; `titles[metric]` names
+    it."""
     import statistics
 
     names = list(points)
@@ -262,10 +277,13 @@ def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles
         vals = [[x for x in points[m][k] if not math.isnan(x)] for k in conds]
         means = [statistics.fmean(v) for v in vals]
         errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-        fig.add_trace(go.Bar(x=conds, y=means, error_y={"type": "data", "array": errs}, marker_color="#9db4d3",
-                             showlegend=False, hovertemplate="%{x}: %{y:.4g}<extra>mean</extra>"), row=r, col=c)
-        fig.add_trace(go.Scatter(x=[k for k, v in zip(conds, vals) for _ in v], y=[x for v in vals for x in v],
-                                 mode="markers", marker={"color": "black", "size": 6}, showlegend=False,
+        fig.add_trace(go.Bar(x=conds, y=means, error_y={"type": "data", "array": errs},
+                             marker_color="#9db4d3",
+                             showlegend=False, hovertemplate="%{x}: %{y:.4g}<extra>mean</extra>"), row=r,
+                      col=c)
+        fig.add_trace(go.Scatter(x=[k for k, v in zip(conds, vals) for _ in v],
+                                 y=[x for v in vals for x in v], mode="markers",
+                                 marker={"color": "black", "size": 6}, showlegend=False,
                                  hovertemplate="%{x}: %{y:.4g}<extra>one seed</extra>"), row=r, col=c)
     fig.update_layout(title=title, height=330 * rows, width=360 * cols, margin={"t": 80})
     fig.update_xaxes(tickangle=30)

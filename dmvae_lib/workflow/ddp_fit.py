@@ -9,9 +9,10 @@ Notebooks 20, 30, 40 and 60 do this themselves when their parameter `nproc` is a
 one node; the pipeline's `--nproc` sets it): the notebook creates the run folder and config (and what comes
 before the training: the reference encoders, the latent cache), the processes train (rank 0 writes metrics
 and checkpoints), and the notebook's own call of the same training function then finds the finished
-checkpoint and loads it. `joint` trains the DM run and, when configured, the λ = 0 control. The run folder's `config.json` is the only input, so the
-processes fit exactly what the notebook configured. Multi-node: start the same command on every node with
-torchrun's `--nnodes/--node-rank/--rdzv-endpoint` (the run folder on a shared filesystem).
+checkpoint and loads it. `joint` trains the DM run and, when configured, the λ = 0 control. The run folder's
+`config.json` is the only input, so the processes fit exactly what the notebook configured. Multi-node: start
+the same command on every node with torchrun's `--nnodes/--node-rank/--rdzv-endpoint` (the run folder on a
+shared filesystem).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from ..data.images import load_data
 from ..data.latents import build_reference, latents_for
 from ..runtime.distributed import DistContext, barrier, process_group
 from ..runtime.runs import RunDir, RunError
-from ..stages import generation as gs
-from ..stages import joint as js
-from ..stages import tokenizer as ts
+from ..stages import generation as generation_stage
+from ..stages import joint as joint_stage
+from ..stages import tokenizer as tokenizer_stage
 from ..train.artifacts import build_tokenizer, upstream_tokenizer
 from ..train.velocity import fit_velocity_net
 
@@ -61,19 +62,22 @@ def _rank0_first(ctx: DistContext, build):
 
 def _fit_tokenizer(cfg, run: RunDir, ctx: DistContext) -> dict:
     data = load_data(cfg, run.path.parents[1] / "_cache")
-    encoders = _rank0_first(ctx, lambda: ts.reference_encoders(cfg, data, run, ctx.device, scores=False))
+    encoders = _rank0_first(
+        ctx, lambda: tokenizer_stage.reference_encoders(cfg, data, run, ctx.device, scores=False))
     encoder = encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised")
-    return ts.train_tokenizer(cfg, build_tokenizer(cfg, encoder), data, run, ctx.device, ctx=ctx)[1]
+    return tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, encoder), data, run, ctx.device,
+                                           ctx=ctx)[1]
 
 
 def _fit_joint(cfg, run: RunDir, ctx: DistContext) -> dict:
-    u = _rank0_first(ctx, lambda: js.load_upstream(Path(cfg.tokenizer_run), Path(cfg.teacher_run), ctx.device,
-                                                   run.path.parents[1] / "_cache"))
+    u = _rank0_first(ctx, lambda: joint_stage.load_upstream(Path(cfg.tokenizer_run), Path(cfg.teacher_run),
+                                                            ctx.device, run.path.parents[1] / "_cache"))
     runs = [("joint", cfg.train.dm_weight)] + ([("control", 0.0)] if cfg.train.control else [])
     stats = {}
     for tag, weight in runs:
-        stats[tag] = js.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run, ctx.device,
-                                    dm_weight=weight, tag=tag, ctx=ctx, **u.joint_kwargs(cfg))[2]
+        stats[tag] = joint_stage.train_joint(cfg, u.tokenizer, u.teacher, u.reference, u.data, run,
+                                             ctx.device, dm_weight=weight, tag=tag, ctx=ctx,
+                                             **u.joint_kwargs(cfg))[2]
     return stats
 
 
@@ -89,7 +93,8 @@ def _fit_velocity_net(stage: str, cfg, run: RunDir, ctx: DistContext) -> dict:
                                               batch=cfg.encode_batch)
             return build_reference(cfg, latents, labels, enc, data, ctx.device)
         tok, tok_cfg, _, tok_file = upstream_tokenizer(Path(cfg.joint_run), ctx.device, cfg.tokenizer_file)
-        return gs.generator_data(cfg, tok, tok_file, load_data(tok_cfg, cache_dir), run, ctx.device)
+        return generation_stage.generator_data(cfg, tok, tok_file, load_data(tok_cfg, cache_dir), run,
+                                               ctx.device)
 
     return fit_velocity_net(cfg, _rank0_first(ctx, build), run, ctx.device, ctx=ctx, tag=stage)[1]
 

@@ -1,13 +1,14 @@
 """Run the workbook's notebooks in order through papermill: `python -m dmvae_lib --preset cpu`.
 
-Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
-`preset`, `run_name=<name>` and `run_root`. Parameters are checked against each notebook's parameters cell
-before any work starts. A stage whose run folder already holds a `summary.json` is skipped, and an
-interrupted stage resumes from its checkpoints (the notebooks reopen a run with the same config). A run name
-is tied to its preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an
-error, never a silent overwrite. Parameters come from the command line or a YAML file (`--params`). A
-Markdown report (each stage's status and headline numbers, metrics with their protocol records, figures) is
-written to `runs/pipeline/<name>/report.md` and its path printed.
+Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes
+into `runs/NN_name/<name>/executed.ipynb` with parameters `preset`, `run_name=<name>` and `run_root`.
+Parameters are checked against each notebook's parameters cell before any work starts. A stage whose run
+folder already holds a `summary.json` is skipped, and an interrupted stage resumes from its checkpoints (the
+notebooks reopen a run with the same config). A run name is tied to its preset and parameters
+(`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a silent overwrite.
+Parameters come from the command line or a YAML file (`--params`). A Markdown report (each stage's status and
+headline numbers, metrics with their protocol records, figures) is written to `runs/pipeline/<name>/report.md`
+and its path printed.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run
 
 def execute(nb: Path, out_dir: Path, params: dict) -> str:
     """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir/summary.json` exists; return what happened.
-
-    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in out_dir."""
+    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in
+    out_dir."""
     import papermill
 
     if (out_dir / "summary.json").exists():
@@ -62,15 +63,9 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
 
 
 def load_params_file(path: str | Path) -> dict:
-    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix).
-
-        preset: cpu
-        name: lambda1
-        params: {seed: 1}
-        notebooks:
-          "40": {overrides: {train.dm_weight: 1.0}}
-
-    Unknown top-level keys raise; the notebooks' parameters are checked like command-line ones."""
+    """A YAML parameter file: `preset`, `name`, `params` (every notebook) and `notebooks` (per prefix, e.g.
+    `"40": {overrides: {train.dm_weight: 1.0}}`; README has an example). Unknown top-level keys raise; the
+    notebooks' parameters are checked like command-line ones."""
     import yaml
 
     path = Path(path)
@@ -98,20 +93,20 @@ def _claim(record_file: Path, identity: dict) -> None:
     if record_file.exists():
         old = json.loads(record_file.read_text())
         if old != identity:
-            raise SystemExit(f"error: pipeline run {record_file.parent.name!r} already exists with other settings "
-                             f"({old}); re-run it with the same ones to resume, or pick another --name "
+            raise SystemExit(f"error: pipeline run {record_file.parent.name!r} already exists with other "
+                             f"settings ({old}); re-run it with the same ones to resume, or pick another "
+                             "--name "
                              f"(or delete {record_file.parent} and the stage folders of that name)")
         return
     record_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(record_file, lambda f: f.write(json.dumps(identity, indent=1, sort_keys=True).encode()))
+    atomic_write_bytes(record_file,
+                       lambda f: f.write(json.dumps(identity, indent=1, sort_keys=True).encode()))
 
 
 def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | None = None,
         per_notebook: dict[str, dict] | None = None, nproc: int = 1) -> Path:
-    """Run the stages in order (validated first); write and return the Markdown report.
-
-    `nproc` > 1 is passed to the notebooks that declare an `nproc` parameter (their fits then run with DDP
-    under torchrun in that many processes on this node)."""
+    """Run the stages in order (validated first); write and return the Markdown report. `nproc` > 1 goes to
+    the notebooks that declare an `nproc` parameter (their fits then run under torchrun on this node)."""
     import papermill
 
     per_notebook = per_notebook or {}
@@ -133,11 +128,13 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     for nb in stages:  # validate everything before running anything
         check_parameters(nb, params[nb])
     _claim(run_root / "pipeline" / name / "pipeline.json",
-           json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook}, default=str)))
+           json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook},
+                                 default=str)))
     rows = []
     for nb in stages:
         out_dir = run_root / nb.stem / name
-        print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+        print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}",
+              flush=True)
         rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
     return write_report(run_root / "pipeline" / name / "report.md", name, preset, rows)
 
@@ -162,7 +159,8 @@ def _protocol_rows(out_dir: Path) -> list[str]:
     file = out_dir / "evaluation.json"
     if not file.exists():
         return []
-    rows = ["| metric | value | feature space | N | sampler × steps | CFG | EMA | seed | SHA-256 (first 12) |",
+    rows = ["| metric | value | feature space | N | sampler × steps | CFG | EMA | seed "
+            "| SHA-256 (first 12) |",
             "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in json.loads(file.read_text()):
@@ -174,13 +172,14 @@ def _protocol_rows(out_dir: Path) -> list[str]:
             notes.append(f"- `{r.get('metric')}` not computed: {r.get('reason', 'no value recorded')}")
         rows.append(f"| {r.get('metric')} | {'not computed' if value is None else f'{value:.4g}'} | "
                     f"{r.get('feature_space') or '—'} | {p.get('n_samples', '')} | {p.get('sampler', '')} × "
-                    f"{p.get('steps', '')} | {p.get('cfg_scale', '')} | {p.get('ema', '')} | {p.get('seed', '')} | "
-                    f"{hashes} |")
+                    f"{p.get('steps', '')} | {p.get('cfg_scale', '')} | {p.get('ema', '')} | "
+                    f"{p.get('seed', '')} | {hashes} |")
     return rows + ([""] + notes if notes else [])
 
 
 def _earlier_run(out_dir: Path) -> str:
-    """'; ran 236 s, ended 2026-11-30 04:46 UTC' from papermill's record in executed.ipynb ('' when unreadable)."""
+    """'; ran 236 s, ended 2026-11-30 04:46 UTC' from
+    papermill's record in executed.ipynb ('' when unreadable)."""
     try:
         meta = json.loads((out_dir / "executed.ipynb").read_text())["metadata"]["papermill"]
         return f"; ran {meta['duration']:.0f} s, ended {meta['end_time'][:16].replace('T', ' ')} UTC"
@@ -189,13 +188,15 @@ def _earlier_run(out_dir: Path) -> str:
 
 
 def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
-    """Markdown: stage table, each stage's headline numbers, metric protocol records, figures (as PNG links)."""
+    """Markdown: stage table, each stage's headline numbers,
+    metric protocol records, figures (as PNG links)."""
     def rel(p: Path) -> str:
         return os.path.relpath(p, file.parent)
 
     intro = (f"Written {_dt.datetime.now():%Y-%m-%d %H:%M:%S}. Each stage's run folder holds its executed "
              "notebook, config, metrics.jsonl, figures and checkpoints.")
-    out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "", "| stage | this invocation | run folder |",
+    out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "",
+           "| stage | this invocation | run folder |",
            "|---|---|---|"]
     out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
             for stage, status, d in rows]
@@ -228,11 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="", help="run name shared by every stage (default: <preset>_main); "
                                                  "re-running the same name resumes and skips finished stages")
     ap.add_argument("--run-root", default="", help="default: $DMVAE_RUNS or <repo>/runs")
-    ap.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
+    ap.add_argument("--only", nargs="*",
+                    help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
                                               "when named)")
-    ap.add_argument("--nproc", type=int, default=1, help="processes per fit (DDP under torchrun) for the notebooks "
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="processes per fit (DDP under torchrun) for the notebooks "
                                                          "with an `nproc` parameter; one node")
-    ap.add_argument("--params", default="", metavar="YAML", help="parameter file (preset, name, params, notebooks)")
+    ap.add_argument("--params", default="", metavar="YAML",
+                    help="parameter file (preset, name, params, notebooks)")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                     help="extra notebook parameter for every notebook, JSON-decoded, e.g. -p seed 3")
     args = ap.parse_args(argv)

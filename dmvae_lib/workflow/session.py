@@ -46,13 +46,14 @@ class Session:
     def finish(self, summary: Mapping[str, Any]) -> dict:
         """Write summary.json (with the figure paths) and return it."""
         paths = self.figures.flush()
-        out = {"preset": self.preset, **dict(summary), "figures": [str(p.relative_to(self.run.path)) for p in paths]}
+        out = {"preset": self.preset, **dict(summary),
+               "figures": [str(p.relative_to(self.run.path)) for p in paths]}
         self.run.write_summary(json.loads(json.dumps(out, default=float)))
         return out
 
 
-def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0,
-          device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
+def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *,
+          seed: int = 0, device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
     """Resolve the config (strictly), pick the device, and create or reopen the run directory."""
     cfg = make_config(stage, preset, {"seed": seed, **dict(overrides or {})})
     seed_all(seed)  # anything left on the global RNG is reproducible too
@@ -67,12 +68,8 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
 
 def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
                  preset: str = "") -> Path:
-    """The folder of an earlier notebook's finished run that holds `artifact` (e.g. "tokenizer.pt").
-
-    `path` when given (a run folder or the artifact itself); else the run of the same `run_name` (the
-    pipeline gives every stage one name); else the newest finished run of `notebook` at `preset`. Anything
-    missing raises RunError naming the notebook that produces it.
-    """
+    """The finished run folder of `notebook` holding `artifact`: `path` (a folder or the artifact), else the
+    run named `run_name`, else the newest at `preset`. RunError, naming the producing notebook, if missing."""
     producer = f"notebooks/{notebook}.ipynb"
     if path:
         p = Path(path).expanduser().resolve()

@@ -88,13 +88,14 @@ def cell_params(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, toke
         # No quality gate on the teacher: how close each teacher gets to its reference is a result of the
         # study (column teacher_sw2_ratio), not a reason to drop the reference.
         return {"30": {**common, "seed": cfg.seeds[0], "run_name": teacher_name(prefix, reference),
-                       "tokenizer_run": str(tokenizer_dir), "reference": reference, "overrides": dict(cfg.teacher),
-                       "max_sw2_ratio": 0.0}}
+                       "tokenizer_run": str(tokenizer_dir), "reference": reference,
+                       "overrides": dict(cfg.teacher), "max_sw2_ratio": 0.0}}
     name = cell.name(prefix)
     teacher_dir = run_root / _notebook("30").stem / teacher_name(prefix, teacher_of(cfg, cell))
     joint_dir = run_root / _notebook("40").stem / name
     return {"40": {**common, "seed": cell.seed, "run_name": name, "tokenizer_run": str(tokenizer_dir),
-                   "teacher_run": str(teacher_dir), "overrides": {**cfg.joint, "train.dm_weight": cell.dm_weight}},
+                   "teacher_run": str(teacher_dir),
+                   "overrides": {**cfg.joint, "train.dm_weight": cell.dm_weight}},
             "60": {**common, "seed": cell.seed, "run_name": name, "joint_run": str(joint_dir),
                    "overrides": dict(cfg.generation)}}
 
@@ -131,7 +132,8 @@ def _execute(nb_prefix: str, params: dict, run_root: Path, log: Callable[[str], 
 
 
 def run_study(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_dir: Path, *,
-              device: str = "auto", progress: bool = True, log: Callable[[str], None] = print) -> list[Result]:
+              device: str = "auto", progress: bool = True,
+              log: Callable[[str], None] = print) -> list[Result]:
     """Run (or resume) every teacher and cell through papermill; a failure is recorded, not raised."""
     from tqdm.auto import tqdm
 
@@ -149,7 +151,8 @@ def run_study(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokeni
         t0 = time.perf_counter()
         try:
             r.dirs["30"], r.status = _execute("30", cell_params(cfg, preset, prefix, run_root, tokenizer_dir,
-                                                                reference=ref, device=device)["30"], run_root, log)
+                                                                reference=ref, device=device)["30"], run_root,
+                                              log)
         except Exception as e:  # noqa: BLE001 - recorded, reported by `failures`, and the study goes on
             r.status, r.error = "failed", _last_line(e)
             failed_teachers[ref] = r.error
@@ -212,7 +215,7 @@ def collect(results: Sequence[Result]) -> pd.DataFrame:
     for r in results:
         if r.cell is None:
             continue
-        joint, gen, teacher = _summary(r.dirs.get("40")), _summary(r.dirs.get("60")), _summary(r.dirs.get("30"))
+        joint, gen, teacher = (_summary(r.dirs.get(nb)) for nb in ("40", "60", "30"))
         rows.append({
             "condition": r.cell.condition, "reference": r.cell.reference, "dm_weight": r.cell.dm_weight,
             "seed": r.cell.seed, "status": r.status, "minutes": r.seconds / 60,
@@ -223,14 +226,17 @@ def collect(results: Sequence[Result]) -> pd.DataFrame:
             "knn": _value(gen, "latent_clustering", "knn"),
             "silhouette": _value(gen, "latent_clustering", "silhouette"),
             "latent_fd_ratio": _value(gen, "latent_fit", "fd_ratio"),
-            "ref_fd": _value(joint, "dm", "ref_fd"),  # in each reference's own space: compare within a row only
-            "teacher_sw2_ratio": _value(teacher, "evaluation", "sw2_ratio") if r.cell.dm_weight > 0 else math.nan,
+            "ref_fd": _value(joint, "dm", "ref_fd"),  # in each reference's own space:
+                                                      # compare within a row only
+            "teacher_sw2_ratio": _value(teacher, "evaluation",
+                                        "sw2_ratio") if r.cell.dm_weight > 0 else math.nan,
             "joint_run": str(r.dirs.get("40", "")), "generation_run": str(r.dirs.get("60", "")),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def aggregate(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS), by: str = "condition") -> pd.DataFrame:
+def aggregate(table: pd.DataFrame, metrics: Sequence[str] = tuple(METRICS),
+              by: str = "condition") -> pd.DataFrame:
     """Mean, spread (sample standard deviation; NaN for one seed) and seed count of each metric per `by`,
     over the cells that finished, in the table's order of first appearance."""
     done = table[table["status"].isin(["ran", pipeline.SKIPPED])]
@@ -245,7 +251,8 @@ def formatted(agg: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     cols = {}
     for m in dict.fromkeys(c[1] for c in agg.columns):
         mean, std, n = agg[("mean", m)], agg[("std", m)], agg[("n", m)]
-        cols[m] = [f"{a:.{digits}f} ± {b:.{digits}f} ({int(k)})" if not math.isnan(b) else f"{a:.{digits}f} ({int(k)})"
+        cols[m] = [f"{a:.{digits}f} ± {b:.{digits}f} ({int(k)})" if not math.isnan(b) else f"{a:.{digits}f} "
+                                                                                           f"({int(k)})"
                    for a, b, k in zip(mean, std, n)]
     return pd.DataFrame(cols, index=agg.index)
 
