@@ -41,7 +41,8 @@ nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 
 overrides: dict = {}  # dotted config keys, e.g. {"train.steps": 2000, "encoder.ssl.steps": 1500}
 
 # %%
-from dmvae_lib.data.images import load_data, to_float
+from dmvae_lib.data.images import load_data
+from dmvae_lib.data.pixels import to_float
 from dmvae_lib.metrics.reconstruction import reconstruct
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import tokenizer as tokenizer_stage

@@ -14,6 +14,7 @@ import torch
 
 from dmvae_lib.configs import ConfigError, make_config
 from dmvae_lib.configs.generation import SampleConfig
+from dmvae_lib.data.pixels import to_uint8
 from dmvae_lib.data.references import GaussianReference, TensorReference
 from dmvae_lib.metrics import evaluation as ev
 from dmvae_lib.metrics.image_metrics import (
@@ -181,7 +182,7 @@ def test_adm_npz_rejects_float_or_nchw_images(tmp_path):
 
 def test_to_uint8_and_grid():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
-    u8 = ev.to_uint8(x)
+    u8 = to_uint8(x)
     assert u8.shape == (1, 2, 2, 3) and u8[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255]
     grid = ev.image_grid(_images(n=5, h=4, w=4), cols=3, pad=1)
     assert grid.shape == (2 * 5 - 1, 3 * 5 - 1, 3) and grid.dtype == torch.uint8

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from dmvae_lib.configs import ConfigError, make_config, to_dict
-from dmvae_lib.data.images import load_data, to_float
+from dmvae_lib.data.images import load_data
+from dmvae_lib.data.pixels import to_float
 from dmvae_lib.runtime.runs import RunDir, RunError, load_checkpoint, save_checkpoint
 from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import build_tokenizer, load_tokenizer, save_tokenizer

@@ -23,6 +23,8 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from .pixels import u8_to_float
+
 log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
@@ -57,7 +59,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB image → float32 (3, H, W) in [-1, 1]."""
-    return pil_to_tensor(image).float().div_(127.5).sub_(1.0)
+    return u8_to_float(pil_to_tensor(image))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -172,4 +174,4 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> tuple[torch.T
     labels = np.concatenate([y for _, y in batches])
     if labels.size and (labels.min() < 0 or labels.max() >= len(CIFAR10_CLASSES)):
         raise DatasetError(f"CIFAR-10 labels in {folder} fall outside 0..9")
-    return torch.from_numpy(data).float().div_(127.5).sub_(1.0), torch.from_numpy(labels)
+    return u8_to_float(torch.from_numpy(data)), torch.from_numpy(labels)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunError, atomic_write_bytes
+from .pixels import u8_to_float
 
 META_KEY = "dmvae_latent_cache"
 SCHEMA = 1
@@ -97,7 +98,7 @@ def encode_latents(tokenizer: nn.Module, images_u8: Tensor, labels: Tensor | Non
         with tqdm(total=n * len(views), desc="encode latents", unit="img", disable=not progress) as bar:
             for flipped in views:
                 for start in range(0, n, batch):
-                    x = images_u8[start:start + batch].to(device).float().div(127.5).sub(1.0)
+                    x = u8_to_float(images_u8[start:start + batch].to(device))
                     if flipped:
                         x = x.flip(-1)
                     with torch.inference_mode(), autocast_ctx(device, precision):

@@ -12,8 +12,9 @@ from ..configs.teacher import TeacherStageConfig
 from ..models.tokenizer import Tokenizer
 from ..runtime.runs import RunDir, RunError
 from . import latent_cache
-from .images import ImageData, to_float, train_images
+from .images import ImageData, train_images
 from .latent_cache import file_digest
+from .pixels import to_float
 from .references import make_reference
 
 

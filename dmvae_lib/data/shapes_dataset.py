@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..runtime.runs import atomic_write_bytes
+from .pixels import to_float
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def generate(n: int, seed: int, *, nuisance_seed: int | None = None) -> tuple[np
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in [-1, 1]."""
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+    return to_float(torch.from_numpy(images))
 
 
 class ShapesDataset(torch.utils.data.Dataset):

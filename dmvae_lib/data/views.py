@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import shapes_dataset
+from .pixels import u8_to_float
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -86,7 +87,7 @@ def renders_tensor(renders) -> Tensor:
 
 def batch_images(data: Tensor, view: Tensor, idx: Tensor, device: torch.device | str = "cpu") -> Tensor:
     """Renders `view[i]` of instances `idx[i]` of uint8 `data` (V, N, 3, H, W) as float."""
-    return data[view, idx].to(device).float().div_(127.5).sub_(1.0)  # (B, 3, H, W) in [−1, 1]
+    return u8_to_float(data[view, idx].to(device))  # (B, 3, H, W) in [−1, 1]
 
 
 def sample_views(data: Tensor, generator: torch.Generator, batch: int, paired_frac: float, aug: dict,

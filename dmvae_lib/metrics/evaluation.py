@@ -106,12 +106,6 @@ def scratch_dir(run_path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """(N, 3, H, W) floats in [−1, 1] → uint8 (N, H, W, 3), rounded as `image_metrics.fid_inception` does."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3,
-                                                                                        1).contiguous()
-
-
 def _check_images(images: Tensor | np.ndarray, what: str) -> np.ndarray:
     arr = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from dmvae_lib.models.recon_losses import PerceptualLoss
 
+from ..data.pixels import float_to_u8
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 INCEPTION_SPACE = "inception-v3-pool3-2048 (FID; torch-fidelity TF-ported weights)"
@@ -159,7 +161,7 @@ def inception_features(net, images: Images, batch_size: int = 64) -> tuple[Tenso
     outs = []
     for batch in _batches(images, batch_size):
         if batch.dtype != torch.uint8:
-            batch = ((batch.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            batch = float_to_u8(batch)
         outs.append([f.double().cpu() for f in net(batch.to(device))])
     return tuple(torch.cat(parts) for parts in zip(*outs))
 

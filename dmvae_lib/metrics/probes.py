@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.pixels import u8_to_float
+
 
 @torch.no_grad()
 def extract_features(fn: Callable[[Tensor], Tensor], images: Tensor, *, batch: int = 1024,
@@ -24,7 +26,7 @@ def extract_features(fn: Callable[[Tensor], Tensor], images: Tensor, *, batch: i
     for start in range(0, len(images), batch):
         x = images[start:start + batch]
         if x.dtype == torch.uint8:  # HWC uint8 → CHW float in [−1, 1]
-            x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            x = u8_to_float(x.permute(0, 3, 1, 2))
         out.append(fn(x.to(device)).float().cpu())
     return torch.cat(out)
 

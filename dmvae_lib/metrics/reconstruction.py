@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data.images import to_float
+from ..data.pixels import to_float
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx
 

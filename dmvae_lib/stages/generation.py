@@ -31,6 +31,7 @@ from ..configs.generation import GenerationStageConfig, MetricsConfig, SampleCon
 from ..core.samplers import euler_maruyama, euler_ode, guided
 from ..data.images import ImageData
 from ..data.latents import latents_for
+from ..data.pixels import to_float, to_uint8
 from ..data.references import TensorReference
 from ..metrics import embedding, probes
 from ..metrics import evaluation as ev
@@ -115,7 +116,7 @@ def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, pr
                       leave=False):
         with autocast_ctx(dev, precision), denormals_flushed():
             x = tok.decode(tok.denormalize(latents[start:start + batch].to(dev)))
-        out.append(ev.to_uint8(x.float().clamp(-1, 1).cpu()))
+        out.append(to_uint8(x.float().clamp(-1, 1).cpu()))
     return torch.cat(out)
 
 
@@ -141,7 +142,7 @@ def samples_figure(images: Tensor, labels: Tensor | None, per_class: int, real: 
         if name in ref:
             rows[f"{name} real"] = ref[name]
     k = min(len(v) for v in rows.values())  # equal row lengths
-    return viz.image_grid({name: v[:k].permute(0, 3, 1, 2).float() / 127.5 - 1 for name, v in rows.items()},
+    return viz.image_grid({name: to_float(v[:k]) for name, v in rows.items()},
                           title=title)
 
 
@@ -211,7 +212,7 @@ def evaluate(cfg: GenerationStageConfig, images: Tensor, tok: Tokenizer, encoder
     val = data.val[-m.floor_images:]  # the floor's and the rFD's images; never in the real set
     real, real_desc = real_images(data, m.real_images, len(val))
     f_real, f_gen, f_val = feats(real), feats(images), feats(val)
-    recon = ev.to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
+    recon = to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
     val_desc = f"val[-{len(val)}:]"
     rows = [("fd_ssl", ev.feature_fd(f_gen, f_real, space), {"real_set": real_desc}),
             ("fd_ssl_floor", ev.feature_fd(f_val, f_real, space),

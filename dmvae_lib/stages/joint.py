@@ -28,8 +28,9 @@ from ..configs.joint import JointStageConfig
 from ..configs.teacher import TeacherStageConfig
 from ..core import dmd, flow
 from ..core.samplers import guided
-from ..data.images import ImageData, batches, load_data, to_float
+from ..data.images import ImageData, batches, load_data
 from ..data.latents import build_reference, latents_for
+from ..data.pixels import to_float
 from ..metrics import image_metrics
 from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct

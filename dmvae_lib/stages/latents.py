@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..configs.latents import EMBED_METHODS, LatentsStageConfig
 from ..data.image_folders import CIFAR10_CLASSES
-from ..data.images import ImageData, to_float
+from ..data.images import ImageData
+from ..data.pixels import to_float
 from ..data.shapes_dataset import CLASS_NAMES
 from ..metrics import embedding
 from ..models.tokenizer import Tokenizer

@@ -18,7 +18,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..configs.tokenizer import TokenizerStageConfig
-from ..data.images import ImageData, batches, to_float
+from ..data.images import ImageData, batches
+from ..data.pixels import to_float
 from ..metrics import image_metrics, probes
 from ..metrics.reconstruction import reconstruct
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss

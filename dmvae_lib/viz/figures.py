@@ -18,6 +18,8 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..data.pixels import to_uint8
+
 REF_COLOR, POINT_COLOR = "rgba(250,173,7,0.35)", "rgba(31,119,180,0.75)"
 CHROMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
@@ -178,8 +180,7 @@ def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> g
 
     tiles = []
     for imgs in rows.values():
-        u8 = ((imgs.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3,
-                                                                                       1).cpu().numpy()
+        u8 = to_uint8(imgs.detach().clamp(-1, 1)).cpu().numpy()
         pad = np.full((u8.shape[0], u8.shape[1] + 2, u8.shape[2] + 2, 3), 255, np.uint8)
         pad[:, 1:-1, 1:-1] = u8
         tiles.append(np.concatenate(list(pad), axis=1))
