@@ -51,11 +51,13 @@ import time
 import torch
 
 from dmvae_lib.data.images import load_data
+from dmvae_lib.data.pixels import to_float
 from dmvae_lib.metrics import evaluation as ev
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import generation as generation_stage
 from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
+from dmvae_lib.viz import figures as viz
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
@@ -103,7 +105,24 @@ print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fi
 assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
 
 # %% [markdown]
-# ## 3 · Sample latents
+# ## 3 · The mechanism: one sampling trajectory
+# Sampling integrates the learned velocity from noise (t = 0) to data (t = 1),
+# $x_{t+\Delta t} = x_t + \Delta t\, v_\theta(x_t, t, y)$, where under classifier-free guidance (inside the
+# interval) $v = v_\varnothing + s\,(v_y - v_\varnothing)$. At every step the net also predicts where it is
+# heading, $\hat x = x_t + (1-t)\,v$; decoding these predictions shows the image forming, coarse first.
+# One row per step shown, one column per sample (one per class when the generator is conditional).
+
+# %%
+ts, x_hats = generation_stage.trajectory(net, train_set.shape, train_set.num_classes, cfg.sample, seed,
+                                         s.device, n=8, snapshots=6)
+rows = {f"t = {t:.2f}": generation_stage.decode_latents(tok, x, s.device, progress=False)
+        for t, x in zip(ts, x_hats)}
+s.figures.save(viz.image_grid({k: to_float(v) for k, v in rows.items()}, title="x̂ along one ODE trajectory"),
+               "sampling_trajectory")
+assert len(rows) == 6 and all(torch.isfinite(x).all() for x in x_hats)
+
+# %% [markdown]
+# ## 4 · Sample latents
 # Labels are class-balanced (label i mod K, as the authors' `sample_50k.py`). The ODE sampler integrates
 # dx/dt = v; the SDE adds the score-weighted drift and noise of the "sigma" diffusion and ends with a
 # deterministic mean step (the authors' 250-step evaluation). With `sample.cfg_scale` > 1 the velocity is
@@ -124,7 +143,7 @@ print(f"latent FD to the cache {fit['samples_vs_cache']['fd']:.2f} ({fit['fd_rat
 assert torch.isfinite(latents).all(), "non-finite samples"
 
 # %% [markdown]
-# ## 4 · Decode and save
+# ## 5 · Decode and save
 # `samples.npz` holds all N images as `arr_0` (uint8, N × H × W × 3) and the labels as `arr_1`: the format of
 # the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) that DiT, LightningDiT, REPA and RAE
 # report with. `samples_grid.png` has one row per class; `samples/` holds the first `metrics.png_limit` PNGs.
@@ -142,7 +161,7 @@ fig = generation_stage.samples_figure(images, labels, cfg.metrics.grid_per_class
 s.figures.save(fig, "samples")
 
 # %% [markdown]
-# ## 5 · Evaluate
+# ## 6 · Evaluate
 # * `fd_ssl`: Fréchet distance between SSL-encoder features of the samples and of real training images (at
 #   this scale the stand-in for gFID; it is *not* FID). Read it against `fd_ssl_floor` (val vs train images:
 #   two real sets, no generator) and `rfd_ssl` (val images vs their reconstructions: what the tokenizer
@@ -169,7 +188,7 @@ print(f"SSL-space FD: samples {fd:.3f} | real-vs-real floor {floor:.3f} | recons
 assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
 
 # %% [markdown]
-# ## 6 · Save and summarise
+# ## 7 · Save and summarise
 # `generator.pt` (EMA weights, the tokenizer's hash), `samples.npz`, the PNGs and `evaluation.json` (metrics
 # and protocols) stay in the run folder; the summary repeats the headline numbers.
 

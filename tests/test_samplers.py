@@ -169,3 +169,12 @@ def test_euler_ode_with_guided_label_net(gen):
     y = torch.tensor([1, 2, 3, 1, 2, 3])
     x = samplers.euler_ode(v, noise, 5, y=y)
     assert torch.allclose(x, noise + 2.0 * y.float()[:, None], atol=1e-5)
+
+
+def test_euler_ode_on_step_sees_each_step_and_changes_nothing():
+    seen = []
+    net = lambda x, t, y=None: -x  # noqa: E731
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    plain = samplers.euler_ode(net, noise, 5)
+    hooked = samplers.euler_ode(net, noise, 5, on_step=lambda i, t, x, v: seen.append((i, float(t[0]))))
+    assert torch.equal(plain, hooked) and [i for i, _ in seen] == list(range(5)) and seen[0][1] == 0.0

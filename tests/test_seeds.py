@@ -31,6 +31,7 @@ def test_offsets_are_the_workbook_s_historical_ones():
         "tokenizer.init": 5, "tokenizer.disc_init": 6, "tokenizer.batches": 11, "velocity.batches": 23,
         "velocity.noise": 29, "teacher.eval": 5, "joint.head_init": 3, "joint.batches": 29,
         "joint.fake_fm": 37, "joint.refine": 31, "generation.sde": 1, "generation.latent_fit": 5,
+        "generation.trajectory": 7,
     }
 
 

@@ -75,14 +75,20 @@ def euler_ode(
     y: Optional[Tensor] = None,
     shift: float = 1.0,
     progress: Optional[Callable] = None,
+    on_step: Optional[Callable[[int, Tensor, Tensor, Tensor], None]] = None,
 ) -> Tensor:
-    """Integrate dx/dt = v from t=0 (noise) to t=1 with `steps` Euler steps. Returns data samples."""
+    """Integrate dx/dt = v from t=0 (noise) to t=1 with `steps` Euler steps. Returns data samples.
+
+    `on_step(i, t, x_t, v)` sees every step before it is taken (e.g. to record x̂ = x_t + (1 − t)·v)."""
     x = noise
     grid = _time_grid(steps, 1.0, shift, noise.device)
     rng = range(steps) if progress is None else progress(range(steps))
     for i in rng:
         t = grid[i].expand(x.shape[0])
-        x = x + (grid[i + 1] - grid[i]) * velocity(x, t, y)
+        v = velocity(x, t, y)
+        if on_step is not None:
+            on_step(i, t, x, v)
+        x = x + (grid[i + 1] - grid[i]) * v
     return x
 
 

@@ -39,6 +39,7 @@ OFFSETS: dict[str, int] = {
     # notebook 60 (generation)
     "generation.sde": 1,  # the SDE sampler's Brownian increments (the start noise uses the seed itself)
     "generation.latent_fit": 5,  # the two latent-cache draws sampled latents are scored against
+    "generation.trajectory": 7,  # the start noise of the one trajectory notebook 60 takes apart
 }
 
 # Rank r of a multi-process run draws its data from `stream + RANK_STRIDE·r`; rank 0 keeps the

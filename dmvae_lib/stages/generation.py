@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..configs.generation import GenerationStageConfig, MetricsConfig, SampleConfig
+from ..core.flow import predict_data
 from ..core.samplers import euler_maruyama, euler_ode, guided
 from ..data.images import ImageData
 from ..data.latents import latents_for
@@ -105,6 +106,28 @@ def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: 
                                    last_step=s.last_step, generator=sde_gen)
         out.append(x.float().cpu())
     return torch.cat(out), labels
+
+
+@torch.no_grad()
+def trajectory(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: SampleConfig, seed: int,
+               device, *, n: int = 8, snapshots: int = 6) -> tuple[list[float], list[Tensor]]:
+    """One Euler-ODE run of n latents (one per class when conditional, CFG as `s`), recording the data
+    prediction x̂ = x_t + (1 − t)·v at `snapshots` evenly spaced steps: (their t, their x̂ on the CPU)."""
+    dev, gen = torch.device(device), stream(seed, "generation.trajectory")
+    y = (torch.arange(n) % num_classes).to(dev) if num_classes else None
+    velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
+    keep = {round(i * (s.steps - 1) / max(snapshots - 1, 1)) for i in range(snapshots)}
+    ts, x_hats = [], []
+
+    def record(i: int, t: Tensor, x_t: Tensor, v: Tensor) -> None:
+        if i in keep:
+            ts.append(float(t[0]))
+            x_hats.append(predict_data(x_t, t, v).float().cpu())
+
+    with autocast_ctx(dev, s.precision):
+        euler_ode(velocity, torch.randn(n, *shape, generator=gen).to(dev), s.steps, y=y, shift=s.shift,
+                  on_step=record)
+    return ts, x_hats
 
 
 @torch.no_grad()
