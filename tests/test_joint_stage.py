@@ -14,7 +14,8 @@ from dmvae_lib.data.images import ImageData
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.models.lightning_dit import lightning_dit
 from dmvae_lib.models.projection_heads import make_head
-from dmvae_lib.models.tokenizer import Decoder, Projector, Tokenizer, timm_encoder
+from dmvae_lib.models.ssl_encoder import SmallResNet
+from dmvae_lib.models.tokenizer import Decoder, Projector, SSLFeatures, Tokenizer, timm_encoder
 from dmvae_lib.runtime.runs import RunDir, RunError, save_checkpoint
 from dmvae_lib.runtime.seeds import stream_seed
 from dmvae_lib.stages import joint as js
@@ -76,14 +77,19 @@ def test_every_reference_builds_and_fits_a_teacher(upstream, teacher, name):
     assert stats["nonfinite"] == 0 and net(x, torch.rand(5), y).shape == x.shape
 
 
-def _routing_run(dm_weight: float, l1: float) -> dict[str, bool]:
+def _routing_run(dm_weight: float, l1: float, encoder: str = "timm") -> dict[str, bool]:
     """Two tokenizer turns of the real `train_joint` (trainable encoder, GAN off, no weight decay): which
     parts moved (the first turn's DM direction is 0: the fake net starts as the teacher). A part whose every
     gradient is zero or absent does not move under AdamW."""
     gen = torch.Generator().manual_seed(0)
-    enc = timm_encoder("resnet18", img_size=32, pretrained=False, feature_stage=1)  # (B, 64, 8, 8)
-    tok = Tokenizer(enc, Projector(64, 4), Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1),
-                                                   num_res_blocks=0, attn=False, num_groups=8))
+    if encoder == "timm":
+        enc = timm_encoder("resnet18", img_size=32, pretrained=False, feature_stage=1)  # (B, 64, 8, 8)
+    else:  # the embedded SSL encoder with its stem side input, 8×8×(32 + 32)
+        enc = SSLFeatures(SmallResNet(8, "r3"), side_input=True)
+    bn_before = {k: v.clone() for k, v in enc.state_dict().items() if "running" in k}
+    dec = Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1), num_res_blocks=0, attn=False,
+                  num_groups=8)
+    tok = Tokenizer(enc, Projector(enc.out_channels, 4), dec)
     teacher = lightning_dit("tiny", input_size=4, in_channels=6, num_classes=3)
     for p in teacher.parameters():  # non-zero outputs (adaLN-Zero starts at v = 0)
         p.data.normal_(0, 0.05, generator=gen)
@@ -101,17 +107,20 @@ def _routing_run(dm_weight: float, l1: float) -> dict[str, bool]:
     out, head, _ = js.train_joint(cfg, tok, teacher, ref, data, None, "cpu", dm_weight=dm_weight,
                                   disc_arch=(8, 1), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters())), "the teacher moved"
+    if encoder == "ssl":  # the embedded encoder trains with its SSL BatchNorm statistics frozen
+        after = out.encoder.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in bn_before.items()), "BatchNorm statistics moved"
     moved = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
     return {"encoder": moved(tok.encoder, out.encoder), "projector": moved(tok.projector, out.projector),
             "decoder": moved(tok.decoder, out.decoder), "head": moved(head0, head)}
 
 
-def test_gradient_routing_of_the_joint_step():
+@pytest.mark.parametrize("encoder", ["timm", "ssl"])
+def test_gradient_routing_of_the_joint_step(encoder):
     """λ·L_DM reaches encoder, projector and head, never the decoder; L_rec reaches all but the head."""
-    assert _routing_run(dm_weight=10.0, l1=0.0) == {"encoder": True, "projector": True, "decoder": False,
-                                                    "head": True}
-    assert _routing_run(dm_weight=0.0, l1=1.0) == {"encoder": True, "projector": True, "decoder": True,
-                                                   "head": False}
+    dm, rec = _routing_run(10.0, 0.0, encoder), _routing_run(0.0, 1.0, encoder)
+    assert dm == {"encoder": True, "projector": True, "decoder": False, "head": True}
+    assert rec == {"encoder": True, "projector": True, "decoder": True, "head": False}
 
 
 def test_joint_training_and_control(upstream, teacher):

@@ -26,7 +26,7 @@ class JointTrainConfig:
     weight_decay: float = 0.005
     warmup_steps: int = 50  # each optimizer's own steps
     grad_clip: float = 1.0
-    train_encoder: bool = False  # also update the encoder (authors: DINOv2 trains); the SSL CNN stays frozen
+    train_encoder: bool = False  # also update the encoder (authors: DINOv2 trains); BatchNorm stats frozen
     label_dropout: float = 0.1  # fake-net fitting (as the teacher was fitted)
     l1: float = 1.0
     lpips: str = "auto"  # as in stage 1

@@ -303,22 +303,28 @@ class Tokenizer(nn.Module):
 
 
 class SSLFeatures(nn.Module):
-    """A frozen SmallResNet as the tokenizer's encoder: its 8×8 features, plus (side_input) the 16×16 stem
-    folded to 8×8 by pixel_unshuffle. The stem keeps the colour that the SSL features were trained to
-    ignore."""
+    """A SmallResNet as the tokenizer's encoder: its 8×8 features, plus (side_input) the 16×16 stem folded to
+    8×8 by pixel_unshuffle (the stem keeps the colour the SSL features were trained to ignore). Frozen unless
+    `set_trainable(True)`; its BatchNorm statistics stay those of SSL training either way (eval mode)."""
 
     def __init__(self, backbone: SmallResNet, side_input: bool):
         super().__init__()
         self.backbone, self.side_input = backbone.eval().requires_grad_(False), side_input
         self.out_channels = backbone.out_channels + (4 * backbone.width if side_input else 0)
+        self.trainable = False
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Let gradients reach the backbone's weights (joint training); the BatchNorm statistics stay put."""
+        self.trainable = trainable
+        self.backbone.requires_grad_(trainable)
 
     def train(self, mode: bool = True) -> "SSLFeatures":
         return super().train(False)  # BatchNorm statistics stay frozen
 
-    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        feats, stem = self.backbone.forward_features(x, return_stem=True)
-        out = torch.cat([feats, F.pixel_unshuffle(stem, 2)], 1) if self.side_input else feats
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            feats, stem = self.backbone.forward_features(x, return_stem=True)
+            out = torch.cat([feats, F.pixel_unshuffle(stem, 2)], 1) if self.side_input else feats
         # contiguous NCHW: a backbone trained in channels-last would otherwise hand that memory format to the
         # projector and decoder, whose GroupNorms run several times slower in it on CPU
         return out.contiguous()

@@ -156,8 +156,8 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     head = make_head(latent_shape, tuple(reference.shape)).to(device)
     if c.train_encoder:
         if not hasattr(tok.encoder, "set_trainable"):
-            raise ValueError("train.train_encoder=True needs a timm encoder (encoder.kind='timm' in "
-                             f"stage 1); the {type(tok.encoder).__name__} encoder stays frozen")
+            name = type(tok.encoder).__name__
+            raise ValueError(f"train.train_encoder=True: the {name} encoder cannot train")
         tok.encoder.set_trainable(True)
     enc_params = list(tok.encoder.parameters()) if c.train_encoder else []
     params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(), *head.parameters()]
