@@ -92,17 +92,24 @@ print(f"class structure of the latents: kNN {clusters['knn']:.3f} (chance {clust
 # ## 2 · Fit the generator
 # Flow matching (x_t = t·data + (1 − t)·noise, target data − noise) on the cached latents with label dropout
 # (the null label gives classifier-free guidance), through notebook 30's `fit_velocity_net`: one loop, one
-# loss. Its EMA weights are what gets sampled (`sample.ema`).
+# loss. Its EMA weights are what gets sampled (`sample.ema`). With `curve.steps` set, the EMA net is also
+# sampled and scored at those steps (FD to real images and to this tokenizer's reconstructions, in the SSL
+# space and in low-resolution pixels): a learning curve, which shows how fast latents are to model.
 
 # %%
 if nproc > 1:  # DDP: torchrun fits in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["generator", str(s.run.path), "--device", device])
-net, fit_stats = generation_stage.fit_generator(cfg, train_set, s.run, s.device)
+curve = generation_stage.curve_evaluator(cfg, tok, encoders, data, train_set.shape, train_set.num_classes,
+                                         s.run, s.device) if cfg.curve.steps and nproc == 1 else None
+net, fit_stats = generation_stage.fit_generator(cfg, train_set, s.run, s.device, curve=curve)
 save_generator(s.run.path / "generator.pt", cfg, net, train_set, tok_file)
 s.figures.save(tokenizer_stage.loss_curves(s.run, "generator", ("fm_loss",)), "generator_loss")
 first = next(r for r in s.run.read_metrics() if r.get("tag") == "generator")
 print(f"flow-matching loss {first['fm_loss']:.3f} (step {first['step']}) → {fit_stats['fm_loss']:.3f}")
 assert fit_stats["fm_loss"] < first["fm_loss"], "the generator did not learn"
+points = generation_stage.curve_records(s.run)
+if points:
+    s.figures.save(viz.learning_curve_panels(points), "generator_curve")
 
 # %% [markdown]
 # ## 3 · The mechanism: one sampling trajectory
@@ -195,6 +202,7 @@ assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
 # %%
 summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer_file, "fit": fit_stats,
                     "latent_fit": fit, "latent_clustering": clusters, "sampling_seconds": sample_s,
+                    "curve": points,
                     "metrics": {r["metric"]: r for r in records},
                     "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
                     "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})

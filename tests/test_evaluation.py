@@ -4,12 +4,14 @@ runs."""
 
 import dataclasses
 import json
+import math
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tiny_stages as tiny
 import torch
 
 from dmvae_lib.configs import ConfigError, make_config
@@ -293,3 +295,29 @@ def test_fit_generator_checkpoints_ema_raw_and_saved_weights(tmp_path, gen):
     loaded, ck = load_generator(run.path / "generator.pt")
     torch.testing.assert_close(loaded(x, t, y), net(x, t, y))
     assert ck["latents"] == {"shape": list(SHAPE), "num_classes": 4}
+
+
+def test_learning_curve_scores_the_ema_net_at_the_chosen_steps(tmp_path):
+    stage = tiny.tokenizer_stage(tmp_path)
+    tok, data = stage.tokenizer, stage.data
+    cfg = make_config("generation", "smoke", {
+        "fit.steps": 4, "fit.batch": 16, "fit.log_every": 2, "net.patch_size": 2, "sample.steps": 3,
+        "metrics.real_images": 48, "metrics.floor_images": 16, "curve.steps": (2, 4), "curve.n": 12})
+    run = RunDir.create(tmp_path, "60_generation", "t", {"x": 1})
+    train_set = generation_stage.generator_data(cfg, tok, stage.run.path / "tokenizer.pt", data, run, "cpu")
+    hook = generation_stage.curve_evaluator(cfg, tok, stage.encoders, data, train_set.shape,
+                                            train_set.num_classes, run, "cpu")
+    generation_stage.fit_generator(cfg, train_set, run, "cpu", progress=False, curve=hook)
+    points = generation_stage.curve_records(run)
+    assert [p["step"] for p in points] == [2, 4] and all(p["n"] == 12 for p in points)
+    for p in points:
+        for key in ("fd_ssl", "fd_ssl_recon", "fd_pix", "fd_pix_recon"):
+            assert math.isfinite(p[key]) and p[key] >= 0, (key, p)
+        assert "no encoder" in p["space_pix"] and "not FID" in p["space_ssl"]
+
+
+def test_curve_steps_are_checked_against_the_fit():
+    with pytest.raises(ConfigError, match="curve.steps"):
+        make_config("generation", "smoke", {"fit.steps": 10, "curve.steps": (20,)})
+    with pytest.raises(ConfigError, match="curve.steps"):
+        make_config("generation", "smoke", {"curve.steps": (5, 2)})

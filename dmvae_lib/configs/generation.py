@@ -59,6 +59,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """A learning curve of the generator: sample and score its EMA net at these fit steps."""
+
+    steps: tuple[int, ...] = ()  # fit steps to score at, e.g. (100, 200, 400, 800); () = no curve
+    n: int = 2000  # samples per point (ODE, the `sample` settings)
+    pixel_size: int = 8  # the pixel feature space: images average-pooled to this side (not from any encoder)
+
+
+@dataclass(frozen=True)
 class GenerationStageConfig:
     seed: int = 0
     threads: int = 0
@@ -71,6 +80,7 @@ class GenerationStageConfig:
     fit: GeneratorFitConfig = field(default_factory=GeneratorFitConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
     def validate(self) -> None:
         s = self.sample
@@ -88,6 +98,12 @@ class GenerationStageConfig:
         for key, value in (("fit.precision", self.fit.precision), ("sample.precision", s.precision)):
             if value not in ("fp32", "bf16"):
                 raise ConfigError(f"{key} {value!r} unknown; use fp32 or bf16")
+        c = self.curve
+        if list(c.steps) != sorted(set(c.steps)) or any(k < 1 or k > self.fit.steps for k in c.steps):
+            raise ConfigError(f"curve.steps must increase within 1..fit.steps ({self.fit.steps}), "
+                              f"got {c.steps}")
+        if c.steps and (c.n < 2 or c.pixel_size < 1):
+            raise ConfigError(f"curve.n must be >= 2 and curve.pixel_size >= 1, got {c.n}, {c.pixel_size}")
         if s.n < 2:
             raise ConfigError(f"sample.n must be at least 2 (a Fréchet distance needs 2 samples), got {s.n}")
 

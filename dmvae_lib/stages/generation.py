@@ -18,12 +18,14 @@ local file, FID / IS / precision-recall (`evaluation.inception_metrics`). Each m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -43,7 +45,7 @@ from ..runtime.device import autocast_ctx, denormals_flushed
 from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
 from ..runtime.seeds import stream
 from ..train.artifacts import build_net
-from ..train.velocity import fit_velocity_net
+from ..train.velocity import Hook, fit_velocity_net
 from ..viz import figures as viz
 
 SSL_SPACE = "SSL-encoder pooled features (not Inception; not FID)"
@@ -58,9 +60,56 @@ def generator_data(cfg: GenerationStageConfig, tok: Tokenizer, tok_file: Path, d
 
 
 def fit_generator(cfg: GenerationStageConfig, data: TensorReference, run: RunDir | None, device,
-                  progress: bool = True) -> tuple[nn.Module, dict]:
-    """Flow matching on the latent cache with notebook 30's fit (one loop); returns (EMA net, last stats)."""
-    return fit_velocity_net(cfg, data, run, device, progress=progress, tag="generator")
+                  progress: bool = True, curve: Hook | None = None) -> tuple[nn.Module, dict]:
+    """Flow matching on the latent cache with notebook 30's fit (one loop); returns (EMA net, last stats).
+    `curve` (see `curve_evaluator`) scores the EMA net at cfg.curve.steps on the way."""
+    hooks = [(1, curve)] if curve is not None else []
+    return fit_velocity_net(cfg, data, run, device, progress=progress, tag="generator", hooks=hooks)
+
+
+def pixel_space(size: int) -> tuple[Callable[[Tensor], Tensor], str]:
+    """A feature space no encoder defines: images average-pooled to size × size, flattened."""
+    return (lambda x: F.adaptive_avg_pool2d(x.float(), size).flatten(1)), \
+        f"pixels average-pooled to {size}×{size} (no encoder; not Inception; not FID)"
+
+
+def curve_evaluator(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, data: ImageData,
+                    shape: tuple[int, ...], num_classes: int, run: RunDir | None, device) -> Hook:
+    """fn(step, ema_net) for `fit_generator`: at each of cfg.curve.steps, cfg.curve.n samples (the same
+    noise at every step) scored by FD to real images and to this tokenizer's reconstructions of them (the
+    decoder's error cancels), in the SSL space and in pixels; logged as tag "curve" (`curve_records`)."""
+    c, m = cfg.curve, cfg.metrics
+    spaces = {"ssl": feature_fn(tok, encoders, device), "pix": pixel_space(c.pixel_size)}
+    real, _ = real_images(data, m.real_images, m.floor_images)
+    recon = to_uint8(reconstruct(tok, real, device, m.feature_batch)[0])
+
+    def feats(fn, u8):
+        return probes.extract_features(fn, u8, batch=m.feature_batch, device=device)
+
+    refs = {name: (feats(fn, real), feats(fn, recon)) for name, (fn, _) in spaces.items()}
+    sample_cfg = dataclasses.replace(cfg.sample, n=c.n)
+
+    def hook(step: int, net: nn.Module) -> None:
+        if step not in c.steps:
+            return
+        latents, _ = sample_latents(net, shape, num_classes, sample_cfg, cfg.seed, device, progress=False)
+        images = decode_latents(tok, latents, device, sample_cfg.batch, sample_cfg.precision, progress=False)
+        record = {"tag": "curve", "step": step, "n": c.n}
+        for name, (fn, label) in spaces.items():
+            f = feats(fn, images)
+            record[f"fd_{name}"] = ev.feature_fd(f, refs[name][0], label)["value"]
+            record[f"fd_{name}_recon"] = ev.feature_fd(f, refs[name][1], label)["value"]
+            record[f"space_{name}"] = label
+        if run is not None:
+            run.log_metrics(record)
+
+    return hook
+
+
+def curve_records(run: RunDir) -> list[dict]:
+    """The learning-curve points a run logged, one per step (a resumed run's latest), by step."""
+    points = {r["step"]: r for r in run.read_metrics() if r.get("tag") == "curve"}
+    return [points[k] for k in sorted(points)]
 
 
 def raw_generator(cfg: GenerationStageConfig, data: TensorReference, run: RunDir, device) -> nn.Module:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from timm.utils import ModelEmaV3
@@ -28,12 +28,15 @@ from .artifacts import build_net
 from .loop import train
 from .phases import flow_matching_step
 
+Hook = Callable[[int, nn.Module], None]  # fn(step, ema_net), run between steps
+
 
 def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
-                ctx: Optional[DistContext] = None, tag: str = "teacher") -> tuple[nn.Module, dict]:
+                     ctx: Optional[DistContext] = None, tag: str = "teacher",
+                     hooks: Sequence[tuple[int, Hook]] = ()) -> tuple[nn.Module, dict]:
     """Flow matching on fresh reference samples (label dropout → null label for CFG); returns (EMA net,
-    stats). Also fits notebook 60's generator (`tag="generator"`, a cfg with `seed`, `net`, `fit`). With a
-    multi-process `ctx`, DDP as in runtime/distributed.py."""
+    stats). Also fits notebook 60's generator (`tag="generator"`). `hooks` [(every, fn(step, ema_net))]
+    see the EMA net between steps. With a multi-process `ctx`, DDP as in runtime/distributed.py."""
     f = cfg.fit
     ctx = ctx or DistContext()
     batch = shard_batch(f.batch, ctx, "fit.batch")
@@ -68,7 +71,8 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
     if not on_cpu:
         state["noise_gen"] = noise_gen
     stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag=tag,
-                  log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
+                  log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main, ctx=ctx,
+                  hooks=[(every, lambda done, fn=fn: fn(done, ema.module)) for every, fn in hooks])
     return ema.module.eval().requires_grad_(False), stats
 
 

@@ -301,3 +301,18 @@ def dm_mechanism_panels(g_norm: Tensor, t: Tensor, grad_norm: Mapping[str, float
     fig.update_xaxes(title_text="t", row=1, col=1)
     fig.update_layout(height=380, width=860, showlegend=False)
     return fig
+
+
+def learning_curve_panels(points: Sequence[Mapping]) -> go.Figure:
+    """FD against fit steps, one panel per feature space: to real images and to the reconstructions."""
+    spaces = [k.removeprefix("space_") for k in points[0] if k.startswith("space_")]
+    fig = make_subplots(rows=1, cols=len(spaces), subplot_titles=[points[0][f"space_{s}"] for s in spaces])
+    for col, space in enumerate(spaces, 1):
+        for key, name in ((f"fd_{space}", "to real images"), (f"fd_{space}_recon", "to reconstructions")):
+            fig.add_scatter(x=[p["step"] for p in points], y=[p[key] for p in points], mode="lines+markers",
+                            name=name, legendgroup=name, showlegend=col == 1, row=1, col=col)
+    fig.update_xaxes(type="log", title_text="generator fit step")
+    fig.update_yaxes(type="log", title_text="FD")
+    fig.update_annotations(font_size=11)
+    fig.update_layout(height=380, width=860, title="generator learning curve")
+    return fig
