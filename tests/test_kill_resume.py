@@ -31,10 +31,10 @@ import sys
 import torch
 
 torch.set_num_threads(1)
-from dmvae_lib import teacher_stage as tst
 from dmvae_lib.configs import make_config, to_dict
 from dmvae_lib.data.references import TensorReference
 from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.train.velocity import fit_velocity_net
 
 cfg = make_config("teacher", "smoke", {{"fit.steps": {STEPS}, "fit.batch": 8, "fit.log_every": 1, "fit.ckpt_every": 1,
                                        "fit.warmup_steps": 5, "fit.precision": "fp32", "net.patch_size": 2}})
