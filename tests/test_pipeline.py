@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dmvae_lib.metrics.evaluation import SamplingProtocol, protocol_record
-from dmvae_lib.workflow import pipeline
+from dmvae_lib.workflow import pipeline, run_notebook
 
 # The smoke budgets (the notebook's asserts must hold), on the three objectives its asserts read.
 TINY = {"objectives": ["dm", "fake_fm_target", "real_fm_target"], "eval.grid_n": 5,
@@ -108,3 +108,20 @@ def test_unknown_preset_fails_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--nproc must be at least 1"):
         pipeline.main(["--nproc", "0", "--run-root", str(tmp_path), "--only", "10"])
     assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]
+
+
+@pytest.mark.slow
+def test_one_notebook_by_hand_runs_a_new_name_then_never_overwrites_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = pipeline.NOTEBOOK_DIR / "10_toy_gradient_fields.ipynb"
+    argv = [str(nb), "-p", "preset", "smoke", "-p", "run_name", "new", "-p", "run_root", str(tmp_path),
+            "-y", json.dumps({"overrides": TINY})]
+    assert run_notebook.main(argv) == 0  # a new name: the folder is created
+    run_dir = tmp_path / "10_toy_gradient_fields" / "new"
+    assert (run_dir / "executed.ipynb").is_file() and (run_dir / "summary.json").is_file()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert run_notebook.main(argv) == 0
+    assert "skipped (already finished)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"already holds a finished run .*\(seed: recorded 0, requested 1\)"):
+        run_notebook.main(argv + ["-p", "seed", "1"])
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -14,18 +14,24 @@ it needs the optional `tensorboard` package (`pip install -e '.[logging]'`). met
 that notebooks and tests read.
 
 Re-opening an existing run with the same config resumes it; with a different config it raises, so nothing
-already written is overwritten silently. Checkpoints are written atomically (temp file, then rename) and
+already written is overwritten silently. A run folder is owned by one process at a time: `RunDir.create` takes an
+exclusive `fcntl.flock` on `<run>/.lock` (the file records the holder's PID) and holds it while any RunDir of that
+folder lives in the process (a notebook kernel: until it exits). A second process gets `RunLockedError` naming
+the folder and the PID. The kernel drops the lock when the holder dies, SIGKILL included, so a killed run never
+leaves a stale lock and resumes at once. Checkpoints are written atomically (temp file, then rename) and
 loaded strictly: a missing, truncated or mismatched file raises an error naming the file.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
 import subprocess
 import time as _time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +41,78 @@ import torch
 
 class RunError(RuntimeError):
     """A run directory or checkpoint that cannot be used as asked."""
+
+
+class RunLockedError(RunError):
+    """Another process holds the run folder (its lock file names the PID)."""
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive `fcntl.flock` on `<folder>/.lock`, held until `release()` or garbage collection.
+
+    The kernel releases a flock when its holder's last file descriptor closes, which a process death (SIGKILL
+    too) does, so a lock is never stale; the PID written into the file only serves the error message. One
+    process takes a folder's lock once: `acquire` returns the lock it already holds (a flock on a second file
+    descriptor of the same file would conflict with the first). Files open without inheritance, so
+    subprocesses (torchrun workers) do not hold it; forked children (DataLoader workers) share it.
+    """
+
+    _held: "weakref.WeakValueDictionary[Path, FolderLock]" = weakref.WeakValueDictionary()
+
+    def __init__(self, folder: Path, file):
+        self.folder, self._file = folder, file
+
+    @staticmethod
+    def _flock(folder: Path):
+        """The open lock file of `folder` with the flock taken; RunLockedError naming the holder's PID if taken."""
+        file = open(folder / LOCK_NAME, "a+")  # never truncated before the lock is ours: the holder's PID stays
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: another process holds it
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise RunLockedError(f"{folder} is in use by another process (PID {holder}, lock {folder / LOCK_NAME}); "
+                                 "two processes must not write one run: wait for it to end or stop it (the lock "
+                                 "goes with the process, even when it is killed), or choose another run name") from None
+        return file
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike) -> "FolderLock":
+        """Lock `folder` (created if missing) for this process; raise RunLockedError if another one holds it."""
+        folder = Path(folder).resolve()
+        held = cls._held.get(folder)
+        if held is not None and held._file is not None:
+            return held
+        folder.mkdir(parents=True, exist_ok=True)
+        file = cls._flock(folder)
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        lock = cls(folder, file)
+        cls._held[folder] = lock
+        return lock
+
+    @classmethod
+    def probe(cls, folder: str | os.PathLike) -> None:
+        """Raise RunLockedError if another process holds `folder` now; create and change nothing."""
+        folder = Path(folder).resolve()
+        if (folder / LOCK_NAME).is_file() and folder not in cls._held:
+            cls._flock(folder).close()
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+            if FolderLock._held.get(self.folder) is self:
+                del FolderLock._held[self.folder]
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _git_sha() -> str:
@@ -116,13 +194,17 @@ class RunDir:
     tensorboard: bool | None = None  # also write scalars to <path>/tensorboard/;
                                      # None: DMVAE_TENSORBOARD decides
     _writer: Any = field(default=None, init=False, repr=False, compare=False)
+    _lock: Any = field(default=None, init=False, repr=False, compare=False)  # a FolderLock while this RunDir owns it
 
     @classmethod
     def create(cls, root: str | os.PathLike, notebook: str, name: str, config: Mapping[str, Any],
                device: str = "", tensorboard: bool | None = None) -> "RunDir":
         """Create runs/<notebook>/<name>/ and write config.json, or reopen it if the config is identical.
 
-        With TensorBoard logging on, a missing tensorboard package raises here, before any training.
+        The returned RunDir holds the folder's lock (`FolderLock`) for as long as it lives: another process that
+        creates the same run raises RunLockedError naming the folder and the holder's PID. A different config
+        raises before anything is written. With TensorBoard logging on, a missing tensorboard package raises
+        here, before any training.
         """
         path = Path(root) / notebook / name
         run = cls(path, tensorboard)
@@ -131,15 +213,26 @@ class RunDir:
         record = {"config": dict(config), "git_sha": _git_sha(), "torch": torch.__version__,
                   "python": platform.python_version(), "device": device}
         cfg_file = path / "config.json"
-        if cfg_file.exists():
+
+        def check_config() -> bool:  # True: the run exists with this config
+            if not cfg_file.exists():
+                return False
             old = json.loads(cfg_file.read_text())
             if old.get("config") != json.loads(json.dumps(dict(config))):
                 raise RunError(f"{path} already holds a run with a different config; choose another run_name "
                                f"or delete {path} to start over")
-            return run
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "figures").mkdir(exist_ok=True)
-        atomic_write_bytes(cfg_file, lambda f: f.write(json.dumps(record, indent=2).encode()))
+            return True
+
+        check_config()  # a refusal leaves the folder as it was (no lock file either)
+        run._lock = FolderLock.acquire(path)
+        try:
+            if check_config():  # again under the lock: another process may have created it meanwhile
+                return run
+            (path / "figures").mkdir(exist_ok=True)
+            atomic_write_bytes(cfg_file, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        except BaseException:
+            run._lock = None  # dropped with the last reference
+            raise
         return run
 
     @property
@@ -168,7 +261,7 @@ class RunDir:
         self._writer.flush()  # records are rare (log_every) and a notebook may end any time
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_writer": None}  # a live SummaryWriter does not pickle
+        return {**self.__dict__, "_writer": None, "_lock": None}  # a live SummaryWriter (or lock) does not pickle
 
     def read_metrics(self) -> list[dict]:
         file = self.path / "metrics.jsonl"

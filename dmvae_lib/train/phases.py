@@ -7,6 +7,7 @@ forward under autocast, and applies the update unless the step produced non-fini
 from __future__ import annotations
 
 import contextlib
+import math
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable, Optional
 
@@ -17,6 +18,7 @@ from ..core import flow
 from ..core.dmd import Objective
 from ..models.recon_losses import adaptive_gan_weight, bcr_loss, d_hinge_loss, diff_augment, g_loss
 from ..runtime.distributed import DistContext, all_reduce_tensor_mean, average_buffers, reduce_stats
+from .loop import note_nonfinite_gradient
 
 
 @contextlib.contextmanager
@@ -42,9 +44,15 @@ def _agreed(nonfinite: int, ctx: Optional[DistContext]) -> int:
 
 def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
                  nonfinite: int = 0, scheduler=None) -> float:
-    """zero_grad → backward → clip → step (skipped when the loss or the gradient is non-finite).
+    """zero_grad → backward → clip → step. Returns the grad norm (nan when no backward ran).
 
-    Returns the grad norm."""
+    No update when `nonfinite` (agreed over ranks by the caller) or the loss is non-finite, and none when the
+    gradient norm is non-finite (an overflow with a finite loss, e.g. a huge learning rate). The last case is a
+    non-finite step as well: the returned norm is inf/nan (callers report `nonfinite` from it, `_bad_step`) and
+    the loop is told directly (`loop.note_nonfinite_gradient`), so a step function that does not report it still
+    raises or counts a skip. Under DDP the gradients are all-reduced before the norm, so every rank sees the
+    same norm and skips together. The finite path is unchanged (no extra draws, same op order).
+    """
     optimizer.zero_grad(set_to_none=True)
     if nonfinite or not torch.isfinite(loss):
         return float("nan")
@@ -54,7 +62,14 @@ def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterabl
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+    else:
+        note_nonfinite_gradient()
     return float(norm)
+
+
+def _bad_step(nonfinite: int, norm: float) -> int:
+    """A step's non-finite count: the loss's (`nonfinite`), else 1 for a non-finite gradient norm."""
+    return nonfinite if nonfinite else int(not math.isfinite(norm))
 
 
 def flow_matching_step(
@@ -82,7 +97,7 @@ def flow_matching_step(
         loss = flow.flow_matching_loss(net, data, t, noise, y).float().mean()
     bad = _agreed(int(not torch.isfinite(loss)), ctx)
     norm = apply_update(loss, optimizer, net.parameters(), grad_clip, bad, scheduler)
-    return {"fm_loss": float(loss.detach()), "fm_grad_norm": norm, "nonfinite": bad}
+    return {"fm_loss": float(loss.detach()), "fm_grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
 
 
 def objective_step(
@@ -105,7 +120,7 @@ def objective_step(
         loss, stats = objective(latents, real_net, fake_net, t, noise, y)
         norm = apply_update(loss, optimizer, [latents], grad_clip, stats.nonfinite)
     return {"obj_loss": float(loss.detach()), "obj_grad_norm": norm, "direction_norm": stats.direction_norm,
-            "nonfinite": stats.nonfinite}
+            "nonfinite": _bad_step(stats.nonfinite, norm)}
 
 
 def reconstruction_loss(x_hat: Tensor, images: Tensor, *, l1: float, l2: float = 0.0,
@@ -138,7 +153,8 @@ def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: list, *, grad
            nonfinite: int = 0, ctx: Optional[DistContext] = None) -> dict[str, float]:
     """`apply_update`, skipped on every rank together when any rank's loss (or `nonfinite`) is non-finite."""
     bad = _agreed(int(not torch.isfinite(loss)) + int(nonfinite), ctx)
-    return {"grad_norm": apply_update(loss, optimizer, params, grad_clip, bad, scheduler), "nonfinite": bad}
+    norm = apply_update(loss, optimizer, params, grad_clip, bad, scheduler)
+    return {"grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
 
 
 class TokenizerParts(nn.Module):
@@ -207,4 +223,4 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
     if ctx is not None:
         average_buffers(disc, ctx)
     return {"d_loss": float(hinge.detach()), "d_real_acc": float((real > 0).float().mean()),
-            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm, "nonfinite": bad}
+            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm, "nonfinite": _bad_step(bad, norm)}

@@ -21,7 +21,7 @@ from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunDir
 from ..runtime.seeds import stream
 from . import loop
-from .phases import apply_update
+from .phases import _bad_step, apply_update
 
 SMOKE_OVERRIDES: dict[str, Any] = {"steps": 150, "warmup_steps": 10}  # 10 s; kNN only 15–19 %
 
@@ -39,7 +39,7 @@ def ssl_step(encoder: nn.Module, proj: nn.Module, optimizer: torch.optim.Optimiz
     loss = OBJECTIVES[objective](z[: len(x1)], z[len(x1):], temperature)
     bad = int(not torch.isfinite(loss))
     norm = apply_update(loss, optimizer, [*encoder.parameters(), *proj.parameters()], grad_clip, bad)
-    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": bad}
+    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
@@ -51,7 +51,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tenso
     loss = F.cross_entropy(logits, y)
     bad = int(not torch.isfinite(loss))
     norm = apply_update(loss, optimizer, model.parameters(), grad_clip, bad)
-    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": bad,
+    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": _bad_step(bad, norm),
             "train_acc": float((logits.argmax(1) == y).float().mean())}
 
 

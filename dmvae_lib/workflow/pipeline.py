@@ -1,28 +1,34 @@
 """Run the workbook's notebooks in order through papermill: `python -m dmvae_lib --preset cpu`.
 
-Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes
-into `runs/NN_name/<name>/executed.ipynb` with parameters `preset`, `run_name=<name>` and `run_root`.
-Parameters are checked against each notebook's parameters cell before any work starts. A stage whose run
-folder already holds a `summary.json` is skipped, and an interrupted stage resumes from its checkpoints (the
-notebooks reopen a run with the same config). A run name is tied to its preset and parameters
-(`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a silent overwrite.
-Parameters come from the command line or a YAML file (`--params`). A Markdown report (each stage's status and
-headline numbers, metrics with their protocol records, figures) is written to `runs/pipeline/<name>/report.md`
-and its path printed.
+Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
+`preset`, `run_name=<name>` and `run_root`. Before the run name is claimed or any kernel starts, every
+notebook's parameters are checked against its parameters cell (names and types), and its config (preset, seed,
+`overrides`, and the parameters that become config keys) is built with `configs.make_config`, so a misspelled
+or wrongly typed key fails with nothing written. A stage whose run folder already holds a `summary.json` is
+skipped only if its recorded config (`config.json`) equals the requested one; an interrupted stage resumes
+from its checkpoints (the notebooks reopen a run with the same config); a stage folder that holds another
+config, or that another process holds (`runs.FolderLock`), is refused up front. A run name is tied to its
+preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a
+silent overwrite, and one pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from the command line or a YAML file (`--params`). A
+Markdown report (each stage's status and headline numbers, metrics with their protocol records, figures) is
+written to `runs/pipeline/<name>/report.md` and its path printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as _dt
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from ..runtime.runs import atomic_write_bytes
-from .session import REPO_ROOT, resolve_run_root
+from ..configs import ConfigError, make_config
+from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes
+from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Studies run the pipeline many times over (notebook 70: ≈ 2 h at `cpu`); they run when named with --only.
@@ -34,26 +40,144 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb"))
 
 
+# The config stage each notebook's `start(...)` builds (tests/test_pipeline.py checks it against the sources).
+STAGE_OF = {"10": "toy", "20": "tokenizer", "30": "teacher", "40": "joint", "50": "latents", "60": "generation",
+            "70": "study"}
+# Notebook parameters that the notebook passes into its config as a key (besides seed and overrides) ...
+CONFIG_PARAMS = {"30": {"reference": "reference.name"}, "60": {"tokenizer_file": "tokenizer_file"}}
+# ... and those naming an upstream run folder, which the notebook resolves (`session.upstream_run`) and records.
+UPSTREAM_PARAMS = ("tokenizer_run", "teacher_run", "joint_run")
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
 def check_parameters(nb: Path, params: dict) -> None:
-    """Raise if `params` names a parameter that the notebook's parameters cell does not declare."""
+    """Raise if `params` names a parameter that the notebook's parameters cell does not declare, or gives one a
+    value of another type than its declared one (an int is a float too)."""
     import papermill
 
     declared = papermill.inspect_notebook(str(nb))
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise SystemExit(f"error: {nb.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+    for name, value in params.items():
+        types = _TYPES.get(declared[name].get("inferred_type_name") or "")
+        if types and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
+            raise SystemExit(f"error: {nb.name} parameter {name!r} is {declared[name]['inferred_type_name']}, "
+                             f"got {value!r} ({type(value).__name__})")
+
+
+def _notebook_params(nb: Path, params: dict) -> dict:
+    """`params` over the defaults of the notebook's parameters cell."""
+    import papermill
+
+    out = {}
+    for name, p in papermill.inspect_notebook(str(nb)).items():
+        try:
+            out[name] = ast.literal_eval(p["default"])
+        except (ValueError, SyntaxError):
+            out[name] = None
+    return {**out, **params}
+
+
+def requested_record(nb: Path, params: dict) -> dict:
+    """The config record (`config.json`'s "config") that `nb` will build from `params`, without a kernel.
+
+    Builds the config as the notebook's `start(...)` does (strictly: unknown keys, wrong types and invalid
+    combinations raise ConfigError); upstream-run keys keep the parameter's value ("" when the notebook resolves
+    them by run name)."""
+    prefix = nb.stem[:2]
+    if prefix not in STAGE_OF:
+        raise ConfigError(f"{nb.name}: no config stage known for it (pipeline.STAGE_OF)")
+    p = _notebook_params(nb, params)
+    overrides = p.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{nb.name}: overrides must be a mapping of dotted config keys, got {overrides!r}")
+    keys = {key: p[name] for name, key in CONFIG_PARAMS.get(prefix, {}).items()}
+    keys.update({name: p[name] for name in UPSTREAM_PARAMS if name in p and p[name]})
+    stage, preset = STAGE_OF[prefix], p.get("preset")
+    cfg = resolve_config(stage, preset, {**keys, **overrides}, seed=p.get("seed", 0))
+    if stage == "study":  # its teacher / joint / generation overrides go to notebooks 30, 40 and 60
+        for sub in ("teacher", "joint", "generation"):
+            try:
+                make_config(sub, preset, getattr(cfg, sub))
+            except ConfigError as e:
+                raise ConfigError(f"overrides[{sub!r}] (for the study's {sub} runs): {e}") from e
+    return json.loads(json.dumps(config_record(stage, preset, cfg)))
+
+
+def check_config(nb: Path, params: dict) -> dict:
+    """`requested_record`, with a ConfigError turned into the pipeline's error exit naming the notebook."""
+    try:
+        return requested_record(nb, params)
+    except ConfigError as e:
+        raise SystemExit(f"error: {nb.name}: {e}") from e
+
+
+def _same_folder(recorded: Any, requested: str) -> bool:
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    p = Path(requested).expanduser().resolve()
+    return Path(recorded) in (p, p.parent)  # a folder, or the artifact inside it (as session.upstream_run)
+
+
+def recorded_differences(nb: Path, out_dir: Path, params: dict) -> list[str] | None:
+    """None when `out_dir` holds no config.json; else the config keys whose recorded value differs from the
+    requested one ([] when they agree). Upstream-run keys count only when the request names the folder."""
+    file = out_dir / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        recorded = json.loads(file.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{file} is unreadable ({e}); delete {out_dir} or choose another run name") from e
+    requested = requested_record(nb, params)
+    diffs = []
+    for key in sorted(set(recorded) | set(requested), key=lambda k: (k not in ("stage", "preset", "seed"), k)):
+        old, new = recorded.get(key, "<absent>"), requested.get(key, "<absent>")
+        if key in UPSTREAM_PARAMS:
+            if new and not _same_folder(old, new):
+                diffs.append(f"{key}: recorded {old!r}, requested {new!r}")
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and key not in ("teacher", "joint", "generation"):
+            diffs += [f"{key}.{k}: recorded {old.get(k, '<absent>')!r}, requested {new.get(k, '<absent>')!r}"
+                      for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+        elif old != new:
+            diffs.append(f"{key}: recorded {old!r}, requested {new!r}")
+    return diffs
+
+
+def check_stage_folder(nb: Path, out_dir: Path, params: dict) -> bool:
+    """Before a stage runs: True if it is finished with the requested config (skip it); False if it may run
+    (a new or interrupted run of this config). Raises RunError for a folder that holds another config and
+    RunLockedError for one that another process holds; nothing is written either way."""
+    diffs = recorded_differences(nb, out_dir, params)
+    finished = (out_dir / "summary.json").exists()
+    if finished and diffs is None:
+        raise RunError(f"{out_dir} holds a summary.json but no config.json, so what made it is unknown; delete "
+                       f"{out_dir} or choose another run name")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise RunError(f"{out_dir} already holds a {'finished' if finished else 'started'} run of {nb.stem} with "
+                       f"other settings ({shown}); re-run it with the same ones, pick another run name, or delete "
+                       f"{out_dir}")
+    if finished:
+        return True
+    FolderLock.probe(out_dir)
+    return False
 
 
 SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run folder holds summary.json
 
 
 def execute(nb: Path, out_dir: Path, params: dict) -> str:
-    """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir/summary.json` exists; return what happened.
-    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in
-    out_dir."""
+    """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir` holds a finished run; return what happened.
+
+    `check_stage_folder` decides first, so a finished run of this config is skipped, and a folder with another
+    config, or one that another process holds, raises (RunError) before papermill writes anything.
+    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in out_dir."""
     import papermill
 
-    if (out_dir / "summary.json").exists():
+    if check_stage_folder(nb, out_dir, params):
         return SKIPPED
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -88,8 +212,8 @@ def load_params_file(path: str | Path) -> dict:
 PARAM_FILE_KEYS = {"preset", "name", "params", "notebooks"}
 
 
-def _claim(record_file: Path, identity: dict) -> None:
-    """Tie a pipeline run name to its preset and parameters: reusing the name with others raises."""
+def _check_claim(record_file: Path, identity: dict) -> None:
+    """Raise if the pipeline run name is tied to other settings (reads only)."""
     if record_file.exists():
         old = json.loads(record_file.read_text())
         if old != identity:
@@ -97,6 +221,12 @@ def _claim(record_file: Path, identity: dict) -> None:
                              f"settings ({old}); re-run it with the same ones to resume, or pick another "
                              "--name "
                              f"(or delete {record_file.parent} and the stage folders of that name)")
+
+
+def _claim(record_file: Path, identity: dict) -> None:
+    """Tie a pipeline run name to its preset and parameters: reusing the name with others raises."""
+    _check_claim(record_file, identity)
+    if record_file.exists():
         return
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(record_file,
@@ -125,18 +255,31 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     for nb in stages:
         if nproc > 1 and "nproc" in papermill.inspect_notebook(str(nb)):
             params[nb]["nproc"] = nproc
-    for nb in stages:  # validate everything before running anything
+    for nb in stages:  # validate everything before claiming the name or starting any kernel
         check_parameters(nb, params[nb])
-    _claim(run_root / "pipeline" / name / "pipeline.json",
-           json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook},
-                                 default=str)))
-    rows = []
-    for nb in stages:
-        out_dir = run_root / nb.stem / name
-        print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}",
-              flush=True)
-        rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
-    return write_report(run_root / "pipeline" / name / "report.md", name, preset, rows)
+        check_config(nb, params[nb])
+    record = run_root / "pipeline" / name / "pipeline.json"
+    identity = json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook}, default=str))
+    _check_claim(record, identity)
+    for nb in stages:  # a stage folder of other settings, or one in use, refuses before anything is written
+        try:
+            check_stage_folder(nb, run_root / nb.stem / name, params[nb])
+        except RunError as e:
+            raise SystemExit(f"error: {e}") from e
+    try:
+        lock = FolderLock.acquire(record.parent)  # one pipeline per name; released when this process ends
+    except RunLockedError as e:
+        raise SystemExit(f"error: pipeline run {name!r}: {e}") from e
+    try:
+        _claim(record, identity)
+        rows = []
+        for nb in stages:
+            out_dir = run_root / nb.stem / name
+            print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+            rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
+        return write_report(record.parent / "report.md", name, preset, rows)
+    finally:
+        lock.release()
 
 
 def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
