@@ -53,7 +53,6 @@ from ..train.artifacts import file_digest, load_teacher, upstream_tokenizer
 from ..train.loop import train
 from ..train.phases import (
     TokenizerParts,
-    apply_update,
     disc_step,
     flow_matching_step,
     frozen,
@@ -293,9 +292,8 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
         loss = t.l1 * (x_hat - images).abs().mean()
         if perceptual is not None:
             loss = loss + t.lpips_weight * perceptual(x_hat, images).mean()
-        bad = reduce_stats({"nonfinite": int(not torch.isfinite(loss))}, ctx)["nonfinite"]  # all ranks agree
-        norm = apply_update(loss, opt, params, t.grad_clip, bad)
-        return reduce_stats({"l1": float(loss.detach()), "grad_norm": norm, "nonfinite": bad}, ctx)
+        stats = update(loss, opt, params, grad_clip=t.grad_clip, ctx=ctx)  # the ranks skip together
+        return reduce_stats({"l1": float(loss.detach()), **stats}, ctx)
 
     return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen},
                  run=main_only_run(run, ctx), tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every,
