@@ -1,7 +1,8 @@
-"""Runs that cannot be corrupted (issue 14): every refusal names the thing and leaves every existing file as it was.
+"""Runs that cannot be corrupted (issue 14).
 
-None of these tests executes a notebook: each refusal happens before a kernel starts (the by-hand notebook
-run that does execute one is in test_pipeline.py, marked slow).
+Every refusal names the thing and leaves every existing file as it was. None of these tests executes a
+notebook: each refusal happens before a kernel starts (the by-hand notebook run that does execute one is in
+test_pipeline.py, marked slow).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def assert_unchanged(root: Path, before: dict[str, bytes]) -> None:
     after = snapshot(root)
-    assert after == before, sorted(set(after) ^ set(before)) or [k for k in after if after[k] != before.get(k)]
+    assert after == before, (sorted(set(after) ^ set(before))
+                             or [k for k in after if after[k] != before.get(k)])
 
 
 def _hold(folder: Path) -> subprocess.Popen:
@@ -92,8 +94,8 @@ print("first step", ran[0] if ran else None, flush=True)
 
 def _child(root: Path) -> subprocess.Popen:
     """A process that, once its imports are done and it is told to go, trains run `r` (60 steps of 20 ms)."""
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(root)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 
@@ -119,7 +121,8 @@ def test_a_second_process_on_a_run_is_refused_and_a_killed_one_resumes(tmp_path)
         _go(second)
         _, err = second.communicate(timeout=60)
         assert second.returncode != 0 and time.monotonic() - t0 < 10
-        assert "RunLockedError" in err and f"{folder} is in use by another process (PID {first.pid}" in err, err[-2000:]
+        assert ("RunLockedError" in err
+                and f"{folder} is in use by another process (PID {first.pid}" in err), err[-2000:]
         assert_unchanged(folder, before)
     finally:
         os.kill(first.pid, signal.SIGKILL)  # no chance to clean up: the kernel drops its lock
@@ -136,7 +139,8 @@ def test_a_second_process_on_a_run_is_refused_and_a_killed_one_resumes(tmp_path)
 
 def test_one_process_reopens_its_own_run_and_a_refused_config_leaves_no_lock_file(tmp_path):
     a = RunDir.create(tmp_path, "nb", "r", {"x": 1})
-    b = RunDir.create(tmp_path, "nb", "r", {"x": 1})  # the same process (a notebook re-running its setup cell)
+    # the same process (a notebook re-running its setup cell)
+    b = RunDir.create(tmp_path, "nb", "r", {"x": 1})
     assert a._lock is b._lock and (a.path / ".lock").read_text().strip() == str(os.getpid())
     other = tmp_path / "nb" / "s"
     RunDir.create(tmp_path, "nb", "s", {"x": 1})
@@ -201,7 +205,8 @@ def test_float_fields_take_numeric_strings_as_yaml_1_1_reads_them_and_nothing_el
     cfg = make_config("tokenizer", "smoke", overrides)
     assert cfg.train.lr == 1e-4 and type(cfg.train.weight_decay) is float
     for bad, words in [("fast", "expects float, got the string 'fast', which is not a finite number"),
-                       ("nan", "expects float, got the string 'nan', which is not a finite number"), (True, "expects float, got True"),
+                       ("nan", "expects float, got the string 'nan', which is not a finite number"),
+                       (True, "expects float, got True"),
                        ([1e-4], "expects float")]:
         with pytest.raises(ConfigError, match=f"'train.lr' {words}"):
             make_config("tokenizer", "smoke", {"train.lr": bad})
@@ -265,20 +270,24 @@ def test_a_nonfinite_gradient_is_a_nonfinite_step_in_the_loop(tmp_path):
     holder.w = w
 
     def step(k):  # like tokenizer_step: reports the norm, not the overflow
-        loss = (w - 1).pow(2).sum() if k != 3 else (w - w.detach()).sqrt().sum()  # 0, with an infinite gradient
+        loss = ((w - 1).pow(2).sum() if k != 3
+                else (w - w.detach()).sqrt().sum())  # 0, with an infinite gradient
         return {"loss": float(loss.detach()), "grad_norm": apply_update(loss, opt, [w], 1.0), "nonfinite": 0}
 
     state = {"w": holder, "opt": opt}
-    with pytest.raises(NonFiniteError, match=r"t: non-finite values at step 3 .*last good checkpoint: .*ckpt/t/last.pt"):
+    with pytest.raises(NonFiniteError,
+                       match=r"t: non-finite values at step 3 .*last good checkpoint: .*ckpt/t/last.pt"):
         train(step, max_steps=6, state=state, run=run, tag="t", ckpt_every=2, progress=False)
     assert load_checkpoint(run.ckpt_path("t"))["step"] == 2
     before = snapshot(tmp_path)
-    with pytest.raises(NonFiniteError, match="step 3"):  # resumed from step 2: the same step fails, nothing written
+    # resumed from step 2: the same step fails, nothing written
+    with pytest.raises(NonFiniteError, match="step 3"):
         train(step, max_steps=6, state=state, run=run, tag="t", ckpt_every=2, progress=False)
     assert_unchanged(tmp_path, before)
     w.data.zero_()
     kept = w.detach().clone()
-    out = train(step, max_steps=6, state=state, run=run, tag="s", log_every=6, on_nonfinite="skip", progress=False)
+    out = train(step, max_steps=6, state=state, run=run, tag="s", log_every=6, on_nonfinite="skip",
+                progress=False)
     assert out["nonfinite"] == 0 and not torch.equal(w.detach(), kept)  # the finite steps did update
     assert [r["skipped"] for r in run.read_metrics() if r["tag"] == "s"] == [1]
 
@@ -288,27 +297,30 @@ def test_a_nonfinite_gradient_is_a_nonfinite_step_in_the_loop(tmp_path):
 def test_a_finished_run_is_skipped_only_with_its_own_settings(tmp_path, capsys):
     folder = _finished_toy_run(tmp_path, "g", {"preset": "smoke", "seed": 0})
     before = snapshot(tmp_path)
-    with pytest.raises(SystemExit, match=f"{folder} already holds a finished run of 10_toy_gradient_fields with "
-                                         "other settings \\(seed: recorded 0, requested 1\\)"):
+    with pytest.raises(SystemExit, match=f"{folder} already holds a finished run of 10_toy_gradient_fields "
+                                         "with other settings \\(seed: recorded 0, requested 1\\)"):
         pipeline.main(["--preset", "smoke", "--name", "g", "--run-root", str(tmp_path), "--only", "10",
                        "-p", "seed", "1"])
     with pytest.raises(SystemExit, match="align.steps: recorded 300, requested 7"):  # the by-hand command
-        run_notebook.main([str(TOY), "-p", "preset", "smoke", "-p", "run_name", "g", "-p", "run_root", str(tmp_path),
-                           "-y", '{"overrides": {"align.steps": 7}}'])
+        run_notebook.main([str(TOY), "-p", "preset", "smoke", "-p", "run_name", "g", "-p", "run_root",
+                           str(tmp_path), "-y", '{"overrides": {"align.steps": 7}}'])
     assert_unchanged(tmp_path, before)  # executed.ipynb included
     assert run_notebook.main([str(TOY), "-p", "preset", "smoke", "-p", "run_name", "g", "-p", "run_root",
                               str(tmp_path)]) == 0
     assert "skipped (already finished)" in capsys.readouterr().out
     assert_unchanged(tmp_path, before)
-    report = pipeline.run("smoke", "g", tmp_path, {"seed": 0}, only=["10"])  # same settings: skipped, no kernel
+    # same settings: skipped, no kernel
+    report = pipeline.run("smoke", "g", tmp_path, {"seed": 0}, only=["10"])
     assert "| 10_toy_gradient_fields | skipped (already finished)" in report.read_text()
 
 
 def test_a_started_run_of_other_settings_is_refused_before_papermill_writes(tmp_path):
-    RunDir.create(tmp_path, TOY.stem, "h", pipeline.requested_record(TOY, {"preset": "smoke"}))._lock.release()
+    record = pipeline.requested_record(TOY, {"preset": "smoke"})
+    RunDir.create(tmp_path, TOY.stem, "h", record)._lock.release()
     (tmp_path / TOY.stem / "h" / "executed.ipynb").write_text("{}")
     before = snapshot(tmp_path)
-    with pytest.raises(RunError, match="already holds a started run .*preset: recorded 'smoke', requested 'cpu'"):
+    with pytest.raises(RunError, match="already holds a started run .*"
+                                       "preset: recorded 'smoke', requested 'cpu'"):
         run_notebook.run_notebook(TOY, {"preset": "cpu", "run_name": "h", "run_root": str(tmp_path)})
     assert_unchanged(tmp_path, before)
 
@@ -320,7 +332,8 @@ def test_upstream_folders_count_when_named(tmp_path):
     RunDir.create(tmp_path, nb30.stem, "t", record).write_summary({})
     out = tmp_path / nb30.stem / "t"
     assert pipeline.check_stage_folder(nb30, out, params) is True
-    assert pipeline.check_stage_folder(nb30, out, {"preset": "smoke"}) is True  # resolved by run name: not compared
+    # resolved by run name: not compared
+    assert pipeline.check_stage_folder(nb30, out, {"preset": "smoke"}) is True
     with pytest.raises(RunError, match="tokenizer_run: recorded .*tokA', requested .*tokB'"):
         pipeline.check_stage_folder(nb30, out, {**params, "tokenizer_run": str(tmp_path / "tokB")})
 
@@ -338,8 +351,8 @@ def test_the_pipeline_knows_each_notebooks_config_stage():
 def test_imagefolder_with_an_embedded_encoder_is_rejected_up_front(tmp_path):
     imagefolder = {"data.source": "imagefolder", "data.root": str(tmp_path)}
     for kind in ("ssl", "supervised"):
-        with pytest.raises(ConfigError, match=f"encoder.kind='{kind}' cannot train on data.source='imagefolder'.*"
-                                              "use encoder.kind='timm'"):
+        with pytest.raises(ConfigError, match=f"encoder.kind='{kind}' cannot train on "
+                                              "data.source='imagefolder'.*use encoder.kind='timm'"):
             make_config("tokenizer", "smoke", {**imagefolder, "encoder.kind": kind})
     assert make_config("tokenizer", "smoke", {**imagefolder, "encoder.kind": "timm"}).encoder.kind == "timm"
     with pytest.raises(SystemExit, match="20_tokenizer_pretraining.ipynb: encoder.kind='ssl' cannot train"):
@@ -350,4 +363,5 @@ def test_imagefolder_with_an_embedded_encoder_is_rejected_up_front(tmp_path):
 def test_session_and_pipeline_build_the_same_record():
     cfg = resolve_config("toy", "smoke", {"align.steps": 7}, seed=2)
     want = json.loads(json.dumps(config_record("toy", "smoke", cfg)))
-    assert pipeline.requested_record(TOY, {"preset": "smoke", "seed": 2, "overrides": {"align.steps": 7}}) == want
+    assert pipeline.requested_record(TOY, {"preset": "smoke", "seed": 2,
+                                           "overrides": {"align.steps": 7}}) == want

@@ -40,7 +40,8 @@ STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
 
 
 def _float(value: Any, key: str) -> float:
-    """An int, a float or a numeric string (YAML 1.1 reads `1e-4` as "1e-4") as a float; anything else raises."""
+    """An int, a float or a numeric string (YAML 1.1 reads `1e-4` as "1e-4") as a float; anything else
+    raises."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -50,18 +51,21 @@ def _float(value: Any, key: str) -> float:
             number = None
         if number is not None and math.isfinite(number):
             return number
-        raise ConfigError(f"config key {key!r} expects float, got the string {value!r}, which is not a finite number")
+        raise ConfigError(f"config key {key!r} expects float, got the string {value!r}, "
+                          "which is not a finite number")
     raise ConfigError(f"config key {key!r} expects float, got {value!r} ({type(value).__name__})")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` checked against the field type `hint` (see the module docstring); a mismatch raises ConfigError."""
+    """`value` checked against the field type `hint` (see the module docstring); a mismatch raises
+    ConfigError."""
     origin = typing.get_origin(hint)
     if hint is float:
         return _float(value, key)
     if hint in (int, str, bool):
         if type(value) is not hint:
-            raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"config key {key!r} expects {hint.__name__}, "
+                              f"got {value!r} ({type(value).__name__})")
         return value
     if hint is dict or origin is dict:
         if not isinstance(value, Mapping):

@@ -18,7 +18,8 @@ class DataConfig:
     n_val: int = 2000  # shapes: generated validation images; also the evaluation sample size elsewhere
     n_views: int = 2  # shapes: renders per instance (>1: label-free paired views for SSL)
     resolution: int = 32  # image side; imagefolder uses the ADM centre crop at this size
-    skip_corrupt: bool = False  # imagefolder: an unreadable image is logged and served as a duplicate of the next readable one (not dropped)
+    skip_corrupt: bool = False  # imagefolder: an unreadable image is logged and served as a duplicate
+                                # of the next readable one (not dropped)
     workers: int = 0  # imagefolder DataLoader workers
 
 
@@ -100,10 +101,11 @@ class TokenizerStageConfig:
             raise ConfigError(f"encoder.kind {self.encoder.kind!r} unknown; use ssl, supervised or timm")
         if self.data.source == "imagefolder" and self.encoder.kind != "timm":
             # the embedded encoders train on in-memory image arrays; an ImageFolder is streamed from disk
-            raise ConfigError(f"encoder.kind={self.encoder.kind!r} cannot train on data.source='imagefolder': the "
-                              "embedded ssl/supervised encoders train on in-memory images (shapes or cifar10), an "
-                              "ImageFolder is streamed from disk; use encoder.kind='timm' (a pretrained encoder, "
-                              "e.g. DINOv2 with encoder.timm_weights, as the imagenet256 preset does)")
+            raise ConfigError(f"encoder.kind={self.encoder.kind!r} cannot train on "
+                              "data.source='imagefolder': the embedded ssl/supervised encoders train on "
+                              "in-memory images (shapes or cifar10), an ImageFolder is streamed from disk; "
+                              "use encoder.kind='timm' (a pretrained encoder, e.g. DINOv2 with "
+                              "encoder.timm_weights, as the imagenet256 preset does)")
         if self.train.lpips not in ("auto", "real", "random", "off"):
             raise ConfigError(f"train.lpips {self.train.lpips!r} unknown; use auto, real, random or off")
 

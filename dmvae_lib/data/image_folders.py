@@ -68,10 +68,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Class indices follow torchvision's `find_classes` (sorted folder names). With `hflip=True` each item is
     flipped with probability ½, decided by (seed, epoch, index) so that runs repeat exactly; call
     `set_epoch` once per epoch. With `skip_corrupt=False` (the default) an unreadable image raises
-    `DatasetError` naming the file. With `skip_corrupt=True` it is logged (once per process) and **replaced by
-    a duplicate of the next readable image** in index order (wrapping around): the dataset keeps its length and
-    indices, so that sampler still draws, but that neighbour then appears twice as often (with its label, and
-    the flip drawn for the requested index). Nothing is dropped; remove broken files to avoid the bias.
+    `DatasetError` naming the file. With `skip_corrupt=True` it is logged (once per process) and **replaced
+    by a duplicate of the next readable image** in index order (wrapping around): the dataset keeps its
+    length and indices, so that sampler still draws, but that neighbour then appears twice as often (with
+    its label, and the flip drawn for the requested index). Nothing is dropped; remove broken files to avoid
+    the bias.
 
     Args:
         root: the dataset root folder.

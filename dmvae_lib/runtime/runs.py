@@ -14,12 +14,13 @@ it needs the optional `tensorboard` package (`pip install -e '.[logging]'`). met
 that notebooks and tests read.
 
 Re-opening an existing run with the same config resumes it; with a different config it raises, so nothing
-already written is overwritten silently. A run folder is owned by one process at a time: `RunDir.create` takes an
-exclusive `fcntl.flock` on `<run>/.lock` (the file records the holder's PID) and holds it while any RunDir of that
-folder lives in the process (a notebook kernel: until it exits). A second process gets `RunLockedError` naming
-the folder and the PID. The kernel drops the lock when the holder dies, SIGKILL included, so a killed run never
-leaves a stale lock and resumes at once. Checkpoints are written atomically (temp file, then rename) and
-loaded strictly: a missing, truncated or mismatched file raises an error naming the file.
+already written is overwritten silently. A run folder is owned by one process at a time: `RunDir.create`
+takes an exclusive `fcntl.flock` on `<run>/.lock` (the file records the holder's PID) and holds it while any
+RunDir of that folder lives in the process (a notebook kernel: until it exits). A second process gets
+`RunLockedError` naming the folder and the PID. The kernel drops the lock when the holder dies, SIGKILL
+included, so a killed run never leaves a stale lock and resumes at once. Checkpoints are written atomically
+(temp file, then rename) and loaded strictly: a missing, truncated or mismatched file raises an error naming
+the file.
 """
 
 from __future__ import annotations
@@ -67,22 +68,27 @@ class FolderLock:
 
     @staticmethod
     def _flock(folder: Path):
-        """The open lock file of `folder` with the flock taken; RunLockedError naming the holder's PID if taken."""
-        file = open(folder / LOCK_NAME, "a+")  # never truncated before the lock is ours: the holder's PID stays
+        """The open lock file of `folder` with the flock taken; RunLockedError naming the holder's PID if
+        taken."""
+        # never truncated before the lock is ours: the holder's PID stays
+        file = open(folder / LOCK_NAME, "a+")
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: another process holds it
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-            raise RunLockedError(f"{folder} is in use by another process (PID {holder}, lock {folder / LOCK_NAME}); "
-                                 "two processes must not write one run: wait for it to end or stop it (the lock "
-                                 "goes with the process, even when it is killed), or choose another run name") from None
+            raise RunLockedError(f"{folder} is in use by another process "
+                                 f"(PID {holder}, lock {folder / LOCK_NAME}); "
+                                 "two processes must not write one run: wait for it to end or stop it "
+                                 "(the lock goes with the process, even when it is killed), "
+                                 "or choose another run name") from None
         return file
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike) -> "FolderLock":
-        """Lock `folder` (created if missing) for this process; raise RunLockedError if another one holds it."""
+        """Lock `folder` (created if missing) for this process; raise RunLockedError if another one holds
+        it."""
         folder = Path(folder).resolve()
         held = cls._held.get(folder)
         if held is not None and held._file is not None:
@@ -194,17 +200,18 @@ class RunDir:
     tensorboard: bool | None = None  # also write scalars to <path>/tensorboard/;
                                      # None: DMVAE_TENSORBOARD decides
     _writer: Any = field(default=None, init=False, repr=False, compare=False)
-    _lock: Any = field(default=None, init=False, repr=False, compare=False)  # a FolderLock while this RunDir owns it
+    # a FolderLock while this RunDir owns it
+    _lock: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, root: str | os.PathLike, notebook: str, name: str, config: Mapping[str, Any],
                device: str = "", tensorboard: bool | None = None) -> "RunDir":
         """Create runs/<notebook>/<name>/ and write config.json, or reopen it if the config is identical.
 
-        The returned RunDir holds the folder's lock (`FolderLock`) for as long as it lives: another process that
-        creates the same run raises RunLockedError naming the folder and the holder's PID. A different config
-        raises before anything is written. With TensorBoard logging on, a missing tensorboard package raises
-        here, before any training.
+        The returned RunDir holds the folder's lock (`FolderLock`) for as long as it lives: another process
+        that creates the same run raises RunLockedError naming the folder and the holder's PID. A different
+        config raises before anything is written. With TensorBoard logging on, a missing tensorboard package
+        raises here, before any training.
         """
         path = Path(root) / notebook / name
         run = cls(path, tensorboard)
@@ -261,7 +268,8 @@ class RunDir:
         self._writer.flush()  # records are rare (log_every) and a notebook may end any time
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_writer": None, "_lock": None}  # a live SummaryWriter (or lock) does not pickle
+        # a live SummaryWriter (or lock) does not pickle
+        return {**self.__dict__, "_writer": None, "_lock": None}
 
     def read_metrics(self) -> list[dict]:
         file = self.path / "metrics.jsonl"

@@ -7,8 +7,8 @@ numbers. The loop owns everything around it: resume from `ckpt/<tag>/last.pt`, p
 `metrics.jsonl`, periodic and final checkpoints (atomic), hooks (snapshots, evaluation), and the policy for
 non-finite steps: a step function reports `nonfinite > 0` (and applies no update); the loop then raises
 with the step and the last good checkpoint named, or counts the skip when `on_nonfinite="skip"`. A non-finite
-gradient (finite loss, inf/nan grad norm: `phases.apply_update` skips the update) is such a step too, whether or
-not the step function reports it: `apply_update` tells the loop (`note_nonfinite_gradient`).
+gradient (finite loss, inf/nan grad norm: `phases.apply_update` skips the update) is such a step too, whether
+or not the step function reports it: `apply_update` tells the loop (`note_nonfinite_gradient`).
 
 `state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
@@ -38,8 +38,8 @@ _nonfinite_gradients = [0]  # updates skipped for a non-finite gradient norm dur
 
 
 def note_nonfinite_gradient() -> None:
-    """Called by `phases.apply_update` when it drops an update for a non-finite gradient norm: the step that `train`
-    is running counts as non-finite (raise, or skip and count), like a non-finite loss."""
+    """Called by `phases.apply_update` when it drops an update for a non-finite gradient norm: the step that
+    `train` is running counts as non-finite (raise, or skip and count), like a non-finite loss."""
     _nonfinite_gradients[0] += 1
 
 
@@ -157,7 +157,8 @@ def train(
     for step in bar:
         _nonfinite_gradients[0] = 0
         stats = dict(step_fn(step))
-        if _nonfinite_gradients[0] and not stats.get("nonfinite", 0):  # a step function that did not report it
+        # a step function that did not report it
+        if _nonfinite_gradients[0] and not stats.get("nonfinite", 0):
             stats["nonfinite"] = _nonfinite_gradients[0]
         if ctx.distributed:  # one decision for all ranks (a rank may be the only one to report)
             stats["nonfinite"] = int(all_reduce_max(stats.get("nonfinite", 0), ctx))

@@ -47,11 +47,11 @@ def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterabl
     """zero_grad → backward → clip → step. Returns the grad norm (nan when no backward ran).
 
     No update when `nonfinite` (agreed over ranks by the caller) or the loss is non-finite, and none when the
-    gradient norm is non-finite (an overflow with a finite loss, e.g. a huge learning rate). The last case is a
-    non-finite step as well: the returned norm is inf/nan (callers report `nonfinite` from it, `_bad_step`) and
-    the loop is told directly (`loop.note_nonfinite_gradient`), so a step function that does not report it still
-    raises or counts a skip. Under DDP the gradients are all-reduced before the norm, so every rank sees the
-    same norm and skips together. The finite path is unchanged (no extra draws, same op order).
+    gradient norm is non-finite (an overflow with a finite loss, e.g. a huge learning rate). The last case is
+    a non-finite step as well: the returned norm is inf/nan (callers report `nonfinite` from it, `_bad_step`)
+    and the loop is told directly (`loop.note_nonfinite_gradient`), so a step function that does not report
+    it still raises or counts a skip. Under DDP the gradients are all-reduced before the norm, so every rank
+    sees the same norm and skips together. The finite path is unchanged (no extra draws, same op order).
     """
     optimizer.zero_grad(set_to_none=True)
     if nonfinite or not torch.isfinite(loss):
@@ -223,4 +223,5 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
     if ctx is not None:
         average_buffers(disc, ctx)
     return {"d_loss": float(hinge.detach()), "d_real_acc": float((real > 0).float().mean()),
-            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
+            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm,
+            "nonfinite": _bad_step(bad, norm)}

@@ -1,17 +1,18 @@
 """Run the workbook's notebooks in order through papermill: `python -m dmvae_lib --preset cpu`.
 
-Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes into `runs/NN_name/<name>/executed.ipynb` with parameters
-`preset`, `run_name=<name>` and `run_root`. Before the run name is claimed or any kernel starts, every
-notebook's parameters are checked against its parameters cell (names and types), and its config (preset, seed,
-`overrides`, and the parameters that become config keys) is built with `configs.make_config`, so a misspelled
-or wrongly typed key fails with nothing written. A stage whose run folder already holds a `summary.json` is
-skipped only if its recorded config (`config.json`) equals the requested one; an interrupted stage resumes
-from its checkpoints (the notebooks reopen a run with the same config); a stage folder that holds another
-config, or that another process holds (`runs.FolderLock`), is refused up front. A run name is tied to its
-preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a
-silent overwrite, and one pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from the command line or a YAML file (`--params`). A
-Markdown report (each stage's status and headline numbers, metrics with their protocol records, figures) is
-written to `runs/pipeline/<name>/report.md` and its path printed.
+Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes
+into `runs/NN_name/<name>/executed.ipynb` with parameters `preset`, `run_name=<name>` and `run_root`. Before
+the run name is claimed or any kernel starts, every notebook's parameters are checked against its parameters
+cell (names and types), and its config (preset, seed, `overrides`, and the parameters that become config
+keys) is built with `configs.make_config`, so a misspelled or wrongly typed key fails with nothing written. A
+stage whose run folder already holds a `summary.json` is skipped only if its recorded config (`config.json`)
+equals the requested one; an interrupted stage resumes from its checkpoints (the notebooks reopen a run with
+the same config); a stage folder that holds another config, or that another process holds
+(`runs.FolderLock`), is refused up front. A run name is tied to its preset and parameters
+(`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a silent overwrite, and one
+pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from the command line or a YAML
+file (`--params`). A Markdown report (each stage's status and headline numbers, metrics with their protocol
+records, figures) is written to `runs/pipeline/<name>/report.md` and its path printed.
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 # The config stage each notebook's `start(...)` builds (tests/test_pipeline.py checks it against the sources).
-STAGE_OF = {"10": "toy", "20": "tokenizer", "30": "teacher", "40": "joint", "50": "latents", "60": "generation",
-            "70": "study"}
+STAGE_OF = {"10": "toy", "20": "tokenizer", "30": "teacher", "40": "joint", "50": "latents",
+            "60": "generation", "70": "study"}
 # Notebook parameters that the notebook passes into its config as a key (besides seed and overrides) ...
 CONFIG_PARAMS = {"30": {"reference": "reference.name"}, "60": {"tokenizer_file": "tokenizer_file"}}
-# ... and those naming an upstream run folder, which the notebook resolves (`session.upstream_run`) and records.
+# ... and those naming an upstream run folder, which the notebook resolves (`session.upstream_run`) and
+# records.
 UPSTREAM_PARAMS = ("tokenizer_run", "teacher_run", "joint_run")
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+          "list": (list,)}
 
 
 def check_parameters(nb: Path, params: dict) -> None:
-    """Raise if `params` names a parameter that the notebook's parameters cell does not declare, or gives one a
-    value of another type than its declared one (an int is a float too)."""
+    """Raise if `params` names a parameter that the notebook's parameters cell does not declare, or gives one
+    a value of another type than its declared one (an int is a float too)."""
     import papermill
 
     declared = papermill.inspect_notebook(str(nb))
@@ -62,7 +65,8 @@ def check_parameters(nb: Path, params: dict) -> None:
     for name, value in params.items():
         types = _TYPES.get(declared[name].get("inferred_type_name") or "")
         if types and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
-            raise SystemExit(f"error: {nb.name} parameter {name!r} is {declared[name]['inferred_type_name']}, "
+            raise SystemExit(f"error: {nb.name} parameter {name!r} is "
+                             f"{declared[name]['inferred_type_name']}, "
                              f"got {value!r} ({type(value).__name__})")
 
 
@@ -83,8 +87,8 @@ def requested_record(nb: Path, params: dict) -> dict:
     """The config record (`config.json`'s "config") that `nb` will build from `params`, without a kernel.
 
     Builds the config as the notebook's `start(...)` does (strictly: unknown keys, wrong types and invalid
-    combinations raise ConfigError); upstream-run keys keep the parameter's value ("" when the notebook resolves
-    them by run name)."""
+    combinations raise ConfigError); upstream-run keys keep the parameter's value ("" when the notebook
+    resolves them by run name)."""
     prefix = nb.stem[:2]
     if prefix not in STAGE_OF:
         raise ConfigError(f"{nb.name}: no config stage known for it (pipeline.STAGE_OF)")
@@ -132,7 +136,8 @@ def recorded_differences(nb: Path, out_dir: Path, params: dict) -> list[str] | N
         raise RunError(f"{file} is unreadable ({e}); delete {out_dir} or choose another run name") from e
     requested = requested_record(nb, params)
     diffs = []
-    for key in sorted(set(recorded) | set(requested), key=lambda k: (k not in ("stage", "preset", "seed"), k)):
+    for key in sorted(set(recorded) | set(requested),
+                      key=lambda k: (k not in ("stage", "preset", "seed"), k)):
         old, new = recorded.get(key, "<absent>"), requested.get(key, "<absent>")
         if key in UPSTREAM_PARAMS:
             if new and not _same_folder(old, new):
@@ -140,7 +145,8 @@ def recorded_differences(nb: Path, out_dir: Path, params: dict) -> list[str] | N
             continue
         if isinstance(old, dict) and isinstance(new, dict) and key not in ("teacher", "joint", "generation"):
             diffs += [f"{key}.{k}: recorded {old.get(k, '<absent>')!r}, requested {new.get(k, '<absent>')!r}"
-                      for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+                      for k in sorted(set(old) | set(new))
+                      if old.get(k, "<absent>") != new.get(k, "<absent>")]
         elif old != new:
             diffs.append(f"{key}: recorded {old!r}, requested {new!r}")
     return diffs
@@ -153,13 +159,13 @@ def check_stage_folder(nb: Path, out_dir: Path, params: dict) -> bool:
     diffs = recorded_differences(nb, out_dir, params)
     finished = (out_dir / "summary.json").exists()
     if finished and diffs is None:
-        raise RunError(f"{out_dir} holds a summary.json but no config.json, so what made it is unknown; delete "
-                       f"{out_dir} or choose another run name")
+        raise RunError(f"{out_dir} holds a summary.json but no config.json, so what made it is unknown; "
+                       f"delete {out_dir} or choose another run name")
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; … {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise RunError(f"{out_dir} already holds a {'finished' if finished else 'started'} run of {nb.stem} with "
-                       f"other settings ({shown}); re-run it with the same ones, pick another run name, or delete "
-                       f"{out_dir}")
+        raise RunError(f"{out_dir} already holds a {'finished' if finished else 'started'} run of {nb.stem} "
+                       f"with other settings ({shown}); re-run it with the same ones, pick another run name, "
+                       f"or delete {out_dir}")
     if finished:
         return True
     FolderLock.probe(out_dir)
@@ -174,7 +180,8 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
 
     `check_stage_folder` decides first, so a finished run of this config is skipped, and a folder with another
     config, or one that another process holds, raises (RunError) before papermill writes anything.
-    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in out_dir."""
+    A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in
+    out_dir."""
     import papermill
 
     if check_stage_folder(nb, out_dir, params):
@@ -259,7 +266,8 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
         check_parameters(nb, params[nb])
         check_config(nb, params[nb])
     record = run_root / "pipeline" / name / "pipeline.json"
-    identity = json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook}, default=str))
+    identity = json.loads(json.dumps({"preset": preset, "params": extra, "notebooks": per_notebook},
+                                     default=str))
     _check_claim(record, identity)
     for nb in stages:  # a stage folder of other settings, or one in use, refuses before anything is written
         try:
@@ -275,7 +283,8 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
         rows = []
         for nb in stages:
             out_dir = run_root / nb.stem / name
-            print(f"[{'skip' if (out_dir / 'summary.json').exists() else 'run '}] {nb.stem} -> {out_dir}", flush=True)
+            mark = "skip" if (out_dir / "summary.json").exists() else "run "
+            print(f"[{mark}] {nb.stem} -> {out_dir}", flush=True)
             rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
         return write_report(record.parent / "report.md", name, preset, rows)
     finally:

@@ -1,5 +1,6 @@
-"""Run one notebook by hand, safely: `python -m dmvae_lib.workflow.run_notebook NOTEBOOK [-p NAME VALUE] [-y YAML]`.
+"""Run one notebook by hand, safely.
 
+    python -m dmvae_lib.workflow.run_notebook NOTEBOOK [-p NAME VALUE] [-y YAML]
     python -m dmvae_lib.workflow.run_notebook notebooks/10_toy_gradient_fields.ipynb \\
         -p preset cpu -p run_name my_run -p seed 3 -y '{"overrides": {"align.steps": 1000}}'
 
@@ -48,7 +49,8 @@ def run_notebook(nb: str | Path, params: dict) -> tuple[Path, str]:
     if not params.get("run_name"):
         params["run_name"] = default_run_name(params.get("preset", defaults.get("preset", "smoke")),
                                               params.get("seed", defaults.get("seed", 0)))
-    if params.get("run_root"):  # the kernel runs in notebooks/: a relative root must mean the same folder there
+    # the kernel runs in notebooks/: a relative root must mean the same folder there
+    if params.get("run_root"):
         params["run_root"] = str(resolve_run_root(params["run_root"]))
     pipeline.check_config(nb, params)
     out_dir = resolve_run_root(params.get("run_root", "")) / nb.stem / params["run_name"]

@@ -52,8 +52,10 @@ class Session:
         return out
 
 
-def resolve_config(stage: str, preset: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0) -> Any:
-    """The config a notebook's `start` builds (strict); the pipeline builds it too, before any kernel starts."""
+def resolve_config(stage: str, preset: str, overrides: Mapping[str, Any] | None = None, *,
+                   seed: int = 0) -> Any:
+    """The config a notebook's `start` builds (strict); the pipeline builds it too, before any kernel
+    starts."""
     return make_config(stage, preset, {"seed": seed, **dict(overrides or {})})
 
 
@@ -62,20 +64,20 @@ def config_record(stage: str, preset: str, cfg: Any) -> dict:
     return {"stage": stage, "preset": preset, **to_dict(cfg)}
 
 
-def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *, seed: int = 0,
-          device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
+def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] | None = None, *,
+          seed: int = 0, device: str = "auto", run_root: str = "", run_name: str = "") -> Session:
     """Resolve the config (strictly), pick the device, and create or reopen the run directory.
 
-    The session's RunDir holds the run folder's lock (`runs.FolderLock`) while the kernel lives: another process
-    that starts the same run fails with RunLockedError naming the folder and this process's PID."""
+    The session's RunDir holds the run folder's lock (`runs.FolderLock`) while the kernel lives: another
+    process that starts the same run fails with RunLockedError naming the folder and this process's PID."""
     cfg = resolve_config(stage, preset, overrides, seed=seed)
     seed_all(seed)  # anything left on the global RNG is reproducible too
     dev = resolve_device(device)
     if getattr(cfg, "threads", 0):
         set_threads(cfg.threads)
     root = resolve_run_root(run_root)
-    run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed), config_record(stage, preset, cfg),
-                        device=str(dev))
+    run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed),
+                        config_record(stage, preset, cfg), device=str(dev))
     return Session(cfg, run, dev, FigureStore(run.figures), preset)
 
 
