@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dmvae_lib.models.score_nets import ToyScoreMLP
+from dmvae_lib.runtime import device
 from dmvae_lib.runtime.runs import (
     STALE_TEMP_SECONDS,
     RunDir,
@@ -117,3 +118,20 @@ def test_nonfinite_step_raises_with_step_and_checkpoint_or_is_skipped(tmp_path):
         train(step, max_steps=6, state={}, run=run, tag="t", ckpt_every=2, progress=False)
     out = train(step, max_steps=6, state={}, run=None, tag="t2", on_nonfinite="skip", progress=False)
     assert out["nonfinite"] == 0 and calls[-1] == 5
+
+
+def test_bf16_runs_only_where_the_hardware_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("DMVAE_CPU_BF16", "1")
+    assert device.effective_precision(cpu, "bf16") == "bf16"
+    with device.autocast_ctx(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.delenv("DMVAE_CPU_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    device._warn_emulated.cache_clear()  # warned once per process and device
+    assert device.effective_precision(cpu, "bf16") == "fp32" == device.effective_precision(cpu, "fp32")
+    with pytest.warns(RuntimeWarning, match="no native bf16"), device.autocast_ctx(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        device.effective_precision(cpu, "fp16")
