@@ -1,5 +1,7 @@
 """Stage-1 wiring on a tiny configuration: data → SSL + supervised encoders → tokenizer → metrics → checkpoint."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -56,6 +58,16 @@ def test_metrics_are_labelled_and_checkpoint_round_trips(stage, tmp_path):
     save_checkpoint(tmp_path / "other.pt", {"kind": "teacher"})
     with pytest.raises(RunError):
         load_tokenizer(tmp_path / "other.pt")
+
+
+def test_latent_probe_scores_flattened_latents(stage):
+    cfg, run, data, enc, tok, stats = stage
+    assert {"align_cos", "align_dist", "align_global"} <= set(stats)  # the default config aligns z
+    out = ts.latent_probe(tok, data, "cpu", n_train=48, k=5)
+    assert out["dim"] == cfg.net.z_channels * 64 and (out["n_train"], out["n_val"]) == (48, 32)
+    assert 0.0 <= out["linear_acc"] <= 1.0 and 0.0 <= out["knn_acc"] <= 1.0 and out["split"] == "train/val"
+    streamed = ts.latent_probe(tok, dataclasses.replace(data, train=None, train_labels=None), "cpu", k=5)
+    assert (streamed["n_train"], streamed["n_val"], streamed["split"]) == (16, 16, "val halves")
 
 
 def test_finished_training_resumes_without_steps(stage):

@@ -105,18 +105,20 @@ def objective_step(
 
 
 class TokenizerParts(nn.Module):
-    """The tokenizer's trainable parts as one module, encoder features → (z, x̂): the unit DDP wraps.
+    """The tokenizer's trainable parts as one module, encoder features → (z, x̂, alignment): the unit DDP wraps.
 
-    Its state_dict keys are `projector.*` and `decoder.*`, those of nn.ModuleDict(projector=…, decoder=…).
+    Its state_dict keys are `projector.*` and `decoder.*`, those of nn.ModuleDict(projector=…, decoder=…), plus
+    `align.*` with a semantic-alignment module (`models.alignment.SemanticAlignment`, trained with the projector
+    and discarded afterwards); its (loss, stats) is the third output, None without one.
     """
 
-    def __init__(self, projector: nn.Module, decoder: nn.Module):
+    def __init__(self, projector: nn.Module, decoder: nn.Module, align: Optional[nn.Module] = None):
         super().__init__()
-        self.projector, self.decoder = projector, decoder
+        self.projector, self.decoder, self.align = projector, decoder, align
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, dict]]]:
         z = self.projector(features)
-        return z, self.decoder(z)
+        return z, self.decoder(z), None if self.align is None else self.align(z, features)
 
 
 def tokenizer_step(
@@ -140,7 +142,8 @@ def tokenizer_step(
     model: Optional[nn.Module] = None,
     ctx: Optional[DistContext] = None,
 ) -> tuple[dict[str, float], Tensor]:
-    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given). Returns (stats, x̂).
+    """Projector + decoder step on L_rec (+ adaptive hinge-GAN term when `disc` is given) (+ the semantic
+    alignment term when `model` has an `align` module). Returns (stats, x̂).
 
     `latent_loss(z) -> (loss, stats)` adds a term on the projector's output z (joint training: λ·L_DM through
     the projection head); it reaches the projector/encoder only, never the decoder.
@@ -150,7 +153,7 @@ def tokenizer_step(
     """
     model = TokenizerParts(tokenizer.projector, tokenizer.decoder) if model is None else model
     with autocast():
-        z, x_hat = model(features)
+        z, x_hat, aligned = model(features)
     x_hat32 = x_hat.float()
     rec = l1 * (x_hat32 - images).abs().mean() + l2 * ((x_hat32 - images) ** 2).mean()
     stats = {"l1": float((x_hat32 - images).abs().mean().detach())}
@@ -165,6 +168,8 @@ def tokenizer_step(
         w = adaptive_gan_weight(rec, gl, tokenizer.decoder.get_last_layer(), grad_mean=grad_mean)
         loss = rec + disc_weight * w * gl
         stats.update(g_loss=float(gl.detach()), gan_weight=float(w))
+    if aligned is not None:  # on z only: reaches the projector (and the alignment maps), never the decoder
+        loss, stats = loss + aligned[0], {**stats, **aligned[1], "align_loss": float(aligned[0].detach())}
     if latent_loss is not None:
         extra, extra_stats = latent_loss(z)
         loss, stats = loss + extra, {**stats, **extra_stats}
