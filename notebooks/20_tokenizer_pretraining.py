@@ -89,7 +89,9 @@ if cfg.encoder.kind != "timm":
 # ## 3 · Train the tokenizer
 # Frozen encoder (+ its colour-preserving stem) → projector → z → decoder. Loss: L1 (+ LPIPS when the VGG16
 # weights are local) + `disc_weight` × adaptive weight × hinge-GAN term from `train.disc_start`, with DiffAug
-# and consistency regularisation on the PatchGAN. The EMA of the projector and decoder is evaluated and saved.
+# and consistency regularisation on the PatchGAN, + a semantic alignment of z with the encoder's semantic
+# features (VA-VAE's VF loss, `train.align_*`): without it the projector reconstructs through the stem and the
+# latents lose the classes. The EMA of the projector and decoder is evaluated and saved.
 
 # %%
 tokenizer = build_tokenizer(cfg,
@@ -119,8 +121,21 @@ s.figures.save(viz.image_grid({"original": to_float(data.val[:16]), "reconstruct
                "reconstructions")
 metrics
 
+# %% [markdown]
+# **Do the latents keep the classes?** They become the `ssl` reference distribution of the next stages, so
+# they should carry the encoder's semantics: a linear probe and a kNN on the flattened normalised latents,
+# fit on labelled train latents and scored on the val split (chance 0.10 on the shapes).
+
 # %%
-assert metrics["psnr"] > 10.0, f"reconstructions are noise (PSNR {metrics['psnr']:.1f} dB)"
+latent_probe = tokenizer_stage.latent_probe(tokenizer, data, s.device, cfg.checks.probe_train,
+                                            cfg.encoder.knn_k)
+latent_probe
+
+# %%
+c = cfg.checks
+assert metrics["psnr"] >= c.min_psnr, f"val PSNR {metrics['psnr']:.2f} dB < {c.min_psnr} dB"
+assert latent_probe["linear_acc"] >= c.min_latent_linear, \
+    f"latent linear probe {latent_probe['linear_acc']:.3f} < {c.min_latent_linear}"
 save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
 
 # %% [markdown]
@@ -128,6 +143,7 @@ save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
 
 # %%
 summary = s.finish({"encoders": tokenizer_stage.encoder_scores(encoders), "tokenizer": metrics,
+                    "latent_probe": latent_probe,
                     "checkpoint": "tokenizer.pt"})
 print(f"run directory: {s.run.path}")
 print("\n".join(summary["figures"]))

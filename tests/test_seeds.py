@@ -28,7 +28,8 @@ def test_offsets_are_the_workbook_s_historical_ones():
     assert OFFSETS == {
         "toy.sw2": 1, "toy.noise_floor": 2, "toy.init_points": 3, "toy.align": 4, "toy.sample_noise": 5,
         "toy.reference_eval": 10_000, "data.shapes_val": 7919, "ssl.batches": 1, "tokenizer.supervised": 1,
-        "tokenizer.init": 5, "tokenizer.disc_init": 6, "tokenizer.batches": 11, "velocity.batches": 23,
+        "tokenizer.init": 5, "tokenizer.disc_init": 6, "tokenizer.batches": 11, "tokenizer.align_init": 7,
+        "velocity.batches": 23,
         "velocity.noise": 29, "teacher.eval": 5, "joint.head_init": 3, "joint.batches": 29,
         "joint.fake_fm": 37, "joint.refine": 31, "generation.sde": 1, "generation.latent_fit": 5,
         "generation.trajectory": 7,

@@ -1,6 +1,7 @@
 """Stage-1 wiring on a tiny configuration: data → SSL +
 supervised encoders → tokenizer → metrics → checkpoint."""
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import pytest
@@ -17,7 +18,8 @@ from dmvae_lib.train.artifacts import build_tokenizer, load_tokenizer, save_toke
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.ssl.steps": 2, "encoder.ssl.batch": 16,
         "encoder.ssl.width": 8, "encoder.supervised_steps": 2, "encoder.knn_k": 5, "net.proj_hidden": 16,
         "net.dec_ch": 8, "net.dec_groups": 4, "train.steps": 4, "train.batch": 8, "train.disc_start": 2,
-        "train.disc_ndf": 8, "train.log_every": 2, "train.ckpt_every": 2, "train.precision": "fp32"}
+        "train.disc_ndf": 8, "train.log_every": 2, "train.ckpt_every": 2, "train.precision": "fp32",
+        "train.align_token": 1.0, "train.align_global": 1.0}  # the semantic alignment on (off by default)
 
 
 class Stage(NamedTuple):
@@ -77,6 +79,17 @@ def test_metrics_are_labelled_and_checkpoint_round_trips(stage, tmp_path):
     save_checkpoint(tmp_path / "other.pt", {"kind": "teacher"})
     with pytest.raises(RunError):
         load_tokenizer(tmp_path / "other.pt")
+
+
+def test_latent_probe_scores_flattened_latents(stage):
+    cfg, run, data, enc, tok, stats = stage
+    assert {"align_cos", "align_dist", "align_global"} <= set(stats)  # TINY aligns z
+    out = tokenizer_stage.latent_probe(tok, data, "cpu", n_train=48, k=5)
+    assert out["dim"] == cfg.net.z_channels * 64 and (out["n_train"], out["n_val"]) == (48, 32)
+    assert 0.0 <= out["linear_acc"] <= 1.0 and 0.0 <= out["knn_acc"] <= 1.0 and out["split"] == "train/val"
+    streamed_data = dataclasses.replace(data, train=None, train_labels=None)
+    streamed = tokenizer_stage.latent_probe(tok, streamed_data, "cpu", k=5)
+    assert (streamed["n_train"], streamed["n_val"], streamed["split"]) == (16, 16, "val halves")
 
 
 def test_finished_training_resumes_without_steps(stage):

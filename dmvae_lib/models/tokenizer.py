@@ -66,6 +66,7 @@ class FrozenEncoder(nn.Module):
                  trainable: bool = False):
         super().__init__()
         self.features, self.out_channels, self.reduction = features, out_channels, reduction
+        self.semantic_channels = out_channels  # all of them: the target of a semantic-alignment loss
         for key, val in (("mean", mean), ("std", std)):  # (3, 1, 1) or None
             val = None if mean is None else torch.tensor(val)[:, None, None]
             self.register_buffer(key, val, persistent=False)
@@ -311,6 +312,7 @@ class SSLFeatures(nn.Module):
         super().__init__()
         self.backbone, self.side_input = backbone.eval().requires_grad_(False), side_input
         self.out_channels = backbone.out_channels + (4 * backbone.width if side_input else 0)
+        self.semantic_channels = backbone.out_channels  # the SSL map comes first; the stem is not a target
         self.trainable = False
 
     def set_trainable(self, trainable: bool) -> None:

@@ -26,6 +26,7 @@ OFFSETS: dict[str, int] = {
     "tokenizer.init": 5,  # the projector's and decoder's initialisation (global RNG)
     "tokenizer.disc_init": 6,  # the patch discriminator's initialisation (global RNG)
     "tokenizer.batches": 11,  # batches and DiffAug (rank 0: the single-process stream)
+    "tokenizer.align_init": 7,  # the semantic-alignment maps' initialisation (global RNG, forked)
     # velocity-net fitting (the teacher of notebook 30, the generator of notebook 60)
     "velocity.batches": 23,  # reference batches, and t and noise on the CPU (rank 0: one-process stream)
     "velocity.noise": 29,  # t and noise on a non-CPU device

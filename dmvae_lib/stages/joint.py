@@ -200,7 +200,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
             with autocast(), torch.set_grad_enabled(c.train_encoder):
                 features = encoder(images)
             with autocast():
-                z, x_hat = parts(features.float())
+                z, x_hat, _ = parts(features.float())
             x_hat = x_hat.float()
             l_rec, stats = reconstruction_loss(x_hat, images, l1=c.l1, perceptual=perceptual,
                                                lpips_weight=c.lpips_weight)

@@ -22,6 +22,7 @@ from ..data.images import ImageData, batches
 from ..data.pixels import to_float
 from ..metrics import image_metrics, probes
 from ..metrics.reconstruction import reconstruct
+from ..models.alignment import SemanticAlignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx
@@ -78,13 +79,27 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     return out
 
 
+def semantic_alignment(cfg: TokenizerStageConfig, tok: Tokenizer) -> Optional[SemanticAlignment]:
+    """The VF-loss module for `tok` (None when both alignment weights are 0); seeded by cfg.seed alone."""
+    t = cfg.train
+    if t.align_token <= 0 and t.align_global <= 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.align_init"))
+        align = SemanticAlignment(cfg.net.z_channels, tok.decoder.latent_size, tok.encoder.semantic_channels,
+                                  token_weight=t.align_token, global_weight=t.align_global,
+                                  margin_cos=t.align_margin_cos, margin_dist=t.align_margin_dist)
+    return align.to(tok.latent_mean.device)
+
+
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
                     progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
     """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer,
     stats). With a multi-process `ctx`, projector + decoder and discriminator train under DDP (the frozen
     encoder is not wrapped), as in runtime/distributed.py."""
     t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
-    params = list(tok.projector.parameters()) + list(tok.decoder.parameters())
+    align = semantic_alignment(cfg, tok)
+    params = [*tok.projector.parameters(), *tok.decoder.parameters(), *(align.parameters() if align else [])]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
 
     def warm(s: int) -> float:
@@ -96,7 +111,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         torch.manual_seed(stream_seed(cfg.seed, "tokenizer.disc_init"))
         disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    trainable = TokenizerParts(tok.projector, tok.decoder)
+    trainable = TokenizerParts(tok.projector, tok.decoder, align)
     model, disc_model = wrap_ddp(trainable, ctx), wrap_ddp(disc, ctx)
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
@@ -126,7 +141,7 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
              "gen": gen}
     stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
                   log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
-    trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights
+    trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights (align is dropped)
     return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
 
 
@@ -149,6 +164,25 @@ def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Opt
     stats = tok.measure_latent_stats(z.split(batch))
     out.update(latent_mean=stats.mean, latent_scale=stats.scale)
     return out
+
+
+def latent_probe(tok: Tokenizer, data: ImageData, device, n_train: int = 10000, k: int = 20) -> dict:
+    """Class structure of the stage-1 latents: linear probe and kNN (k, cosine, weighted) on flattened
+    normalised latents, fit on up to `n_train` labelled train images and scored on the val split (labels used
+    here only). A streamed dataset (no in-memory train split) fits on val's first half, scores the second."""
+    fn = lambda x: tok.normalize(tok.encode(x)).flatten(1)  # noqa: E731
+    if data.train is not None:
+        xtr, ytr, xva, yva = data.train[0][:n_train], data.train_labels[:n_train], data.val, data.val_labels
+        split = "train/val"
+    else:
+        half = len(data.val) // 2
+        xtr, ytr, xva, yva = data.val[:half], data.val_labels[:half], data.val[half:], data.val_labels[half:]
+        split = "val halves"
+    ftr = probes.extract_features(fn, xtr, device=device)
+    fva = probes.extract_features(fn, xva, device=device)
+    return {"linear_acc": probes.linear_probe_accuracy(ftr, ytr, fva, yva),
+            "knn_acc": probes.knn_accuracy(ftr, ytr, fva, yva, k=k), "dim": ftr.shape[1], "n_train": len(ftr),
+            "n_val": len(fva), "split": split}
 
 
 def encoder_scores(encoders: dict) -> dict[str, dict[str, float]]:

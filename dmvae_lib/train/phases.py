@@ -158,18 +158,20 @@ def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: list, *, grad
 
 
 class TokenizerParts(nn.Module):
-    """The tokenizer's trainable parts as one module, encoder features → (z, x̂): the unit DDP wraps.
+    """The tokenizer's trainable parts, encoder features → (z, x̂, alignment), as the one module DDP wraps.
 
-    Its state_dict keys are `projector.*` and `decoder.*`, those of nn.ModuleDict(projector=…, decoder=…).
+    Its state_dict keys are `projector.*` and `decoder.*` (those of nn.ModuleDict(projector=…, decoder=…)),
+    plus `align.*` with a semantic-alignment module (`models.alignment.SemanticAlignment`, trained with the
+    projector and discarded afterwards); its (loss, stats) is the third output, None without one.
     """
 
-    def __init__(self, projector: nn.Module, decoder: nn.Module):
+    def __init__(self, projector: nn.Module, decoder: nn.Module, align: Optional[nn.Module] = None):
         super().__init__()
-        self.projector, self.decoder = projector, decoder
+        self.projector, self.decoder, self.align = projector, decoder, align
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, dict]]]:
         z = self.projector(features)
-        return z, self.decoder(z)
+        return z, self.decoder(z), None if self.align is None else self.align(z, features)
 
 
 def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, params: list, images: Tensor,
@@ -184,7 +186,7 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
     Returns (stats, sg(x̂))."""
     model = TokenizerParts(tokenizer.projector, tokenizer.decoder) if model is None else model
     with autocast():
-        _, x_hat = model(features)
+        _, x_hat, aligned = model(features)
     x_hat = x_hat.float()
     l_rec, stats = reconstruction_loss(x_hat, images, **rec)
     loss = l_rec
@@ -193,6 +195,10 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
         w = gan_weight(l_rec, l_gan, tokenizer.decoder.get_last_layer(), ctx)
         loss = l_rec + disc_weight * w * l_gan
         stats.update(g_loss=float(l_gan.detach()), gan_weight=float(w))
+    if aligned is not None:  # on z only: reaches the projector (and the alignment maps), never the decoder
+        l_align, align_stats = aligned
+        loss = loss + l_align
+        stats.update(align_stats, align_loss=float(l_align.detach()))
     stats["rec_loss"] = float(l_rec.detach())
     stats.update(update(loss, optimizer, params, grad_clip=grad_clip, scheduler=scheduler, ctx=ctx))
     return stats, x_hat.detach()
