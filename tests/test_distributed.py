@@ -223,12 +223,20 @@ def _unreadable(path, required=()):
     raise RunError(f"checkpoint {path} does not exist")
 
 
+def _shared_run(rank: int, out: str, name: str) -> RunDir:
+    """One run folder for all ranks: rank 0 creates (and locks) it; the others hold a handle without a lock,
+    as torchrun workers do (two processes may not `create` one run)."""
+    if rank == 0:
+        return RunDir.create(out, "30_teacher_fitting", name, {})
+    return RunDir(Path(out) / "30_teacher_fitting" / name)
+
+
 def _resume_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from dmvae_lib.train import loop
 
     with _join(rank, world_size, port) as ctx:
         cfg, ref = _tiny_teacher(steps=5)  # checkpoints at steps 2, 4 and 5
-        runs = {name: RunDir.create(out, "30_teacher_fitting", name, {}) for name in ("straight", "resumed")}
+        runs = {name: _shared_run(rank, out, name) for name in ("straight", "resumed")}
         straight, _ = fit_velocity_net(cfg, ref, runs["straight"], "cpu", progress=False, ctx=ctx)
         try:  # every rank stops at the draw of step 3: the last checkpoint is step 2's
             fit_velocity_net(cfg, _Faulty(ref, 3, _interrupt), runs["resumed"], "cpu", progress=False,
@@ -290,7 +298,7 @@ def _nonfinite_worker(rank: int, world_size: int, port: int, out: str) -> None:
     result = {}
     with _join(rank, world_size, port) as ctx:
         cfg, ref = _tiny_teacher(steps=4)
-        run = RunDir.create(out, "30_teacher_fitting", "nan", {})
+        run = _shared_run(rank, out, "nan")
         faulty = _Faulty(ref, 2, _nan_data) if rank == 1 else ref  # rank 1 only, at step 2
         try:
             fit_velocity_net(cfg, faulty, run, "cpu", progress=False, ctx=ctx)

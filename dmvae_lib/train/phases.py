@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..core import flow
 from ..core.dmd import Objective
-from ..models.recon_losses import adaptive_gan_weight, bcr_loss, d_hinge_loss, diff_augment, g_loss
+from ..models import recon_losses
+from ..models.recon_losses import adaptive_gan_weight, bcr_loss, d_hinge_loss, g_loss
 from ..runtime.distributed import DistContext, all_reduce_tensor_mean, average_buffers, reduce_stats
 from .loop import note_nonfinite_gradient
 
@@ -140,7 +141,7 @@ def generator_gan_loss(disc: nn.Module, x_hat: Tensor, generator: torch.Generato
                        autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Tensor:
     """L_GAN = hinge generator loss on DiffAug(x̂); the discriminator is frozen, only x̂ gets gradients."""
     with frozen(disc), autocast():
-        return g_loss(disc(diff_augment(x_hat, generator)).float())
+        return g_loss(disc(recon_losses.diff_augment(x_hat, generator)).float())
 
 
 def gan_weight(rec: Tensor, gan: Tensor, last_layer: Tensor, ctx: Optional[DistContext] = None) -> Tensor:
@@ -217,7 +218,7 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
     """
     both = torch.cat([images, fakes.detach()])
     with autocast():
-        logits = disc(diff_augment(both, generator)).float()
+        logits = disc(recon_losses.diff_augment(both, generator)).float()
         real, fake = logits.chunk(2)
         hinge = d_hinge_loss(real, fake)
         reg = 0.0
