@@ -286,6 +286,11 @@ class Tokenizer(nn.Module):
         z = self.encode(x)
         return self.decode(z), z
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of z."""
+        return (self.decoder.z_channels, self.decoder.latent_size, self.decoder.latent_size)
+
     def normalize(self, z: Tensor) -> Tensor:
         """latents = (z − latent_mean) · latent_scale."""
         return (z - self.latent_mean) * self.latent_scale

@@ -158,14 +158,8 @@ def all_reduce_mean(value: float, ctx: DistContext) -> float:
     return _all_reduce(value, ctx, dist.ReduceOp.SUM) / ctx.world_size
 
 
-def all_reduce_sum(value: float, ctx: DistContext) -> float:
-    """The sum of `value` over ranks, e.g. how many ranks saw a non-finite loss (identity in one process)."""
-    return _all_reduce(value, ctx, dist.ReduceOp.SUM) if ctx.distributed else float(value)
-
-
 def all_reduce_max(value: float, ctx: DistContext) -> float:
-    """The largest `value` over ranks, so that every rank
-    takes the same decision (identity in one process)."""
+    """The largest `value` over ranks, so every rank takes the same decision (identity in one process)."""
     return _all_reduce(value, ctx, dist.ReduceOp.MAX) if ctx.distributed else float(value)
 
 

@@ -112,8 +112,7 @@ def dm_mechanism(cfg: JointStageConfig, tok: Tokenizer, teacher: nn.Module, refe
         tok.encoder.set_trainable(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = make_head((tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size),
-                         tuple(reference.shape)).to(device)
+        head = make_head(tok.latent_shape, tuple(reference.shape)).to(device)
     images, k = to_float(images_u8).to(device), reference.num_classes
     y = labels.to(device) if k else None
     with torch.no_grad():
@@ -151,8 +150,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     c, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
     tok = copy.deepcopy(tokenizer).to(device).train()
     torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))
-    latent_shape = (tok.decoder.z_channels, tok.decoder.latent_size, tok.decoder.latent_size)
-    head = make_head(latent_shape, tuple(reference.shape)).to(device)
+    head = make_head(tok.latent_shape, tuple(reference.shape)).to(device)
     if c.train_encoder:
         if not hasattr(tok.encoder, "set_trainable"):
             name = type(tok.encoder).__name__

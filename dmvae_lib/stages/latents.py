@@ -116,7 +116,7 @@ def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device) -> 
     if cfg.stage1 and not is_stage1:
         sets["stage-1 latents"] = PointSet(encode(stage1, x, device, batch=cfg.encode_batch), y, idx)
     dm = load_tokenizer(Path(joint_dir) / "tokenizer.pt", device)[0]
-    shape = (dm.decoder.z_channels, dm.decoder.latent_size, dm.decoder.latent_size)
+    shape = dm.latent_shape
     head = load_head(Path(joint_dir) / "head.pt", shape, ref.shape)
     dm_x = encode(dm, x, device, batch=cfg.encode_batch, normalizer=stage1, head=head)
     sets[f"DMVAE (λ = {dm_weight(joint_dir):g})"] = PointSet(dm_x, y, idx)
