@@ -46,7 +46,7 @@ from dmvae_lib.data.pixels import to_float
 from dmvae_lib.metrics.reconstruction import reconstruct
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import tokenizer as tokenizer_stage
-from dmvae_lib.train.artifacts import build_tokenizer, save_tokenizer
+from dmvae_lib.train.artifacts import build_tokenizer, save_tokenizer, tokenizer_backbone
 from dmvae_lib.viz import figures as viz
 from dmvae_lib.workflow.session import resolve_run_root, start
 
@@ -94,8 +94,7 @@ if cfg.encoder.kind != "timm":
 # latents lose the classes. The EMA of the projector and decoder is evaluated and saved.
 
 # %%
-tokenizer = build_tokenizer(cfg,
-                            encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+tokenizer = build_tokenizer(cfg, tokenizer_backbone(cfg, encoders))
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["tokenizer", str(s.run.path), "--device", device])
 tokenizer, train_stats = tokenizer_stage.train_tokenizer(cfg, tokenizer, data, s.run, s.device)

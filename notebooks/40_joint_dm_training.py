@@ -147,12 +147,13 @@ if cfg.train.control and preset != "smoke":
 
 # %%
 m = ts.evaluate_tokenizer(dm_tok, data, s.device, encoders.get("ssl"), 500)
-save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders)
+trained = {"trained_encoder": cfg.train.train_encoder}  # the encoder itself is saved only when it trained
+save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders, **trained)
 save_head(s.run.path / "head.pt", head, ref)
 out = {"dm": {**final["DM"], **{k: v for k, v in m.items() if not k.startswith("fd")}}}
 if cfg.train.control:
     mc = ts.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
-    save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders)
+    save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders, **trained)
     out["control"] = {**final["λ = 0 control"], **{k: v for k, v in mc.items() if not k.startswith("fd")}}
 summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,
                     "start": start_diag, **out, "checkpoint": "tokenizer.pt"})

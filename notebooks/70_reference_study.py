@@ -16,41 +16,55 @@
 # ---
 
 # %% [markdown]
-# # 70 · Which reference distribution? The study of paper Tab. 1 (and the λ trend of Tab. 2)
+# # 70 · Does distribution matching pay? The paper's arms, then (optionally) which reference
 #
-# > The paper's central claim (§4, Tab. 1): the *choice* of reference matters, and SSL features make the
-# > latents easiest to generate while keeping reconstruction. Here every claim is a measurement: the whole
-# > pipeline runs once per reference, per DM weight λ and per seed, and the numbers come back as one table.
+# > The paper's claim (§4, Tab. 1–2): a tokenizer whose encoder *trains* gains reconstruction and drifts
+# > off the SSL structure; pulling its aggregate latents back onto the SSL reference with λ·L_DM keeps that
+# > structure, so its latents are easier to generate than both the drifted and the unstructured ones, at a
+# > reconstruction better than the frozen SSL tokenizer's. This notebook tests exactly that, with a verdict
+# > computed by code from thresholds fixed before any result was seen.
 #
-# **What you'll see.** The study's plan (cells = reference × λ × seed); each cell executed through papermill
-# (notebooks 30 → 40 → 60, each in its own run folder, finished ones skipped); one table per question, mean ±
-# spread over seeds: references {SSL, supervised, Gaussian, GMM, class subset, noise states} at λ = 10 against
-# the λ = 0 baseline, and λ ∈ {0, 1, 10, 100} on the SSL reference; one figure each; and the answer to "does
-# the SSL reference give the best generation FD?", with its margin read against the seeds' spread.
+# **The arms** (configs of notebooks 20, 30, 40 and 60; `dmvae_lib/workflow/arms.py`):
 #
-# **Metrics.** Generation FD and reconstruction FD in the SSL encoder's feature space (*not* FID / rFID; see
-# notebook 60), val PSNR, and how the classes cluster in the latents (kNN accuracy, silhouette).
+# | arm | tokenizer | encoder | DM |
+# |---|---|---|---|
+# | **A** | stage 1 (notebook 20), the reference itself | frozen SSL | – |
+# | **C0** | A, jointly trained (notebook 40, the control) | trainable | λ = 0: free to drift |
+# | **C1** | A, jointly trained (notebook 40) | trainable | λ = `claim.dm_weight` toward the SSL teacher |
+# | **AE** | stage 1 on a frozen *random* encoder, then jointly trained | trainable | λ = 0 (VAE baseline) |
 #
-# **What it needs.** A finished run of `20_tokenizer_pretraining` (shared by every cell). Time on a 2-core
-# CPU: `smoke` ≈ 1 min (the SSL reference and the baseline, 1 seed, a few steps each), `cpu` ≤ 2 h (18 cells,
-# 6 teachers). One command: `python -m dmvae_lib --preset cpu --only 20 70 --name study`.
+# Every arm's generator (notebook 60) is fitted once per generator seed (the same seeds for every arm) and
+# scored along a **learning curve**: FD of its samples to real images and to the arm's own reconstructions
+# (the decoder's error cancelled), in three labelled feature spaces (none of them Inception, none FID): the
+# supervised classifier's (the verdict's, pre-registered: not derived from the SSL encoder), the SSL
+# encoder's, and 8×8 pixels. A curve is summarised by its mean log-FD over log-steps.
+#
+# **Pilot gates, first.** A trainable encoder must gain ≥ 1.5 dB over A (else there is no reconstruction to
+# trade) and C0's latents must drift ≥ 3× the reference's two-draw FD floor (else there is nothing for DM to
+# resist). **Verdict:** *supported* when C1 generates better than C0 and AE (paired over seeds, by at least
+# 0.05 in mean log-FD beyond 2 standard errors) with a PSNR above A's; *refuted* when C1 is resolved no better
+# than C0; *unresolved* otherwise.
+#
+# **What it needs.** A finished `20_tokenizer_pretraining` run (arm A). Time on a 2-core CPU: `smoke` ≈ 8
+# min (every arm once, a few steps); `cpu`: see the README. One command: `python -m dmvae_lib --preset cpu
+# --only 20 70 --name claim`. `grid=True` then also runs the six-reference grid of Tab. 1.
 
 # %% tags=["parameters"]
-preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU, ≤ 2 h) | "imagenet256" (GPU)
-seed: int = 0  # the notebook's own seed; the cells' seeds are the config's `seeds`
-device: str = "auto"  # passed to every cell's notebooks
+preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU) | "imagenet256" (GPU)
+seed: int = 0  # the notebook's own seed; the arms' generator seeds are the config's `claim.seeds`
+device: str = "auto"  # passed to every run's notebooks
 run_root: str = ""  # "" -> $DMVAE_RUNS or <repo>/runs
-run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; also the prefix of every cell's run name
-tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
+run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; also the prefix of every run's name
+tokenizer_run: str = ""  # a notebook-20 run folder (arm A); "" -> the run
                          # named run_name, else the newest at this preset
-overrides: dict = {}  # e.g. {"references": ["ssl", "gaussian"],
-                      # "seeds": [0, 1, 2], "joint": {"train.steps": 800}}
+overrides: dict = {}  # e.g. {"claim.seeds": [0, 1, 2, 3], "claim.joint": {"train.steps": 2000},
+                      # "grid": True, "references": ["ssl", "gaussian"]}
 
 # %%
 import pandas as pd
 
 from dmvae_lib.viz import figures as viz
-from dmvae_lib.workflow import study
+from dmvae_lib.workflow import arms, claim, study
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
@@ -58,85 +72,100 @@ tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenize
 s = start("study", "70_reference_study", preset, {"tokenizer_run": str(tok_dir), **overrides}, seed=seed,
           run_root=run_root, run_name=run_name)
 cfg, prefix, root = s.cfg, s.run.path.name, resolve_run_root(run_root)
-print(f"tokenizer: {tok_dir}\nrun: {s.run.path}")
+print(f"arm A (stage 1): {tok_dir}\nrun: {s.run.path}")
 
 # %% [markdown]
 # ## 1 · The plan
-# Each reference is fitted once by a teacher (notebook 30) that all its cells share; every cell then trains
-# the tokenizer jointly (notebook 40) and fits and scores a generator on its latents (notebook 60).
+# Every notebook execution, in order; each leaves its executed notebook, config, metrics, figures and
+# checkpoints in its own run folder. Finished runs are skipped and interrupted ones resume.
 
 # %%
-cells = study.plan(cfg)
-pd.DataFrame([{"cell": c.name(prefix), "condition": c.condition, "teacher": study.teacher_of(cfg, c)}
-              for c in cells])
+arms.check(cfg, preset)
+runs = arms.plan(cfg, preset, prefix, root, tok_dir, device)
+pd.DataFrame([{"notebook": r.notebook, "run": r.name, "needs": ", ".join(r.needs)} for r in runs])
+
+# %%
+outcomes = arms.run_all(runs, root)
+pd.DataFrame([{"run": o.run.name, "status": o.status, "minutes": round(o.seconds / 60, 1), "error": o.error}
+              for o in outcomes])
 
 # %% [markdown]
-# ## 2 · Run every cell
-# Finished runs are skipped and interrupted ones resume, so re-executing this notebook continues the study.
-# A failing cell is recorded with its error and the others still run; the check at the end fails if any did.
-# `teacher_sw2_ratio` says how close each reference's teacher came to it (SW2 of its samples over the
-# two-draw noise floor): DM can only pull the latents toward the teacher's model of the reference.
+# ## 2 · Pilot gates: is there reconstruction to trade, and drift to resist?
 
 # %%
-results = study.run_study(cfg, preset, prefix, root, tok_dir, device=device)
-table = study.collect(results)
-table.to_csv(s.run.path / "cells.csv", index=False)
-table[["condition", "seed", "status", "minutes", *study.METRICS, "teacher_sw2_ratio"]]
+data = arms.collect(cfg, prefix, root, tok_dir)
+out = arms.result(cfg, data)
+th = claim.Thresholds()
+gates = pd.DataFrame({"measured": [out.get("psnr_gain_db"), out.get("drift_ratio")],
+                      "needed": [th.min_psnr_gain_db, th.min_drift_ratio],
+                      "passes": [out.get("psnr_gate"), out.get("drift_gate")]},
+                     index=["PSNR gain of a trainable encoder over A (dB)", "C0 drift: FD to ref. / floor"])
+print(f"FD to the reference at the end of joint training: C0 {data.drift_fd:.3g}, C1 {data.c1_fd:.3g} "
+      f"(two-draw floor {data.drift_floor:.3g})")
+gates
 
 # %% [markdown]
-# ## 3 · References at λ = `dm_weight`, against the λ = 0 baseline (paper Tab. 1)
-# Mean ± sample standard deviation over seeds (seed count in brackets). Lower FD is better; the FDs are in the
-# SSL encoder's feature space, so they compare *within* this table, not with published FIDs.
+# ## 3 · Learning curves and the table
+# Mean over generator seeds, band ± one sample standard deviation. The table gives each arm's val PSNR, the
+# class structure of its latents (kNN accuracy, chance 0.10) and the curve score of every curve (mean log-FD
+# over log-steps; lower is better) as mean ± std (seeds).
 
 # %%
-rows = study.conditions(cfg)
-agg = study.aggregate(table)
-titles = {m: label for m, (label, _) in study.METRICS.items()}
-tables = {}
-for key, names in rows.items():
-    if names:
-        tables[key] = study.formatted(agg.reindex([n for n in names if n in agg.index]))
-        tables[key].to_csv(s.run.path / f"table_{key}.csv")
-        s.figures.save(viz.condition_panels(study.panel_points(table, names), titles, title=f"study: {key}"),
-                       key)
-tables["references"]
+titles = {k: k.replace("fd_", "FD, ").replace("_recon", " → own reconstructions") for k in arms.keys(data)}
+bands = {k: arms.curve_bands(data, k) for k in arms.keys(data)}
+if bands:
+    s.figures.save(viz.arm_curve_panels(bands, titles), "claim_curves")
+summary_table = arms.table(cfg, data)
+summary_table.to_csv(s.run.path / "claim_table.csv")
+summary_table
 
 # %% [markdown]
-# ## 4 · The DM weight λ on the SSL reference (paper Tab. 2 trend)
-# More λ pulls the latents harder onto the reference; the paper finds generation improves with λ up to a
-# point while reconstruction slowly degrades.
+# ## 4 · The verdict
+# Computed by `workflow/claim.py` from the pre-registered space's FD to real images; the same test in every
+# other space and distance is shown beside it, not instead of it.
 
 # %%
-tables.get("dm_weight", pd.DataFrame())
+print(f"VERDICT ({out['space']}): {out['outcome'].upper()}: {out['reason']}")
+for name, c in out.get("comparisons", {}).items():
+    print(f"  C1 vs {name}: {c['mean']:+.3f} ± {c['se']:.3f} (n = {c['n']}; > 0: C1 better)")
+pd.DataFrame(out["other_spaces"]).T
+
+# %%
+bad = arms.failures(outcomes)
+assert not bad, f"runs failed: {bad}"
+assert out["outcome"] in claim.OUTCOMES
+assert all(data.curves[a] for a in arms.PRIMARY), "an arm has no learning curve"
 
 # %% [markdown]
-# ## 5 · Does the SSL reference generate best?
-# The lowest mean generation FD over all conditions, and whether its lead over the runner-up is larger than
-# the seeds' spread (if not, this study cannot tell the two apart).
+# ## 5 · Optional: which reference? (paper Tab. 1, `grid=True`)
+# Each reference gets a teacher (notebook 30) shared by its cells; each cell (reference, λ, seed) runs
+# notebooks 40 and 60 from the shared stage-1 tokenizer, against the λ = 0 baseline. `teacher_sw2_ratio`
+# shows how close each teacher came to its reference (SW2 over the two-draw floor): DM can only pull toward
+# the teacher's model of it.
 
 # %%
-answer = study.verdict(agg.reindex([n for n in rows["references"] if n in agg.index]))
-print(f"best generation FD: {answer['best']}; the SSL reference is best: {answer['reference_is_best']}")
-if "gap" in answer:
-    print(f"lead over {answer['runner_up']}: {answer['gap']:.4f} (largest seed spread "
-          f"{answer['largest_spread']:.4f})")
-
-# %%
-bad = study.failures(results)
-assert not bad, f"cells failed: {bad}"
-finished = table[table["status"] != "failed"]
-gen_fd = finished["gen_fd_ssl"]
-assert gen_fd.notna().all() and (gen_fd > 0).all(), "a cell has no generation FD"
-assert len(table) == len(cells) and set(table["seed"]) == set(cfg.seeds)
+grid = {}
+if cfg.grid:
+    results = study.run_study(cfg, preset, prefix, root, tok_dir, device=device)
+    cells = study.collect(results)
+    cells.to_csv(s.run.path / "cells.csv", index=False)
+    agg = study.aggregate(cells)
+    rows = study.conditions(cfg)["references"]
+    grid = {"table": study.formatted(agg.reindex([n for n in rows if n in agg.index])),
+            "teacher_sw2_ratio": cells.groupby("condition", sort=False)["teacher_sw2_ratio"].first(),
+            "answer": study.verdict(agg.reindex([n for n in rows if n in agg.index])),
+            "failures": study.failures(results)}
+    display(grid["table"].join(grid["teacher_sw2_ratio"]))  # noqa: F821 - IPython's display
+    assert not grid["failures"], f"grid cells failed: {grid['failures']}"
 
 # %% [markdown]
 # ## 6 · Save
-# `cells.csv` (every cell with its run folders), `table_references.csv`, `table_dm_weight.csv`, the figures
-# and the summary with the verdict stay in this run's folder.
+# `claim_table.csv`, the curve figure and the summary (gates, comparisons, verdict, every run folder) stay
+# in this run's folder; with `grid=True` also `cells.csv` and the grid's table.
 
 # %%
-summary = s.finish({"tokenizer_run": str(tok_dir), "cells": table.to_dict(orient="records"),
-                    "tables": {k: v.to_dict() for k, v in tables.items()}, "verdict": answer,
-                    "minutes": float(table["minutes"].sum()
-                                     + sum(r.seconds for r in results if r.cell is None) / 60)})
+summary = s.finish({"tokenizer_run": str(tok_dir), "claim": out, "table": summary_table.to_dict(),
+                    "runs": {o.run.name: {"folder": str(o.folder), "status": o.status,
+                                          "minutes": o.seconds / 60} for o in outcomes},
+                    "grid": {"table": grid["table"].to_dict(), "answer": grid["answer"]} if grid else None})
 print(f"run directory: {s.run.path}")

@@ -1,6 +1,7 @@
-"""Configuration of the reference-distribution study (notebook 70; paper Tab. 1 and the λ trend of Tab. 2).
+"""Configuration of notebook 70: the claim study (the paper's arms, `ClaimConfig`) and, optionally after it,
+the reference-distribution grid (paper Tab. 1 and the λ trend of Tab. 2).
 
-One study = a grid of cells. Each reference gets one teacher (notebook 30), shared by all of its seeds and
+The grid = a grid of cells. Each reference gets one teacher (notebook 30), shared by all of its seeds and
 DM weights; each cell (reference, λ, seed) runs notebook 40 (joint training, no separate control) and
 notebook 60 (generator + evaluation) from the one stage-1 tokenizer (notebook 20) that every cell shares.
 The λ = 0 baseline cells need no teacher of their own: they run notebook 40 with `train.dm_weight` 0, which
@@ -16,10 +17,45 @@ from .teacher import REFERENCE_NAMES
 
 
 @dataclass(frozen=True)
+class ClaimConfig:
+    """The paper's arms as configs of notebooks 20, 30, 40 and 60 (workflow/arms.py): A = the shared stage-1
+    tokenizer (frozen SSL encoder); R = the same with a frozen random encoder; C1 = A jointly trained with the
+    encoder trainable and λ·L_DM; C0 = C1's λ = 0 control; AE = R jointly trained, encoder trainable,
+    λ = 0."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)  # generator seeds, the same for every arm (paired)
+    dm_weight: float = 10.0  # λ of C1, the arm the verdict reads (the authors' 10; fixed before results)
+    extra_weights: tuple[float, ...] = (1.0,)  # more C1 arms at these λ, reported beside, not in the verdict
+    random_arm: bool = False  # also generate from R (frozen random encoder), the RAE-style control
+    space: str = "sup"  # the curve FD the verdict reads: "sup" | "ssl" | "pix" (to real images)
+    tokenizer: dict = field(default_factory=dict)  # dotted overrides for notebook 20's R run (beside A's own)
+    teacher: dict = field(default_factory=dict)  # … for notebook 30 (the SSL teacher of C1)
+    joint: dict = field(default_factory=dict)  # … for notebook 40 (C1/C0 and AE; the encoder always trains)
+    generation: dict = field(default_factory=dict)  # … for notebook 60 (every arm and seed)
+
+    def validate(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"claim.seeds must be distinct and non-empty, got {list(self.seeds)}")
+        if self.dm_weight <= 0 or any(w <= 0 or w == self.dm_weight for w in self.extra_weights):
+            raise ConfigError("claim.dm_weight and claim.extra_weights must be > 0 and distinct "
+                              "(C0 is C1's λ = 0 control)")
+        if self.space not in CURVE_SPACES:
+            raise ConfigError(f"claim.space {self.space!r} unknown; use one of {', '.join(CURVE_SPACES)}")
+        for name in ("tokenizer", "teacher", "joint", "generation"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"claim.{name} must be a mapping of dotted config keys")
+
+
+CURVE_SPACES = ("sup", "ssl", "pix")  # generation/curve_evaluator's feature spaces
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     seed: int = 0  # the notebook's own seed (plots); the cells use `seeds`
     threads: int = 0
-    tokenizer_run: str = ""  # the shared notebook-20 run (resolved by the notebook)
+    tokenizer_run: str = ""  # the shared notebook-20 run: arm A, and the grid's tokenizer
+    claim: ClaimConfig = field(default_factory=ClaimConfig)
+    grid: bool = False  # after the claim study, also run the reference grid below (paper Tab. 1)
     references: tuple[str, ...] = REFERENCE_NAMES  # one teacher each; cells at λ = dm_weight
     seeds: tuple[int, ...] = (0, 1)  # every cell runs once per seed (joint training and generator)
     dm_weight: float = 10.0  # λ of the reference cells (the authors' 10)
@@ -31,6 +67,7 @@ class StudyConfig:
     generation: dict = field(default_factory=dict)  # … for notebook 60
 
     def validate(self) -> None:
+        self.claim.validate()
         unknown = [r for r in self.references if r not in REFERENCE_NAMES]
         if unknown or not self.references:
             raise ConfigError(f"references {list(self.references)}: use a non-empty subset of "
@@ -51,7 +88,17 @@ class StudyConfig:
 
 PRESETS: dict[str, dict] = {
     # CI: one reference and the baseline, one seed, a few steps each (the λ sweep and seeds are unit-tested).
-    "smoke": {"references": ["ssl"], "seeds": [0], "sweep_weights": [],
+    # CI: every arm once (one generator seed, no extra λ), a few steps each; seed pairing is unit-tested.
+    "smoke": {"claim.seeds": [0], "claim.extra_weights": [],
+              "claim.joint": {"train.steps": 20, "train.disc_start": 10, "train.eval_every": 10,
+                              "train.eval_samples": 200, "train.log_every": 10, "train.ckpt_every": 10},
+              "claim.generation": {"fit.steps": 40, "fit.log_every": 10, "fit.ckpt_every": 20,
+                                   "curve.steps": [10, 20, 40], "curve.n": 100, "sample.n": 100,
+                                   "sample.steps": 10, "metrics.real_images": 500,
+                                   "metrics.floor_images": 100,
+                                   "metrics.png_limit": 10, "metrics.grid_per_class": 4,
+                                   "metrics.cluster_latents": 200},
+              "references": ["ssl"], "seeds": [0], "sweep_weights": [],
               "joint": {"train.steps": 20, "train.disc_start": 10, "train.control": False,
                         "train.eval_every": 10, "train.eval_samples": 200, "train.log_every": 10,
                         "train.ckpt_every": 10},
@@ -62,12 +109,19 @@ PRESETS: dict[str, dict] = {
     # This CPU in ≤ 2 h: notebook 20 once, 6 teachers and 18 cells (6 references + the baseline + λ ∈ {1,
     # 100}, 2 seeds each). Shorter than the single-run `cpu` notebooks: teacher 800 steps (vs 1600), joint 400
     # (vs 1000, GAN from 200), generator 600 (vs 1600), 1000 samples (vs 2000) against 4000 real images.
-    "cpu": {"teacher": {"fit.steps": 800, "fit.eval_samples": 1000},
+    # cpu: 3 generator seeds × the arms AE, A, C0, C1 (λ 10) and C1 at λ 1; learning curves at 100–800 steps,
+    # 2000 samples a point against 4000 real images.
+    "cpu": {"claim.generation": {"fit.steps": 800, "curve.steps": [100, 200, 400, 800], "curve.n": 2000,
+                                 "sample.n": 500, "metrics.real_images": 4000, "metrics.floor_images": 1000,
+                                 "metrics.png_limit": 50},
+            "teacher": {"fit.steps": 800, "fit.eval_samples": 1000},
             "joint": {"train.steps": 400, "train.disc_start": 200, "train.eval_every": 200,
                       "train.control": False, "train.eval_samples": 1000},
             "generation": {"fit.steps": 600, "sample.n": 1000, "metrics.real_images": 4000,
                            "metrics.floor_images": 1000, "metrics.png_limit": 50}},
     # The paper's Tab. 1 protocol at full scale is hundreds of GPU-days per cell; these are the per-stage
     # presets unchanged, one seed (run the cells you need with `references`/`seeds`).
-    "imagenet256": {"seeds": [0], "joint": {"train.control": False}},
+    "imagenet256": {"claim.seeds": [0], "claim.extra_weights": [], "seeds": [0],
+                    "claim.generation": {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000},
+                    "joint": {"train.control": False}},
 }  # fmt: skip

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .ssl import SSLConfig
 
+ENCODER_KINDS = ("ssl", "supervised", "random", "timm")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -25,8 +27,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    kind: str = "ssl"  # "ssl" (trained here, no labels) | "supervised"
-                       # (trained here) | "timm" (local weights)
+    kind: str = "ssl"  # "ssl" (trained here, no labels) | "supervised" (trained here) | "random" (the
+                       # same backbone, untrained: the AE/R arms of the claim study) | "timm" (local weights)
     side_input: bool = True  # ssl/supervised: also feed the colour-preserving
                              # stem (SSL features are colour-blind)
     # 1,200 steps (≈ 90 s here): kNN ≈ 97–99 %; SSLConfig's own default (1,800) adds ≈ 1 point for 45 s more
@@ -117,8 +119,11 @@ class TokenizerStageConfig:
             raise ConfigError(f"data.source {self.data.source!r} unknown; use shapes, cifar10 or imagefolder")
         if self.data.source != "shapes" and not self.data.root:
             raise ConfigError(f"data.source={self.data.source!r} needs data.root (a local folder)")
-        if self.encoder.kind not in ("ssl", "supervised", "timm"):
-            raise ConfigError(f"encoder.kind {self.encoder.kind!r} unknown; use ssl, supervised or timm")
+        if self.encoder.kind not in ENCODER_KINDS:
+            raise ConfigError(f"encoder.kind {self.encoder.kind!r} unknown; use {', '.join(ENCODER_KINDS)}")
+        if self.encoder.kind == "random" and (self.train.align_token > 0 or self.train.align_global > 0):
+            raise ConfigError("encoder.kind='random' has no semantic features to align z with: set "
+                              "train.align_token and train.align_global to 0")
         if self.data.source == "imagefolder" and self.encoder.kind != "timm":
             # the embedded encoders train on in-memory image arrays; an ImageFolder is streamed from disk
             raise ConfigError(f"encoder.kind={self.encoder.kind!r} cannot train on "

@@ -27,7 +27,7 @@ Labels are read only by `probes.py` and `train_supervised`. References: SimCLR (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,23 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x).mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to the plain average over `batches` (each a model input), so
+    that an untrained network's eval-mode activations are normalised; the weights are not touched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for x in batches:
+        model(x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.train(was_training)
 
 
 def projector(c_in: int, hidden: int, out: int) -> nn.Module:

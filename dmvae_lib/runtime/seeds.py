@@ -27,6 +27,7 @@ OFFSETS: dict[str, int] = {
     "tokenizer.disc_init": 6,  # the patch discriminator's initialisation (global RNG)
     "tokenizer.batches": 11,  # batches and DiffAug (rank 0: the single-process stream)
     "tokenizer.align_init": 7,  # the semantic-alignment maps' initialisation (global RNG, forked)
+    "tokenizer.random_encoder": 8,  # encoder.kind="random": the untrained backbone and its BN calibration
     # velocity-net fitting (the teacher of notebook 30, the generator of notebook 60)
     "velocity.batches": 23,  # reference batches, and t and noise on the CPU (rank 0: one-process stream)
     "velocity.noise": 29,  # t and noise on a non-CPU device
@@ -37,6 +38,7 @@ OFFSETS: dict[str, int] = {
     "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: one-process stream)
     "joint.fake_fm": 37,  # the fake net's t and noise on a non-CPU device
     "joint.refine": 31,  # decoder refinement batches
+    "joint.ref_floor": 41,  # the second reference draw behind the diagnostics' two-draw floor
     # notebook 60 (generation)
     "generation.sde": 1,  # the SDE sampler's Brownian increments (the start noise uses the seed itself)
     "generation.latent_fit": 5,  # the two latent-cache draws sampled latents are scored against

@@ -73,13 +73,21 @@ def pixel_space(size: int) -> tuple[Callable[[Tensor], Tensor], str]:
         f"pixels average-pooled to {size}×{size} (no encoder; not Inception; not FID)"
 
 
+SUPERVISED_SPACE = ("the supervised classifier's pooled features (trained here on the train split with "
+                    "labels; "
+                    "the embedded stand-in for Inception; not FID)")
+
+
 def curve_evaluator(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, data: ImageData,
                     shape: tuple[int, ...], num_classes: int, run: RunDir | None, device) -> Hook:
     """fn(step, ema_net) for `fit_generator`: at each of cfg.curve.steps, cfg.curve.n samples (the same
     noise at every step) scored by FD to real images and to this tokenizer's reconstructions of them (the
-    decoder's error cancels), in the SSL space and in pixels; logged as tag "curve" (`curve_records`)."""
+    decoder's error cancels), in the SSL space, in pixels and (when stage 1 trained it) in the
+    supervised classifier's space; logged as tag "curve" (`curve_records`)."""
     c, m = cfg.curve, cfg.metrics
     spaces = {"ssl": feature_fn(tok, encoders, device), "pix": pixel_space(c.pixel_size)}
+    if "supervised" in encoders:  # a space the SSL encoder does not define, semantic like Inception's
+        spaces["sup"] = (encoders["supervised"].to(device).eval(), SUPERVISED_SPACE)
     real, _ = real_images(data, m.real_images, m.floor_images)
     recon = to_uint8(reconstruct(tok, real, device, m.feature_batch)[0])
 

@@ -86,6 +86,9 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
     lat = torch.cat(lat)
     ref, _ = reference.sample(len(lat), torch.Generator().manual_seed(seed))
     out = {f"ref_{k}": v for k, v in distribution_distances(lat, ref, seed).items() if k != "fd_label"}
+    # the floor of that FD: two independent reference draws of the same size (the study's drift gate)
+    ref2, _ = reference.sample(len(lat), torch.Generator().manual_seed(stream_seed(seed, "joint.ref_floor")))
+    out["ref_fd_floor"] = distribution_distances(ref2, ref, seed)["fd"]
     out["latent_std"] = float(lat.std())
     if val_u8 is not None:
         x_hat, _ = reconstruct(tok, val_u8, device)

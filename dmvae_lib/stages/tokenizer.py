@@ -24,6 +24,7 @@ from ..metrics import image_metrics, probes
 from ..metrics.reconstruction import reconstruct
 from ..models.alignment import SemanticAlignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
+from ..models.ssl_encoder import SmallResNet, calibrate_batchnorm
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx
 from ..runtime.distributed import (
@@ -59,6 +60,8 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
     e, out = cfg.encoder, {}
     if e.kind == "timm":
         return out
+    if e.kind == "random":
+        out["random"] = random_encoder(cfg, data, device)
     ssl = train_ssl(dataclasses.replace(e.ssl, seed=cfg.seed), data.train, device=device, run=run, tag="ssl")
     out["ssl"] = ssl.model.eval()
     if scores:
@@ -77,6 +80,21 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
         out["supervised_scores"] = {"val_acc": float((logits.argmax(1) == data.val_labels).float().mean()),
                                     **evaluate_features(out["supervised"], data, device, e.knn_k)}
     return out
+
+
+def random_encoder(cfg: TokenizerStageConfig, data: ImageData, device, calibration_batches: int = 8,
+                   batch: int = 256) -> nn.Module:
+    """The SSL backbone untrained (`encoder.kind="random"`): seeded weights, BatchNorm statistics averaged
+    over a few training batches so its eval-mode features are normalised. No image labels are read."""
+    e, images = cfg.encoder, data.train[0] if data.train is not None else data.val
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.random_encoder"))
+        net = SmallResNet(e.ssl.width, e.ssl.arch)
+        order = torch.randperm(len(images))[:calibration_batches * batch]
+    net = net.to(device)
+    calibrate_batchnorm(net, (to_float(images[order[i:i + batch]]).to(device) for i in range(0, len(order),
+                                                                                              batch)))
+    return net.eval().requires_grad_(False)
 
 
 def semantic_alignment(cfg: TokenizerStageConfig, tok: Tokenizer) -> Optional[SemanticAlignment]:

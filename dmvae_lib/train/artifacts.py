@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
@@ -88,14 +89,32 @@ def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> 
     return Tokenizer(encoder, proj, dec)
 
 
-def save_tokenizer(path: Path, cfg: TokenizerStageConfig, tok: Tokenizer, encoders: dict) -> None:
-    """Everything later stages need to rebuild the tokenizer, latent stats included."""
+ENCODER_NAMES = ("ssl", "supervised", "random")  # the embedded backbones a tokenizer file can carry
+
+
+def tokenizer_backbone(cfg: TokenizerStageConfig, encoders: dict) -> Optional[nn.Module]:
+    """The backbone `cfg.encoder.kind` builds the tokenizer around (None: a timm encoder)."""
+    kind = cfg.encoder.kind
+    if kind == "timm":
+        return None
+    if kind not in encoders:
+        raise RunError(f"encoder.kind={kind!r} but no {kind!r} encoder was trained or saved")
+    return encoders[kind]
+
+
+def save_tokenizer(path: Path, cfg: TokenizerStageConfig, tok: Tokenizer, encoders: dict, *,
+                   trained_encoder: bool = False) -> None:
+    """Everything later stages need to rebuild the tokenizer, latent stats included. `encoders` are the
+    reference backbones as trained in stage 1 (feature spaces of the metrics); with `trained_encoder` the
+    tokenizer's own encoder, changed by joint training, is stored beside them."""
     payload = {"kind": "tokenizer", "config": to_dict(cfg), "projector": tok.projector.state_dict(),
                "decoder": tok.decoder.state_dict(), "latent_mean": float(tok.latent_mean),
                "latent_scale": float(tok.latent_scale)}
-    for name in ("ssl", "supervised"):
+    for name in ENCODER_NAMES:
         if name in encoders:
             payload[name] = encoders[name].state_dict()
+    if trained_encoder:
+        payload["encoder"] = tok.encoder.state_dict()
     save_checkpoint(path, payload)
 
 
@@ -107,13 +126,17 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
         raise RunError(f"{path} holds a {ck['kind']!r} checkpoint, not a tokenizer")
     cfg = from_dict(TokenizerStageConfig, ck["config"])
     encoders = {}
-    for name in ("ssl", "supervised"):
+    for name in ENCODER_NAMES:
         if name in ck:
             net = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
             load_state_strict(net, ck[name], f"{path} [{name}]")
             encoders[name] = net.eval()
-    tok = build_tokenizer(cfg,
-                          encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised"))
+    backbone = tokenizer_backbone(cfg, encoders)
+    if "encoder" in ck and backbone is not None:  # trained jointly: its own copy; the references stay
+        backbone = copy.deepcopy(backbone)
+    tok = build_tokenizer(cfg, backbone)
+    if "encoder" in ck:
+        load_state_strict(tok.encoder, ck["encoder"], f"{path} [encoder]")
     load_state_strict(tok.projector, ck["projector"], f"{path} [projector]")
     load_state_strict(tok.decoder, ck["decoder"], f"{path} [decoder]")
     tok.latent_mean.fill_(ck["latent_mean"])

@@ -316,3 +316,30 @@ def learning_curve_panels(points: Sequence[Mapping]) -> go.Figure:
     fig.update_annotations(font_size=11)
     fig.update_layout(height=380, width=860, title="generator learning curve")
     return fig
+
+
+def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping[str, str], cols: int = 2,
+                     title: str = "generator learning curves per arm") -> go.Figure:
+    """One panel per curve key: per arm, the mean FD over seeds against fit steps (log–log), with a ± one
+    sample-std band. `bands[key][arm]` = {"step", "mean", "std", "n"} (workflow.arms.curve_bands)."""
+    keys = list(bands)
+    rows, cols = _grid(len(keys), cols)
+    arm_names = list(dict.fromkeys(a for k in keys for a in bands[k]))
+    color = dict(zip(arm_names, class_colors(len(arm_names))))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[titles.get(k, k) for k in keys])
+    for i, key in enumerate(keys):
+        r, c = i // cols + 1, i % cols + 1
+        for arm, b in bands[key].items():
+            lo = [max(m - s, 1e-12) for m, s in zip(b["mean"], b["std"])]
+            hi = [m + s for m, s in zip(b["mean"], b["std"])]
+            x = list(b["step"])
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself",
+                                     fillcolor=color[arm], opacity=0.2, line=dict(width=0), hoverinfo="skip",
+                                     legendgroup=arm, showlegend=False), r, c)
+            fig.add_trace(go.Scatter(x=x, y=b["mean"], mode="lines+markers", name=f"{arm} (n={b['n']})",
+                                     legendgroup=arm, showlegend=i == 0, line=dict(color=color[arm])), r, c)
+    fig.update_xaxes(type="log", title_text="generator fit step")
+    fig.update_yaxes(type="log", title_text="FD")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(title=title, height=300 * rows + 80, width=430 * cols + 140)
+    return fig

@@ -34,7 +34,7 @@ from ..runtime.runs import RunDir, RunError
 from ..stages import generation as generation_stage
 from ..stages import joint as joint_stage
 from ..stages import tokenizer as tokenizer_stage
-from ..train.artifacts import build_tokenizer, upstream_tokenizer
+from ..train.artifacts import build_tokenizer, tokenizer_backbone, upstream_tokenizer
 from ..train.velocity import fit_velocity_net
 
 STAGES = {"tokenizer": TokenizerStageConfig, "teacher": TeacherStageConfig, "joint": JointStageConfig,
@@ -64,7 +64,7 @@ def _fit_tokenizer(cfg, run: RunDir, ctx: DistContext) -> dict:
     data = load_data(cfg, run.path.parents[1] / "_cache")
     encoders = _rank0_first(
         ctx, lambda: tokenizer_stage.reference_encoders(cfg, data, run, ctx.device, scores=False))
-    encoder = encoders.get("ssl") if cfg.encoder.kind == "ssl" else encoders.get("supervised")
+    encoder = tokenizer_backbone(cfg, encoders)
     return tokenizer_stage.train_tokenizer(cfg, build_tokenizer(cfg, encoder), data, run, ctx.device,
                                            ctx=ctx)[1]
 

@@ -296,7 +296,8 @@ def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
     out = []
     if isinstance(d, dict) and depth < 4:
         for k, v in d.items():
-            if k in ("figures", "protocol", "cells", "tables") or k.endswith(("_run", "_label")):
+            if k in ("figures", "protocol", "cells", "tables", "table", "claim", "runs", "grid") \
+                    or k.endswith(("_run", "_label")):
                 continue
             key = f"{prefix}{k}"
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -339,6 +340,36 @@ def _earlier_run(out_dir: Path) -> str:
         return ""
 
 
+def _claim_headline(summary: dict) -> list[str]:
+    """The claim study's verdict, gates and per-arm table (notebook 70's summary) as Markdown."""
+    c = summary["claim"]
+    lines = ["## Headline: does distribution matching pay? (notebook 70)", "",
+             f"**Verdict ({c.get('space')}, FD to real images): {c.get('outcome', '?').upper()}** — "
+             f"{c.get('reason', '')}", ""]
+    if summary.get("reduced"):
+        lines += [f"*Reduced study: {summary['reduced']}*", ""]
+    if "psnr_gain_db" in c:
+        th, ok = c["thresholds"], {True: "pass", False: "FAIL"}
+        lines += [f"- PSNR gain of a trainable encoder over A: {c['psnr_gain_db']:.2f} dB "
+                  f"(gate ≥ {th['min_psnr_gain_db']} dB: {ok[bool(c['psnr_gate'])]})",
+                  f"- C0 drift: FD to the reference {c['drift_ratio']:.2f}× its floor "
+                  f"(gate ≥ {th['min_drift_ratio']}×: {ok[bool(c['drift_gate'])]})"]
+    for arm, cmp in (c.get("comparisons") or {}).items():
+        lines.append(f"- C1 vs {arm}: {cmp['mean']:+.3f} ± {cmp['se']:.3f} mean log-FD (n = {cmp['n']}; "
+                     "> 0: C1 better)")
+    table = summary.get("table") or {}
+    if table:
+        cols = list(table)
+        arms_ = list(next(iter(table.values())))
+        lines += ["", "| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(_cell(table[k].get(a)) for k in cols) + " |" for a in arms_]
+    return lines
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
     """Markdown: stage table, each stage's headline numbers,
     metric protocol records, figures (as PNG links)."""
@@ -352,6 +383,10 @@ def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, 
            "|---|---|---|"]
     out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
             for stage, status, d in rows]
+    for stage, _, d in rows:  # the claim study's verdict leads the report
+        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
+        if isinstance(summary.get("claim"), dict):
+            out += ["", *_claim_headline(summary)]
     for stage, _, d in rows:
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         out += ["", f"## {stage}", ""]

@@ -1,0 +1,320 @@
+"""The claim study (notebook 70): the paper's arms as runs of notebooks 20, 30, 40 and 60, then the verdict.
+
+    runs = plan(cfg, preset, prefix, run_root, tokenizer_dir)    # every notebook execution, in order
+    results = run_all(runs, run_root)                            # papermill; finished runs are skipped
+    data = collect(cfg, results)                                 # PSNR, drift, curves per arm and seed
+    out = result(cfg, data)                                      # curve scores, tables, gates, verdict
+
+The arms (paper Tab. 1–2; `ClaimConfig`): A is the shared stage-1 tokenizer (frozen SSL encoder); R is the
+same notebook-20 config with `encoder.kind="random"` (a frozen, untrained backbone) and no alignment; C1 is
+notebook 40 from A with the encoder trainable and λ = `dm_weight`, C0 the λ = 0 control of that same run
+(same data order, schedule and seed); AE is notebook 40 from R, encoder trainable, λ = 0 (its teacher is
+fitted only because notebook 40 loads one; at λ = 0 it is never evaluated). Each arm's generator (notebook
+60) runs once per generator seed with a learning curve. Run names are `<prefix>-<arm>` and
+`<prefix>-<arm>-g<seed>`, each in its own run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..configs import make_config
+from ..configs.study import StudyConfig
+from . import claim, pipeline
+
+PRIMARY = ("AE", "A", "C0", "C1")  # the arms the verdict reads
+# AE's teacher: notebook 40 loads one, but at λ = 0 it is never evaluated
+UNUSED_TEACHER = {"fit.steps": 20, "fit.warmup_steps": 5, "fit.eval_samples": 100, "fit.sample_steps": 5,
+                  "fit.log_every": 10, "fit.ckpt_every": 20}
+R_CHANGES = {"encoder.kind": "random", "train.align_token": 0.0, "train.align_global": 0.0,
+             "checks.min_latent_linear": 0.0}  # R = A's stage-1 config with these changed
+NOTEBOOKS = {"20": "20_tokenizer_pretraining", "30": "30_teacher_fitting", "40": "40_joint_dm_training",
+             "60": "60_generation"}
+
+
+def arms(cfg: StudyConfig) -> list[str]:
+    """Every arm the study generates from: the primary four, C1 at the extra λ, and R when asked."""
+    c = cfg.claim
+    return [*PRIMARY, *(f"C1 λ={w:g}" for w in c.extra_weights), *(["R"] if c.random_arm else [])]
+
+
+def slug(arm: str) -> str:
+    return arm.replace(" λ=", "-l").replace(" ", "")
+
+
+@dataclass(frozen=True)
+class Run:
+    notebook: str  # "20" | "30" | "40" | "60"
+    name: str  # the run name (its folder under the notebook's folder)
+    params: dict  # papermill parameters
+    needs: tuple[str, ...] = ()  # run names that must have finished first
+
+
+@dataclass
+class Outcome:
+    run: Run
+    folder: Path
+    status: str = "pending"  # ran | skipped | failed | not run
+    seconds: float = 0.0
+    error: str = ""
+
+
+def flat_overrides(config: Mapping, prefix: str = "") -> dict:
+    """A recorded config as dotted keys (`stage`/`preset` dropped): overrides that rebuild it exactly."""
+    out = {}
+    for k, v in config.items():
+        if not prefix and k in ("stage", "preset"):
+            continue
+        if isinstance(v, Mapping):
+            out.update(flat_overrides(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _sources(cfg: StudyConfig, prefix: str, run_root: Path,
+             tokenizer_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Arm → (the run folder its tokenizer lies in, the tokenizer file)."""
+    joint = run_root / NOTEBOOKS["40"]
+    out = {"AE": (joint / f"{prefix}-AE", "tokenizer.pt"), "A": (tokenizer_dir, "tokenizer.pt"),
+           "C0": (joint / f"{prefix}-C1", "control_tokenizer.pt"),
+           "C1": (joint / f"{prefix}-C1", "tokenizer.pt")}
+    for w in cfg.claim.extra_weights:
+        out[f"C1 λ={w:g}"] = (joint / f"{prefix}-{slug(f'C1 λ={w:g}')}", "tokenizer.pt")
+    out["R"] = (run_root / NOTEBOOKS["20"] / f"{prefix}-R", "tokenizer.pt")
+    return out
+
+
+def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_dir: Path,
+         device: str = "auto") -> list[Run]:
+    """Every notebook execution of the claim study, in an order that respects `needs`."""
+    c, root = cfg.claim, Path(run_root)
+    a_cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())["config"]
+    if a_cfg.get("encoder", {}).get("kind") not in ("ssl", "supervised"):
+        raise ValueError(f"arm A must be a stage-1 tokenizer on the embedded SSL (or supervised) encoder; "
+                         f"{tokenizer_dir} has encoder.kind={a_cfg.get('encoder', {}).get('kind')!r}")
+    common = {"preset": preset, "run_root": str(root), "device": device}
+    seed = int(a_cfg["seed"])
+    r_over = {**{k: v for k, v in flat_overrides(a_cfg).items() if k != "seed"}, **R_CHANGES, **c.tokenizer}
+    r_dir = root / NOTEBOOKS["20"] / f"{prefix}-R"
+    teacher = {"ssl": f"{prefix}-teacher", "R": f"{prefix}-teacher-R"}
+    def params(name: str, **kw) -> dict:
+        return {**common, "seed": seed, "run_name": name, **kw}
+
+    fit = {"reference": "ssl", "max_sw2_ratio": 0.0}
+    runs = [Run("20", f"{prefix}-R", params(f"{prefix}-R", overrides=r_over)),
+            Run("30", teacher["ssl"], params(teacher["ssl"], tokenizer_run=str(tokenizer_dir),
+                                             overrides=dict(c.teacher), **fit)),
+            Run("30", teacher["R"], params(teacher["R"], tokenizer_run=str(r_dir),
+                                           overrides={**c.teacher, **UNUSED_TEACHER}, **fit),
+                needs=(f"{prefix}-R",))]
+    joint = {**c.joint, "train.train_encoder": True}
+    t_dir = {k: root / NOTEBOOKS["30"] / v for k, v in teacher.items()}
+    c1s = [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
+    for arm, lam, control in c1s:  # C0 is the λ = 0 control of the C1 run
+        name = f"{prefix}-{slug(arm)}"
+        over = {**joint, "train.dm_weight": lam, "train.control": control}
+        runs.append(Run("40", name, params(name, tokenizer_run=str(tokenizer_dir),
+                                           teacher_run=str(t_dir["ssl"]), overrides=over),
+                        needs=(teacher["ssl"],)))
+    over = {**joint, "train.dm_weight": 0.0, "train.control": False}
+    runs.append(Run("40", f"{prefix}-AE", params(f"{prefix}-AE", tokenizer_run=str(r_dir),
+                                                 teacher_run=str(t_dir["R"]), overrides=over),
+                    needs=(f"{prefix}-R", teacher["R"])))
+    sources = _sources(cfg, prefix, root, Path(tokenizer_dir))
+    producers = {str(r.params.get("run_name")): r.name for r in runs}
+    for arm in arms(cfg):
+        folder, file = sources[arm]
+        need = (folder.name,) if folder.name in producers else ()
+        for g in c.seeds:
+            name = f"{prefix}-{slug(arm)}-g{g}"
+            runs.append(Run("60", name, {**common, "seed": g, "run_name": name, "joint_run": str(folder),
+                                         "tokenizer_file": file, "overrides": dict(c.generation)},
+                            needs=need))
+    return runs
+
+
+def check(cfg: StudyConfig, preset: str) -> None:
+    """The sub-notebooks' parameters and every config the plan builds, checked before any work starts."""
+    c = cfg.claim
+    gen = make_config("generation", preset, c.generation)
+    if len(gen.curve.steps) < 2:
+        raise ValueError("the claim study scores learning curves: claim.generation needs curve.steps with "
+                         f"at least two steps, got {list(gen.curve.steps)}")
+    make_config("tokenizer", preset, {**R_CHANGES, **c.tokenizer})
+    make_config("teacher", preset, c.teacher)
+    make_config("teacher", preset, {**c.teacher, **UNUSED_TEACHER})
+    for w in (c.dm_weight, 0.0, *c.extra_weights):
+        make_config("joint", preset, {**c.joint, "train.train_encoder": True, "train.dm_weight": w})
+    fake = Path("/nonexistent")
+    sample = {"20": {"overrides": {}}, "30": {"tokenizer_run": str(fake), "reference": "ssl",
+                                             "max_sw2_ratio": 0.0, "overrides": {}},
+              "40": {"tokenizer_run": str(fake), "teacher_run": str(fake), "overrides": {}},
+              "60": {"joint_run": str(fake), "tokenizer_file": "tokenizer.pt", "overrides": {}}}
+    for nb, params in sample.items():
+        pipeline.check_parameters(_notebook(nb), {"preset": preset, "run_root": str(fake), "device": "auto",
+                                                  "seed": 0, "run_name": "check", **params})
+
+
+def _notebook(prefix: str) -> Path:
+    return pipeline.NOTEBOOK_DIR / f"{NOTEBOOKS[prefix]}.ipynb"
+
+
+def run_all(runs: Sequence[Run], run_root: Path, *, progress: bool = True,
+            log: Callable[[str], None] = print) -> list[Outcome]:
+    """Execute (or skip when finished, or resume) every run through papermill; a failure is recorded and the
+    runs that need it are not started."""
+    from tqdm.auto import tqdm
+
+    done: dict[str, Outcome] = {}
+    for r in tqdm(runs, desc="claim study", disable=not progress):
+        o = Outcome(r, Path(run_root) / NOTEBOOKS[r.notebook] / r.name)
+        blocked = [n for n in r.needs if done.get(n) and done[n].status in ("failed", "not run")]
+        t0 = time.perf_counter()
+        if blocked:
+            o.status, o.error = "not run", f"needs {', '.join(blocked)}, which failed"
+        else:
+            try:
+                o.status = pipeline.execute(_notebook(r.notebook), o.folder, r.params)
+                log(f"{NOTEBOOKS[r.notebook]}/{r.name}: {o.status}")
+            except Exception as e:  # noqa: BLE001 - recorded; `failures` reports it and the notebook asserts
+                o.status, o.error = "failed", _last_line(e)
+                log(f"{r.name}: FAILED: {o.error}")
+        o.seconds = time.perf_counter() - t0
+        done[r.name] = o
+    return list(done.values())
+
+
+def _last_line(e: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return " ".join(line.strip() for line in text[-3:])[:500]
+
+
+def failures(outcomes: Sequence[Outcome]) -> list[str]:
+    return [f"{o.run.name}: {o.error}" for o in outcomes if o.status in ("failed", "not run")]
+
+
+def _summary(folder: Path) -> dict:
+    f = Path(folder) / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+@dataclass
+class ArmData:
+    """What the runs of one study left behind, per arm."""
+
+    psnr: dict[str, float] = field(default_factory=dict)
+    knn: dict[str, float] = field(default_factory=dict)  # latent kNN (notebook 60's clustering, first seed)
+    curves: dict[str, dict[int, list[dict]]] = field(default_factory=dict)  # arm → seed → curve records
+    drift_fd: float = math.nan  # C0's FD to the reference at the end of joint training
+    drift_floor: float = math.nan  # the two-draw floor of that FD
+    c1_fd: float = math.nan  # C1's FD to the reference, for comparison
+
+
+def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) -> ArmData:
+    """Read every arm's numbers from its runs' summary.json (missing runs give NaN / no curve)."""
+    out, root = ArmData(), Path(run_root)
+    for arm, (folder, file) in _sources(cfg, prefix, root, Path(tokenizer_dir)).items():
+        s = _summary(folder)
+        if file == "control_tokenizer.pt":
+            psnr = s.get("control", {}).get("psnr", math.nan)
+        elif folder.parent.name == NOTEBOOKS["40"]:
+            psnr = s.get("dm", {}).get("psnr", math.nan)
+        else:
+            psnr = s.get("tokenizer", {}).get("psnr", math.nan)
+        if arm in arms(cfg):
+            out.psnr[arm] = float(psnr)
+            out.curves[arm] = {}
+            for g in cfg.claim.seeds:
+                gen = _summary(root / NOTEBOOKS["60"] / f"{prefix}-{slug(arm)}-g{g}")
+                if gen.get("curve"):
+                    out.curves[arm][g] = gen["curve"]
+                if g == cfg.claim.seeds[0]:
+                    out.knn[arm] = float(gen.get("latent_clustering", {}).get("knn", math.nan))
+    joint = _summary(root / NOTEBOOKS["40"] / f"{prefix}-C1")
+    out.drift_fd = float(joint.get("control", {}).get("ref_fd", math.nan))
+    out.drift_floor = float(joint.get("control", {}).get("ref_fd_floor", math.nan))
+    out.c1_fd = float(joint.get("dm", {}).get("ref_fd", math.nan))
+    return out
+
+
+def scores(data: ArmData, key: str) -> dict[str, dict[int, float]]:
+    """{arm: {seed: curve_score of the curve's `key` (e.g. "fd_sup", "fd_ssl_recon")}} where recorded."""
+    out: dict[str, dict[int, float]] = {}
+    for arm, by_seed in data.curves.items():
+        out[arm] = {g: claim.curve_score([p["step"] for p in pts], [p[key] for p in pts])
+                    for g, pts in by_seed.items() if pts and key in pts[0]}
+    return out
+
+
+def keys(data: ArmData) -> list[str]:
+    """The curve keys recorded (fd_<space> and fd_<space>_recon for every space)."""
+    first = next((pts for by in data.curves.values() for pts in by.values() if pts), [])
+    return [k for k in first[0] if k.startswith("fd_")] if first else []
+
+
+def table(cfg: StudyConfig, data: ArmData) -> pd.DataFrame:
+    """One row per arm: PSNR, latent kNN and, per curve key, the curve score as mean ± std (n seeds)."""
+    rows = []
+    for arm in arms(cfg):
+        row = {"arm": arm, "val PSNR (dB)": data.psnr.get(arm, math.nan),
+               "latent kNN": data.knn.get(arm, math.nan)}
+        for k in keys(data):
+            v = np.array(list(scores(data, k).get(arm, {}).values()), float)
+            row[k] = _mean_pm(v)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("arm")
+
+
+def _mean_pm(v: np.ndarray) -> str:
+    if len(v) == 0:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.3f} (1)"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f} ({len(v)})"
+
+
+def result(cfg: StudyConfig, data: ArmData, thresholds: claim.Thresholds = claim.Thresholds()) -> dict:
+    """The verdict (workflow/claim.py) on the pre-registered space's FD to real images, plus the same test
+    in every other recorded space and distance, reported beside it (never instead of it)."""
+    primary = f"fd_{cfg.claim.space}"
+    psnr = {a: data.psnr.get(a, math.nan) for a in PRIMARY}
+    out: dict = {"space": primary, "psnr": psnr, "drift_fd": data.drift_fd, "drift_floor": data.drift_floor,
+                 "c1_fd": data.c1_fd, "other_spaces": {}}
+    missing = [a for a in ("C0", "C1") if not scores(data, primary).get(a)]
+    if missing or any(math.isnan(psnr[a]) for a in ("A", "C0", "C1")) or math.isnan(data.drift_fd):
+        return {**out, "outcome": "unresolved",
+                "reason": f"the study is incomplete: no {primary} curves for {missing}" if missing else
+                "the study is incomplete: a PSNR or the drift distance is missing"}
+    for k in keys(data):
+        v = claim.verdict({a: s for a, s in scores(data, k).items() if a in PRIMARY}, psnr, data.drift_fd,
+                          data.drift_floor, thresholds)
+        if k == primary:
+            out.update(v)
+        else:
+            out["other_spaces"][k] = {"outcome": v["outcome"], "reason": v["reason"]}
+    return out
+
+
+def curve_bands(data: ArmData, key: str) -> dict[str, dict]:
+    """{arm: {"step", "mean", "std", "n"}} of one curve key over the seeds (steps common to all seeds)."""
+    out = {}
+    for arm, by_seed in data.curves.items():
+        pts = [p for p in by_seed.values() if p and key in p[0]]
+        if not pts:
+            continue
+        steps = sorted(set.intersection(*({r["step"] for r in p} for p in pts)))
+        vals = np.array([[next(r[key] for r in p if r["step"] == s) for s in steps] for p in pts], float)
+        out[arm] = {"step": steps, "mean": vals.mean(0).tolist(),
+                    "std": (vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(steps))).tolist(),
+                    "n": len(vals)}
+    return out
