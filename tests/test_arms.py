@@ -246,3 +246,11 @@ def test_the_pipeline_report_leads_with_the_claim_verdict(tmp_path):
     text = report.read_text()
     assert text.index("Headline") < text.index("## 20_tokenizer_pretraining")
     assert "SUPPORTED" in text and "Reduced study: one generator seed" in text and "| C1 |" in text
+
+
+def test_the_pipeline_refuses_a_misspelled_claim_override_before_any_run(tmp_path):
+    nb = arms._notebook("20").parent / "70_reference_study.ipynb"
+    params = {"preset": "smoke", "run_root": str(tmp_path), "overrides": {"claim.joint": {"train.stepz": 3}}}
+    with pytest.raises(SystemExit, match="claim.joint"):
+        pipeline.check_config(nb, params)
+    pipeline.check_config(nb, {**params, "overrides": {"claim.joint": {"train.steps": 3}}})

@@ -47,6 +47,11 @@ class ClaimConfig:
 
 
 CURVE_SPACES = ("sup", "ssl", "pix")  # generation/curve_evaluator's feature spaces
+# What the claim study sets itself in its sub-runs (workflow/arms.py): R is arm A's stage-1 config with these
+# changed; every joint run trains the encoder. The pipeline checks the claim's overrides together with them.
+CLAIM_FIXED = {"tokenizer": {"encoder.kind": "random", "train.align_token": 0.0, "train.align_global": 0.0,
+                             "checks.min_latent_linear": 0.0},
+               "joint": {"train.train_encoder": True}}
 
 
 @dataclass(frozen=True)

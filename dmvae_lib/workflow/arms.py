@@ -28,15 +28,14 @@ import numpy as np
 import pandas as pd
 
 from ..configs import make_config
-from ..configs.study import StudyConfig
+from ..configs.study import CLAIM_FIXED, StudyConfig
 from . import claim, pipeline
 
 PRIMARY = ("AE", "A", "C0", "C1")  # the arms the verdict reads
 # AE's teacher: notebook 40 loads one, but at λ = 0 it is never evaluated
 UNUSED_TEACHER = {"fit.steps": 20, "fit.warmup_steps": 5, "fit.eval_samples": 100, "fit.sample_steps": 5,
                   "fit.log_every": 10, "fit.ckpt_every": 20}
-R_CHANGES = {"encoder.kind": "random", "train.align_token": 0.0, "train.align_global": 0.0,
-             "checks.min_latent_linear": 0.0}  # R = A's stage-1 config with these changed
+R_CHANGES = CLAIM_FIXED["tokenizer"]  # R = A's stage-1 config with these changed
 NOTEBOOKS = {"20": "20_tokenizer_pretraining", "30": "30_teacher_fitting", "40": "40_joint_dm_training",
              "60": "60_generation"}
 
@@ -117,7 +116,7 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
             Run("30", teacher["R"], params(teacher["R"], tokenizer_run=str(r_dir),
                                            overrides={**c.teacher, **UNUSED_TEACHER}, **fit),
                 needs=(f"{prefix}-R",))]
-    joint = {**c.joint, "train.train_encoder": True}
+    joint = {**c.joint, **CLAIM_FIXED["joint"]}
     t_dir = {k: root / NOTEBOOKS["30"] / v for k, v in teacher.items()}
     c1s = [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
     for arm, lam, control in c1s:  # C0 is the λ = 0 control of the C1 run
@@ -154,7 +153,7 @@ def check(cfg: StudyConfig, preset: str) -> None:
     make_config("teacher", preset, c.teacher)
     make_config("teacher", preset, {**c.teacher, **UNUSED_TEACHER})
     for w in (c.dm_weight, 0.0, *c.extra_weights):
-        make_config("joint", preset, {**c.joint, "train.train_encoder": True, "train.dm_weight": w})
+        make_config("joint", preset, {**c.joint, **CLAIM_FIXED["joint"], "train.dm_weight": w})
     fake = Path("/nonexistent")
     sample = {"20": {"overrides": {}}, "30": {"tokenizer_run": str(fake), "reference": "ssl",
                                              "max_sw2_ratio": 0.0, "overrides": {}},

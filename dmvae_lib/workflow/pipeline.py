@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import ConfigError, make_config
+from ..configs.study import CLAIM_FIXED
 from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
@@ -106,6 +107,12 @@ def requested_record(nb: Path, params: dict) -> dict:
                 make_config(sub, preset, getattr(cfg, sub))
             except ConfigError as e:
                 raise ConfigError(f"overrides[{sub!r}] (for the study's {sub} runs): {e}") from e
+        for sub in ("tokenizer", "teacher", "joint", "generation"):  # the claim study's runs
+            over = getattr(cfg.claim, sub)
+            try:
+                make_config(sub, preset, {**over, **CLAIM_FIXED.get(sub, {})})
+            except ConfigError as e:
+                raise ConfigError(f"overrides['claim.{sub}'] (for the claim study's {sub} runs): {e}") from e
     return json.loads(json.dumps(config_record(stage, preset, cfg)))
 
 
