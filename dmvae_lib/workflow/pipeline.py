@@ -182,6 +182,20 @@ def check_stage_folder(nb: Path, out_dir: Path, params: dict) -> bool:
 SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run folder holds summary.json
 
 
+def _ipc_kernel_manager() -> type:
+    """A local kernel manager on IPC sockets: no TCP ports, and none of ipykernel's stderr warning about
+    unencrypted TCP in the output of a notebook (notebook 70) that runs others."""
+    from jupyter_client.manager import KernelManager
+    from traitlets import default
+
+    class IPCKernelManager(KernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
+
+
 def execute(nb: Path, out_dir: Path, params: dict) -> str:
     """Execute `nb` into `out_dir/executed.ipynb` unless `out_dir` holds a finished run; return what happened.
 
@@ -196,7 +210,8 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
-                               kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
+                               kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
+                               kernel_manager_class=_ipc_kernel_manager())
     return f"ran in {time.perf_counter() - t0:.0f} s"
 
 
