@@ -89,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     precision: str = "bf16"  # "fp32" | "bf16" autocast (bf16 only where the device supports it)
     compile: bool = False  # torch.compile the decoder (GPU)
+    channels_last: bool = False  # NHWC decoder and discriminator (GPU convolutions under bf16)
     log_every: int = 50
     ckpt_every: int = 300
     eval_batch: int = 500

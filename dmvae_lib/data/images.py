@@ -62,16 +62,21 @@ def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     return ImageData(None, None, val_u8, torch.tensor([int(y) for _, y in items]), folder)
 
 
-def batches(data: ImageData, batch: int, gen: torch.Generator,
-            workers: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless (images in [−1, 1], labels) training batches drawn with replacement by `gen`."""
+def batches(data: ImageData, batch: int, gen: torch.Generator, workers: int,
+            pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless (images in [−1, 1], labels) training batches drawn with replacement by `gen`.
+
+    An ImageFolder streams through a DataLoader: `workers` processes kept alive for the whole run
+    (persistent_workers), batches in page-locked memory with `pin_memory` (a CUDA device: the copy to it
+    can then overlap compute, `.to(device, non_blocking=True)`)."""
     if data.folder is None:
         while True:
             idx = torch.randint(data.train.shape[1], (batch,), generator=gen)
             yield to_float(data.train[0][idx]), data.train_labels[idx].long()
     sampler = torch.utils.data.RandomSampler(data.folder, replacement=True, num_samples=10**12, generator=gen)
     for x, y in torch.utils.data.DataLoader(data.folder, batch_size=batch, sampler=sampler,
-                                            num_workers=workers, drop_last=True):
+                                            num_workers=workers, drop_last=True, pin_memory=pin_memory,
+                                            persistent_workers=workers > 0):
         yield x, torch.as_tensor(y).long()
 
 

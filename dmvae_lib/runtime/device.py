@@ -12,6 +12,7 @@ import functools
 import os
 import random
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -59,6 +60,21 @@ def autocast_ctx(device: torch.device, precision: str = "fp32"):
             _warn_emulated(device)
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def fused_adamw(device: torch.device | str) -> Optional[bool]:
+    """AdamW's `fused=` for parameters on `device`: True on CUDA (one kernel for the whole update, no launch
+    per parameter), None elsewhere, torch's default: the CPU update keeps its for-loop arithmetic, so the
+    `cpu` preset's numbers do not move."""
+    return True if torch.device(device).type == "cuda" else None
+
+
+def compile_in_place(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`module.compile()` when `enabled` (GPU-oriented; a no-op otherwise). In place, so the state_dict keys,
+    the EMA copy and the checkpoints stay those of the plain module."""
+    if enabled:
+        module.compile()
+    return module
 
 
 @functools.cache

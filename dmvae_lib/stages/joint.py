@@ -38,7 +38,7 @@ from ..models.lightning_dit import drop_labels
 from ..models.projection_heads import make_head
 from ..models.recon_losses import PatchDiscriminator, perceptual_loss
 from ..models.tokenizer import Tokenizer
-from ..runtime.device import autocast_ctx
+from ..runtime.device import autocast_ctx, fused_adamw
 from ..runtime.distributed import (
     DistContext,
     main_only_run,
@@ -161,18 +161,20 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         tok.encoder.set_trainable(True)
     enc_params = list(tok.encoder.parameters()) if c.train_encoder else []
     params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
+    fused = fused_adamw(dev)  # True on CUDA; None (torch's default) keeps the CPU numbers
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay, fused=fused)
     sched = _warmup(opt, c.warmup_steps)
     disc = PatchDiscriminator(3, *disc_arch)  # initialised under the seed above
     if disc_state is not None:
         load_state_strict(disc, disc_state, "stage-1 discriminator")
     disc = disc.to(device)
-    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4,
+                             fused=fused)
     use_dm = dm_weight > 0
     real = teacher.to(device).eval().requires_grad_(False)
     fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None
     fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95),
-                             weight_decay=c.weight_decay) if use_dm else None
+                             weight_decay=c.weight_decay, fused=fused) if use_dm else None
     fsched = _warmup(fopt, c.warmup_steps) if use_dm else None
     k_classes = reference.num_classes
     real_v, fake_v = dm_nets(real, fake, k_classes, c.cfg_scale) if use_dm else (None, None)
@@ -277,7 +279,8 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
     """Decoder-only refinement, encoder and projector frozen (reconstruction loss; DDP as in train_joint)."""
     t, ctx = cfg.train, ctx or DistContext()
     params = list(tok.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
+                            fused=fused_adamw(device))
     gen = rank_generator(stream_seed(cfg.seed, "joint.refine"), ctx)
     stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
     decoder = wrap_ddp(tok.decoder, ctx)

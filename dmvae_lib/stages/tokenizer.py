@@ -26,7 +26,7 @@ from ..models.alignment import SemanticAlignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
 from ..models.ssl_encoder import SmallResNet, calibrate_batchnorm
 from ..models.tokenizer import Tokenizer
-from ..runtime.device import autocast_ctx
+from ..runtime.device import autocast_ctx, compile_in_place, fused_adamw
 from ..runtime.distributed import (
     DistContext,
     main_only_run,
@@ -118,7 +118,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
     align = semantic_alignment(cfg, tok)
     params = [*tok.projector.parameters(), *tok.decoder.parameters(), *(align.parameters() if align else [])]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
+                            fused=fused_adamw(device))
 
     def warm(s: int) -> float:
         cosine = 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))
@@ -128,20 +129,27 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.seed, "tokenizer.disc_init"))
         disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
-    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if t.channels_last:  # NHWC convolutions (GPU, bf16); opt-in, the CPU presets keep NCHW
+        tok.decoder.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0,
+                             fused=fused_adamw(device))
     trainable = TokenizerParts(tok.projector, tok.decoder, align)
     model, disc_model = wrap_ddp(trainable, ctx), wrap_ddp(disc, ctx)
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
+    compile_in_place(tok.decoder, t.compile)  # after the EMA's deep copy, which stays uncompiled
     perceptual = perceptual_loss(t.lpips)
     rec = {"l1": t.l1, "l2": t.l2, "perceptual": perceptual, "lpips_weight": t.lpips_weight}
     # rank 0 (or one process): the single-process stream
     gen = rank_generator(stream_seed(cfg.seed, "tokenizer.batches"), ctx)
-    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers)
+    on_cuda = torch.device(device).type == "cuda"
+    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers,
+                     pin_memory=on_cuda)
     autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
 
     def step(k: int) -> dict:
-        images = next(stream)[0].to(device)
+        images = next(stream)[0].to(device, non_blocking=on_cuda)
         with autocast():
             feats = tok.encode_features(images)
         gan = disc if k >= t.disc_start and t.disc_weight > 0 else None

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..configs.ssl import SSLConfig
 from ..data.views import augment, batch_images, renders_tensor, sample_views
 from ..models.ssl_encoder import OBJECTIVES, SmallResNet, projector
-from ..runtime.device import autocast_ctx
+from ..runtime.device import autocast_ctx, fused_adamw
 from ..runtime.runs import RunDir
 from ..runtime.seeds import stream
 from . import loop
@@ -73,7 +73,7 @@ def _aug(cfg: SSLConfig) -> dict:
 def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, device, **loop_kwargs) -> dict:
     """AdamW, linear warm-up then cosine over `cfg.steps` or `cfg.max_seconds` (whichever ends first), run
     by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(device))
     gen = stream(cfg.seed, "ssl.batches")
     clock, last = [0.0], {}  # step seconds so far (evaluation hooks excluded; survives resume); last stats
 
