@@ -17,8 +17,8 @@ Metrics:
     `inception_metrics`: FID (against reference `mu`/`sigma`, or real images), Inception score
         (exp E_x KL(p(y|x) ‖ p(y)) over `isc_splits` splits, torch-fidelity's logits_unbiased) and
         precision/recall (Kynkäänniemi et al. 2019, k-NN balls, k = 3), with the Inception weights from a
-        local file only. Without that file it returns a record saying so and how to provide it; nothing is
-        downloaded and nothing else is computed in its place.
+        local file only (fetched there first with DMVAE_FETCH_WEIGHTS=1). Without that file it returns a
+        record saying so and how to provide it; nothing else is computed in its place.
 
 Files are written through a scratch directory made by `tempfile.mkdtemp` inside the run folder and renamed
 into place, so concurrent evaluations in different run folders never share a temporary path, and a reader
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..data.latent_cache import file_sha256
+from ..runtime import weights
 from . import image_metrics
 from .image_metrics import INCEPTION_FILE, INCEPTION_SPACE, INCEPTION_URL
 
@@ -218,14 +219,15 @@ def inception_metrics(samples_u8: Tensor, *, weights_path: str | os.PathLike | N
 
     FID uses the reference file's `mu`/`sigma` when given, else statistics of `real_u8`; precision/recall
     use the reference file's `arr_0`, else `real_u8`. Without a weights file the result is
-    `{"available": False, "reason": …}` naming the file to fetch; nothing is downloaded.
+    `{"available": False, "reason": …}` naming the file to fetch; nothing is downloaded unless
+    DMVAE_FETCH_WEIGHTS=1 (`runtime.weights`).
     """
-    if weights_path is None or not Path(weights_path).is_file():
+    if weights_path is None or weights.ensure_file(weights_path, INCEPTION_URL, "FID Inception") is None:
         return {"available": False, "reason": (
             f"no Inception weights at {weights_path}: FID, IS and precision/recall not computed. Fetch "
             f"{INCEPTION_URL} on a machine with network, put it there (or pass metrics.inception_weights), "
-            "and optionally an ADM reference batch (metrics.reference_batch); nothing is downloaded at "
-            "runtime.")}
+            "and optionally an ADM reference batch (metrics.reference_batch); nothing is downloaded unless "
+            f"{weights.FETCH_ENV}=1 is set.")}
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from dmvae_lib.models.recon_losses import PerceptualLoss
 
 from ..data.pixels import float_to_u8
+from ..runtime import weights
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -126,12 +127,15 @@ def _batches(images: Images, batch_size: int) -> Iterable[Tensor]:
 
 
 def _check_inception_file(weights_path: Optional[str | Path], caller: str) -> Path:
-    if weights_path is None or not Path(weights_path).is_file():
+    """The weights file (fetched to `weights_path` only with DMVAE_FETCH_WEIGHTS=1), else a RuntimeError."""
+    path = None if weights_path is None else weights.ensure_file(weights_path, INCEPTION_URL, "FID Inception")
+    if path is None:
         raise RuntimeError(
             f"{caller} needs the FID Inception weights as a local file (got {weights_path!r}); nothing "
-            f"is downloaded at runtime. Fetch {INCEPTION_URL} on a machine with network and pass "
-            "weights_path=<that file>. Without it, use frechet_distance in another, labelled feature space.")
-    return Path(weights_path)
+            f"is downloaded unless asked. Fetch {INCEPTION_URL} on a machine with network and pass "
+            f"weights_path=<that file> (or set {weights.FETCH_ENV}=1 to fetch it there). Without it, use "
+            "frechet_distance in another, labelled feature space.")
+    return path
 
 
 def load_inception(weights_path: Optional[str | Path], features: tuple[str, ...] = ("2048",),
@@ -140,13 +144,14 @@ def load_inception(weights_path: Optional[str | Path], features: tuple[str, ...]
     ("2048": pool3, FID and precision/recall; "logits_unbiased": the Inception score's logits).
 
     Raises:
-        RuntimeError: no weights file; the message says where to get it. Nothing is downloaded.
+        RuntimeError: no weights file; the message says where to get it (DMVAE_FETCH_WEIGHTS=1 fetches it).
     """
     path = _check_inception_file(weights_path, "load_inception")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     net = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                       feature_extractor_weights_path=str(path))
+    weights.record("inception_v3_fid", path)
     return net.to(device or "cpu")
 
 
@@ -189,7 +194,7 @@ def fid_inception(images_a: Images, images_b: Images, *, weights_path: Optional[
     them to 299². For rFID pass the originals as `images_a` and the reconstructions as `images_b`.
 
     Raises:
-        RuntimeError: no weights file; the message says where to get it. Nothing is downloaded.
+        RuntimeError: no weights file; the message says where to get it (DMVAE_FETCH_WEIGHTS=1 fetches it).
     """
     _check_inception_file(weights_path, "fid_inception")
     net = load_inception(weights_path, ("2048",), device)

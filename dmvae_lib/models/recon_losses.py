@@ -8,9 +8,10 @@
     L_gen  = L_rec + disc_weight · w_adv · L_G                          (disc_weight 0.5 after disc_start)
 
 LPIPS is Zhang et al. 2018 (v0.1, VGG16, via the `lpips` package, BSD-2). Its linear heads ship inside the
-package; the VGG16 backbone is the torchvision ImageNet checkpoint, read only from a local file. With no
-file, `PerceptualLoss(allow_random_backbone=True)` runs a random backbone: a pipeline stand-in, not a
-perceptual metric, flagged by `is_real_lpips`.
+package; the VGG16 backbone is the torchvision ImageNet checkpoint, read from torchvision's cache file
+(fetched there only with DMVAE_FETCH_WEIGHTS=1, `runtime.weights`). With no file,
+`PerceptualLoss(allow_random_backbone=True)` runs a random backbone: a pipeline stand-in, not a perceptual
+metric, flagged by `is_real_lpips`.
 
 DiffAug (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training"; the StyleGAN-T
 settings the reference uses): colour (brightness + U(−½, ½), saturation × U(0, 2), contrast × U(½, 3/2)),
@@ -34,8 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime import weights
+
 log = logging.getLogger(__name__)
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 ImageNet checkpoint, as lpips expects it
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 
 
 def l1_loss(x_hat: Tensor, x: Tensor) -> Tensor:
@@ -67,13 +71,14 @@ class PerceptualLoss(nn.Module):
     def __init__(self, *, vgg_path: Optional[str | Path] = None, allow_random_backbone: bool = False):
         super().__init__()
         path = Path(vgg_path) if vgg_path else default_vgg16_path()
-        self.is_real_lpips = path.is_file()
+        self.is_real_lpips = weights.ensure_file(path, VGG16_URL, "LPIPS VGG16") is not None
         if not self.is_real_lpips and not allow_random_backbone:
             raise FileNotFoundError(
-                f"LPIPS needs the VGG16 ImageNet weights at {path}; nothing is downloaded at runtime. "
-                f"Fetch https://download.pytorch.org/models/{VGG16_FILE} on a machine with network and put "
-                "it there ($TORCH_HOME/hub/checkpoints/) or pass vgg_path=. allow_random_backbone=True runs "
-                "a random backbone (a pipeline stand-in, not a perceptual metric).")
+                f"LPIPS needs the VGG16 ImageNet weights at {path}; nothing is downloaded unless asked. "
+                f"Fetch {VGG16_URL} on a machine with network and put it there "
+                f"($TORCH_HOME/hub/checkpoints/) or pass vgg_path=, or set {weights.FETCH_ENV}=1 to fetch "
+                "it there. allow_random_backbone=True runs a random backbone (a pipeline stand-in, not a "
+                "perceptual metric).")
         # pnet_rand=True makes torchvision build VGG16 without weights, so construction never touches the
         # network; the real backbone is copied in from the local file below.
         with warnings.catch_warnings():
@@ -81,6 +86,7 @@ class PerceptualLoss(nn.Module):
             self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if self.is_real_lpips:
             self._load_backbone(path)
+            weights.record("lpips_vgg16", path)
         else:
             log.warning("PerceptualLoss: no VGG16 weights at %s; using a RANDOM backbone. This is not LPIPS "
                         "and not a perceptual metric; label any number from it as such.", path)
@@ -223,7 +229,8 @@ def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, 
 
 
 def perceptual_loss(mode: str) -> Optional[PerceptualLoss]:
-    """"auto": real LPIPS when the VGG16 file is local, else none (logged by the caller via the summary)."""
-    if mode == "off" or (mode == "auto" and not default_vgg16_path().is_file()):
+    """"auto": real LPIPS when the VGG16 file is local (or may be fetched: DMVAE_FETCH_WEIGHTS=1), else none
+    (logged by the caller via the summary)."""
+    if mode == "off" or (mode == "auto" and not (default_vgg16_path().is_file() or weights.fetch_allowed())):
         return None
     return PerceptualLoss(allow_random_backbone=mode == "random")

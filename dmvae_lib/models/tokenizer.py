@@ -9,7 +9,8 @@
 reference code averages per-batch 1/(std + 1e-8) instead, which is biased upward (Jensen) and batch-size
 dependent. Paper scale: DINOv2 ViT-L/14 run with 16-px patches on 256² images (16×16 tokens × 1024), z of
 32 channels, decoder ch=128, ch_mult=(1,2,4,4), 2 res blocks, one nearest×2 + conv on z (≈49.6 M params).
-Weights are never downloaded: pretrained encoders load from a local file or a pre-populated cache.
+Pretrained encoders load from a local file or the Hugging Face cache; they are downloaded only on request
+(DMVAE_FETCH_WEIGHTS=1, `runtime.weights`).
 
 Reference: Ye et al., "Distribution Matching Variational AutoEncoder", arXiv 2512.07778. The decoder layout
 follows Flux's autoencoder (black-forest-labs/flux, Apache-2.0), written afresh.
@@ -18,7 +19,6 @@ follows Flux's autoencoder (black-forest-labs/flux, Apache-2.0), written afresh.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..runtime import weights
 from .ssl_encoder import SmallResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,8 +102,10 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
         img_size: ViT input side (sets the position-embedding grid); CNNs ignore it.
         patch_size: ViT patch override; timm resamples pretrained patch kernels (`vit_large_patch14_dinov2`,
             img_size=256, patch_size=16: 16×16 tokens, as the authors run it).
-        weights_path: local .safetensors/.pth/.bin. Without it, only a pre-populated HF cache under
-            HF_HUB_OFFLINE=1 is used. Nothing is ever downloaded. pretrained=False: random weights (tests).
+        weights_path: local .safetensors/.pth/.bin. Without it, the model's file in the Hugging Face cache;
+            with none there, DMVAE_FETCH_WEIGHTS=1 (and not HF_HUB_OFFLINE=1) downloads it into that cache
+            (`runtime.weights`). Otherwise nothing is downloaded. pretrained=False: random weights (tests).
+            The file used is recorded with its SHA-256 (`runtime.weights.used()`).
 
     Raises:
         RuntimeError: pretrained weights requested and no local copy found (the message says how to add one).
@@ -113,14 +116,20 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
     file, how = Path(weights_path) if weights_path else None, ""
     if pretrained:
         hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
-        how = (f"timm_encoder({name!r}, pretrained=True) needs local weights; nothing is downloaded at "
-               f"runtime. Pass weights_path=<file> (e.g. model.safetensors of the HF repo {hub_id or name}), "
+        how = (f"timm_encoder({name!r}, pretrained=True) needs local weights; nothing is downloaded unless "
+               f"asked. Pass weights_path=<file> (e.g. model.safetensors of the HF repo {hub_id or name}), "
                f"or pre-populate the HF cache (`huggingface-cli download {hub_id or name}` on a machine with "
-               "network, copied to $HF_HUB_CACHE or $HF_HOME/hub) and set HF_HUB_OFFLINE=1. "
+               "network, copied to $HF_HUB_CACHE or $HF_HOME/hub) and set HF_HUB_OFFLINE=1, or, with "
+               f"network, set {weights.FETCH_ENV}=1 to fetch it into the HF cache. "
                "pretrained=False gives random weights.")
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        if (file is not None and not file.is_file()) or (file is None and not (offline and hub_id)):
-            raise RuntimeError(f"no file {file}. {how}" if file else how)  # fail before any network access
+        if file is not None and not file.is_file():
+            raise RuntimeError(f"no file {file}. {how}")  # fail before any network access
+        if file is None and hub_id:
+            file = weights.hf_cached(hub_id)
+            if file is None and weights.fetch_allowed():
+                file = weights.fetch_hf(hub_id)
+        if file is None and not (weights.hf_offline() and hub_id):
+            raise RuntimeError(how)
         kwargs.update(pretrained=True, **({"pretrained_cfg_overlay": {"file": str(file)}} if file else {}))
     elif file is not None:
         raise ValueError("weights_path given with pretrained=False; pass pretrained=True to load it")
@@ -128,6 +137,8 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
         model = timm.create_model(name, **kwargs)
     except Exception as exc:  # timm, hub and safetensors raise many types; keep the cause
         raise RuntimeError(f"{how} Loading failed with: {exc}") from exc
+    if pretrained and file is not None:
+        weights.record(f"timm:{name}", file)
     cfg, info = getattr(model, "pretrained_cfg", None) or {}, model.feature_info[feature_stage]
     stage = model.prune_intermediate_layers([feature_stage], prune_norm=False, prune_head=True)[0]
     return FrozenEncoder(TimmFeatures(model, stage), info["num_chs"], info["reduction"], trainable=trainable,

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..configs import make_config, to_dict
+from ..runtime import weights
 from ..runtime.device import resolve_device, seed_all, set_threads
 from ..runtime.runs import RunDir, RunError, default_run_name
 from ..viz.figures import FigureStore
@@ -44,10 +45,13 @@ class Session:
     preset: str
 
     def finish(self, summary: Mapping[str, Any]) -> dict:
-        """Write summary.json (with the figure paths) and return it."""
+        """Write summary.json (with the figure paths and, under `weights`, the path and SHA-256 of every
+        pretrained weights file the run read: `runtime.weights`) and return it."""
         paths = self.figures.flush()
         out = {"preset": self.preset, **dict(summary),
                "figures": [str(p.relative_to(self.run.path)) for p in paths]}
+        if weights.used():
+            out["weights"] = weights.used()
         self.run.write_summary(json.loads(json.dumps(out, default=float)))
         return out
 
@@ -72,6 +76,7 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
     process that starts the same run fails with RunLockedError naming the folder and this process's PID."""
     cfg = resolve_config(stage, preset, overrides, seed=seed)
     seed_all(seed)  # anything left on the global RNG is reproducible too
+    weights.reset()  # the weights files this run reads, for its summary
     dev = resolve_device(device)
     if getattr(cfg, "threads", 0):
         set_threads(cfg.threads)
