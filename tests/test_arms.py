@@ -72,7 +72,7 @@ def test_plan_builds_every_arm_from_the_existing_notebooks(tmp_path):
 
 
 def test_plan_refuses_a_random_encoder_as_arm_a(tmp_path):
-    a_dir = _stage1(tmp_path, **{"encoder.kind": "random"})
+    a_dir = _stage1(tmp_path, **{"encoder.kind": "random", "train.align_global": 0.0})
     with pytest.raises(ValueError, match="arm A"):
         arms.plan(_study(), "smoke", "p", tmp_path, a_dir)
 
@@ -185,7 +185,7 @@ def test_run_all_skips_what_needs_a_failed_run(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("arms")
-    cfg = make_config("tokenizer", "smoke", {**TINY_TOK, "encoder.kind": "random"})
+    cfg = make_config("tokenizer", "smoke", {**TINY_TOK, "encoder.kind": "random", "train.align_global": 0.0})
     data = load_data(cfg, root / "cache")
     enc = tokenizer_stage.reference_encoders(cfg, data, None, "cpu", scores=False)
     return cfg, data, enc
@@ -197,9 +197,9 @@ def test_a_random_encoder_is_seeded_untrained_and_normalised(tiny):
     again = tokenizer_stage.random_encoder(cfg, data, "cpu")
     for (k, a), b in zip(enc["random"].state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
-    other = tokenizer_stage.random_encoder(make_config("tokenizer", "smoke", {**TINY_TOK, "seed": 1,
-                                                                               "encoder.kind": "random"}),
-                                           data, "cpu")
+    seed1 = make_config("tokenizer", "smoke", {**TINY_TOK, "seed": 1, "encoder.kind": "random",
+                                               "train.align_global": 0.0})
+    other = tokenizer_stage.random_encoder(seed1, data, "cpu")
     assert not torch.equal(other.stem[0].weight, enc["random"].stem[0].weight)
     assert not torch.equal(enc["random"].stem[0].weight, enc["ssl"].stem[0].weight)
     with torch.no_grad():
