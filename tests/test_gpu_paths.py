@@ -19,7 +19,7 @@ from dmvae_lib.train.artifacts import build_tokenizer
 TINY = {"data.n_train": 64, "data.n_val": 32, "encoder.kind": "random", "encoder.ssl.width": 8,
         "net.proj_hidden": 16, "net.dec_ch": 8, "net.dec_groups": 4, "train.steps": 2, "train.batch": 8,
         "train.disc_start": 1, "train.disc_ndf": 8, "train.log_every": 1, "train.ckpt_every": 0,
-        "train.lpips": "off"}
+        "train.lpips": "off", "train.align_global": 0.0, "train.align_token": 0.0}
 
 
 def test_fused_adamw_only_on_cuda():
