@@ -36,6 +36,7 @@ from dmvae_lib.runtime.distributed import (
 )  # fmt: skip
 from dmvae_lib.runtime.runs import RunDir, load_checkpoint
 from dmvae_lib.train.artifacts import build_tokenizer
+from dmvae_lib.train.loop import to_host
 from dmvae_lib.train.phases import TokenizerParts, disc_step, tokenizer_step
 
 N = 8  # the global batch
@@ -80,14 +81,14 @@ def _steps(ctx: DistContext, batch: dict) -> dict:
         stats, _ = tokenizer_step(tok, opt, params, batch["images"], batch["features"], gen,
                                   rec={"l1": 1.0, "l2": 0.5}, disc=discs["batch"] if gan else None,
                                   disc_weight=0.5, grad_clip=0.0, model=model, ctx=ctx)
-        out[name] = {"stats": stats, "grads": _flat(p.grad for p in params), "params": _flat(params)}
+        out[name] = {"stats": to_host(stats), "grads": _flat(p.grad for p in params), "params": _flat(params)}
     for norm in ("group", "batch"):
         _, discs, _ = _tiny_problem()
         disc = discs[norm]
         opt = torch.optim.SGD(disc.parameters(), lr=0.1)
         stats = disc_step(wrap_ddp(disc, ctx), opt, batch["images"], batch["fakes"], gen, bcr=1.0,
                           grad_clip=0.0, ctx=ctx)
-        out[f"disc_{norm}"] = {"stats": stats, "grads": _flat(p.grad for p in disc.parameters()),
+        out[f"disc_{norm}"] = {"stats": to_host(stats), "grads": _flat(p.grad for p in disc.parameters()),
                                "params": _flat(disc.parameters()), "buffers": dict(disc.named_buffers())}
     return out
 
@@ -107,7 +108,7 @@ def _nan_on_rank1(ctx: DistContext, shard: dict) -> dict:
                               grad_clip=0.0, model=model, ctx=ctx)
     d = disc_step(wrap_ddp(discs["batch"], ctx), torch.optim.SGD(discs["batch"].parameters(), lr=0.1), images,
                   shard["fakes"], gen, ctx=ctx)
-    return {"nonfinite": (stats["nonfinite"], d["nonfinite"]),
+    return {"nonfinite": (int(stats["nonfinite"]), int(d["nonfinite"])),
             "tok_unchanged": torch.equal(before, _flat(params)),
             "disc_unchanged": torch.equal(disc_before, _flat(discs["batch"].parameters()))}
 

@@ -40,12 +40,14 @@ from .flow import VelocityFn, interpolate, mean_flat, predict_data, score_from_v
 
 
 class ObjectiveStats(NamedTuple):
-    nonfinite: int  # non-finite entries in the direction (surrogates) or the elementwise loss terms
-    direction_norm: float  # mean per-sample L2 norm of the update direction (surrogates); nan otherwise
+    """0-dim tensors on the latents' device: a training step never waits to read them (`float()` to see)."""
+
+    nonfinite: Tensor  # int64: non-finite entries in the direction (surrogates) or the elementwise loss terms
+    direction_norm: Tensor  # mean per-sample L2 norm of the update direction (surrogates); nan otherwise
 
 
-def _count(x: Tensor) -> int:
-    return int((~torch.isfinite(x)).sum())
+def _count(x: Tensor) -> Tensor:
+    return (~torch.isfinite(x)).sum()
 
 
 def _surrogate(latents: Tensor, direction: Tensor) -> tuple[Tensor, ObjectiveStats]:
@@ -54,11 +56,13 @@ def _surrogate(latents: Tensor, direction: Tensor) -> tuple[Tensor, ObjectiveSta
     # delivers exactly `direction / N` to the latents without backpropagating through any net.
     loss = 0.5 * ((latents - (latents - direction).detach()) ** 2).mean()
     norm = direction.reshape(direction.shape[0], -1).float().norm(dim=1).mean()
-    return loss, ObjectiveStats(_count(direction), float(norm))
+    return loss, ObjectiveStats(_count(direction), norm.detach())
 
 
 def _direct(loss_terms: Tensor) -> tuple[Tensor, ObjectiveStats]:
-    return loss_terms.mean(), ObjectiveStats(_count(loss_terms.detach()), float("nan"))
+    terms = loss_terms.detach()
+    nan = terms.new_full((), float("nan"), dtype=torch.float32)
+    return loss_terms.mean(), ObjectiveStats(_count(terms), nan)
 
 
 # ---------------------------------------------------------------------------------------------------

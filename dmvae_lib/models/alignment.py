@@ -48,7 +48,7 @@ class SemanticAlignment(nn.Module):
         self.token = nn.Conv2d(z_channels, semantic_channels, 1) if token_weight > 0 else None
         self.pooled = nn.Linear(z_channels * grid * grid, semantic_channels) if global_weight > 0 else None
 
-    def forward(self, z: Tensor, features: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, z: Tensor, features: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z = z.float()
         f = features[:, : self.semantic_channels].float()
         if f.shape[-1] != z.shape[-1]:
@@ -59,9 +59,9 @@ class SemanticAlignment(nn.Module):
             cos = marginal_cosine_loss(zp, f, self.margin_cos)
             dist = distance_matrix_loss(zp, f, self.margin_dist)
             loss = loss + self.token_weight * (cos + dist)
-            stats.update(align_cos=float(cos.detach()), align_dist=float(dist.detach()))
+            stats.update(align_cos=cos.detach(), align_dist=dist.detach())
         if self.pooled is not None:
             glob = 1 - F.cosine_similarity(self.pooled(z.flatten(1)), f.mean((2, 3)), dim=1).mean()
             loss = loss + self.global_weight * glob
-            stats["align_global"] = float(glob.detach())
+            stats["align_global"] = glob.detach()
         return loss, stats

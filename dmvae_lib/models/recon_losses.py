@@ -157,12 +157,15 @@ def g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
+# A CPU generator's draws reach the GPU by an asynchronous copy: a blocking one waits for the device to drain.
 def _uniform(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
-    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device, like.dtype,
+                                                                               non_blocking=True)
 
 
 def _randint(high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device)
+    return torch.randint(0, high, (n,), generator=generator, device=generator.device).to(device,
+                                                                                         non_blocking=True)
 
 
 def diff_augment(x: Tensor, generator: torch.Generator, *, color: bool = True, translation: float = 0.125,

@@ -106,7 +106,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.2) -> Tensor:
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
     n = z1.shape[0]
-    return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device))
+    partner = torch.arange(2 * n, device=z.device).roll(n)  # [n … 2n−1, 0 … n−1], made on the device: no copy
+    return F.cross_entropy(sim, partner)
 
 
 def vicreg(z1: Tensor, z2: Tensor, temperature: float = 0.0, sim_w: float = 25.0, var_w: float = 25.0,

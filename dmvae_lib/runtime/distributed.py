@@ -24,7 +24,9 @@ How a stage trains under DDP (the stages point here instead of repeating it):
     statistics are averaged over ranks after each update (`average_buffers`).
   * Agreeing on skips. A step's stats go through `reduce_stats`: logged numbers are rank means and
     `nonfinite` is the maximum over ranks, so a non-finite value on any rank makes every rank skip that
-    update (and the loop raise at the same step).
+    update (and the loop raise at the same step). Tensor stats are reduced as tensors on the device (one
+    all-reduce, no host sync: the loop reads them only when it logs); the skip flag itself is agreed on by
+    `train.phases.update` with `all_reduce_tensor_max`.
   * Writing. Only rank 0 writes metrics and checkpoints (`main_only_run`); the other ranks may pass any run.
   * Resuming. Every rank restores rank 0's `last.pt` (`loop.train`), each with its own data generator
     state, under the same world size (an unfinished checkpoint of another world size is refused).
@@ -236,22 +238,51 @@ def all_reduce_tensor_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tens
     return out.div_(ctx.world_size)
 
 
+def all_reduce_tensor_max(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over ranks as a new tensor on the collective's device (`tensor`
+    itself in one process). A device collective: no host sync, so a skip flag can be agreed on in the step."""
+    if not ctx.distributed:
+        return tensor
+    out = tensor.detach().to(_collective_device(ctx), copy=True, non_blocking=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def _collective_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+
+
+def _as_float64(value, device: torch.device) -> torch.Tensor:
+    """A 0-dim float64 tensor on `device`, without a host sync (a Python number is written by a fill kernel,
+    not copied from host memory)."""
+    if torch.is_tensor(value):
+        return value.detach().reshape(()).to(device, torch.float64, non_blocking=True)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
+
+
 def reduce_stats(stats: Mapping[str, float], ctx: DistContext,
                  max_keys: Sequence[str] = ("nonfinite",)) -> dict:
     """A step's numbers averaged over ranks, counts in `max_keys` their maximum (ints stay ints), so every
-    rank logs and decides alike; every rank must pass the same keys. The identity in one process."""
+    rank logs and decides alike; every rank must pass the same keys. The identity in one process.
+
+    With any tensor among the values the result holds 0-dim tensors (float64 means, int64 counts) and nothing
+    is read on the host; with plain numbers, plain numbers."""
     if not ctx.distributed:
         return dict(stats)
+    lazy = any(torch.is_tensor(v) for v in stats.values())
+    device = _collective_device(ctx)
     out = {}
     for keys, op in (([k for k in stats if k not in max_keys], dist.ReduceOp.SUM),
                      ([k for k in stats if k in max_keys], dist.ReduceOp.MAX)):
         if not keys:
             continue
-        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64,
-                         device=ctx.device if ctx.device.type == "cuda" else "cpu")
+        t = torch.stack([_as_float64(stats[k], device) for k in keys])
         dist.all_reduce(t, op=op)
-        for k, v in zip(keys, t.tolist()):
-            out[k] = v / ctx.world_size if op == dist.ReduceOp.SUM else round(v)
+        for k, v in zip(keys, t.unbind() if lazy else t.tolist()):
+            if op == dist.ReduceOp.SUM:
+                out[k] = v / ctx.world_size
+            else:
+                out[k] = v.round().long() if lazy else round(v)
     return {k: out[k] for k in stats}  # the caller's key order
 
 

@@ -138,7 +138,7 @@ def dm_mechanism(cfg: JointStageConfig, tok: Tokenizer, teacher: nn.Module, refe
         [q.grad.norm() for q in m.parameters() if q.grad is not None] or [torch.zeros(())]))) for name, m in
         parts.items()}
     return {"g": g.detach().cpu(), "g_norm": g.flatten(1).norm(dim=1).cpu(), "t": t.cpu(), "grad_norm": reach,
-            "nonfinite": st.nonfinite}
+            "nonfinite": int(st.nonfinite)}
 
 
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
@@ -192,13 +192,15 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
 
     def dm_term(target: Tensor, y: Tensor, k: int) -> tuple[Tensor, dict]:
         lo, hi = _t_range(c, k)
-        t = flow.sample_t(len(target), t_min=lo, t_max=hi, generator=gen).to(device)
-        noise = torch.randn(target.shape, generator=gen).to(device)
+        # CPU draws, copied without waiting for the device (a blocking copy is a sync)
+        t = flow.sample_t(len(target), t_min=lo, t_max=hi, generator=gen).to(device, non_blocking=True)
+        noise = torch.randn(target.shape, generator=gen).to(device, non_blocking=True)
         y = y if k_classes else None
         return dm_loss(target, y, real_v, fake, t, noise, autocast, fake_velocity=fake_v)
 
     def step(k: int) -> dict:
-        images, y = (b.to(device) for b in next(stream))
+        images_cpu, y_cpu = next(stream)
+        images, y = (b.to(device, non_blocking=True) for b in (images_cpu, y_cpu))
         if k % c.tokenizer_every == 0:  # tokenizer turn: encode, decode, L = L_rec + w·L_GAN + λ·L_DM
             with autocast(), torch.set_grad_enabled(c.train_encoder):
                 features = encoder(images)
@@ -212,13 +214,13 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
                 l_gan = generator_gan_loss(disc, x_hat, gen, autocast)
                 w = gan_weight(l_rec, l_gan, tok.decoder.get_last_layer(), ctx)
                 loss = loss + c.disc_weight * w * l_gan
-                stats.update(g_loss=float(l_gan.detach()), gan_weight=float(w))
+                stats.update(g_loss=l_gan.detach(), gan_weight=w)
             if use_dm:
                 target = head_model(tok.normalize(z.float()))  # the latents the reference is matched on
                 l_dm, st = dm_term(target, y, k)
                 loss, dm_bad = loss + dm_weight * l_dm, st.nonfinite
-                stats.update(dm_loss=float(l_dm.detach()), dm_grad_norm=st.direction_norm)
-            stats["rec_loss"] = float(l_rec.detach())
+                stats.update(dm_loss=l_dm.detach(), dm_grad_norm=st.direction_norm)
+            stats["rec_loss"] = l_rec.detach()
             stats.update(update(loss, opt, params, grad_clip=c.grad_clip, scheduler=sched, nonfinite=dm_bad,
                                 ctx=ctx))
             if gan_on:
@@ -235,7 +237,8 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         else:
             return reduce_stats({**last_turn, "nonfinite": 0}, ctx)
         if use_dm:  # the fake net tracks the current latents: flow matching on sg(target)
-            yy = drop_labels(y.cpu(), c.label_dropout, k_classes, gen).to(device) if k_classes else None
+            yy = (drop_labels(y_cpu, c.label_dropout, k_classes, gen).to(device, non_blocking=True)
+                  if k_classes else None)  # on the CPU copy: reading y back from the device is a sync
             f = flow_matching_step(fake_model, fopt, target.detach(), fm_gen, y=yy, scheduler=fsched,
                                    grad_clip=c.grad_clip, autocast=autocast,
                                    ctx=ctx if ctx.distributed else None)
@@ -297,7 +300,7 @@ def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: 
         if perceptual is not None:
             loss = loss + t.lpips_weight * perceptual(x_hat, images).mean()
         stats = update(loss, opt, params, grad_clip=t.grad_clip, ctx=ctx)  # the ranks skip together
-        return reduce_stats({"l1": float(loss.detach()), **stats}, ctx)
+        return reduce_stats({"l1": loss.detach(), **stats}, ctx)
 
     return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen},
                  run=main_only_run(run, ctx), tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every,

@@ -2,13 +2,22 @@
 
     train(step_fn, max_steps=…, state={…}, run=…, tag=…)
 
-`step_fn(step) -> dict[str, float]` does one optimisation step (fetching its own batch) and returns its
-numbers. The loop owns everything around it: resume from `ckpt/<tag>/last.pt`, progress bar, metrics to
+`step_fn(step) -> dict[str, float | Tensor]` does one optimisation step (fetching its own batch) and returns
+its numbers. The loop owns everything around it: resume from `ckpt/<tag>/last.pt`, progress bar, metrics to
 `metrics.jsonl`, periodic and final checkpoints (atomic), hooks (snapshots, evaluation), and the policy for
 non-finite steps: a step function reports `nonfinite > 0` (and applies no update); the loop then raises
 with the step and the last good checkpoint named, or counts the skip when `on_nonfinite="skip"`. A non-finite
-gradient (finite loss, inf/nan grad norm: `phases.apply_update` skips the update) is such a step too, whether
-or not the step function reports it: `apply_update` tells the loop (`note_nonfinite_gradient`).
+gradient (finite loss, inf/nan grad norm: `phases.update` skips the update) is such a step too, whether
+or not the step function reports it: `update` tells the loop (`note_nonfinite_gradient`).
+
+No host-device sync per step. The step functions return 0-dim tensors (their `nonfinite` count included)
+and the loop reads them on the host only where it needs numbers: when it logs, runs a hook, checkpoints or
+finishes (`to_host`, one transfer per device). Until then the steps' counts wait in a short queue; the
+loop settles them in order, so `on_nonfinite="raise"` names the first non-finite step and the checkpoint
+before it, and never writes a checkpoint after it. A count already on the host (a CPU run, a plain number)
+is settled at its own step, which is free: on CPU the loop stops exactly where it always did. On a GPU a
+non-finite step is found up to `log_every` steps late; those steps still ran (the skipped update left the
+weights alone), and the run stops before its next log, hook or checkpoint.
 
 `state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
@@ -24,9 +33,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..runtime.distributed import DistContext, all_reduce_max, broadcast_object, gather_objects
+from ..runtime.distributed import (
+    DistContext,
+    all_reduce_max,
+    all_reduce_tensor_max,
+    broadcast_object,
+    gather_objects,
+)
 from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict, save_checkpoint
 
 
@@ -34,13 +50,45 @@ class NonFiniteError(RuntimeError):
     """A training step produced non-finite values."""
 
 
-_nonfinite_gradients = [0]  # updates skipped for a non-finite gradient norm during the step in progress
+_nonfinite_gradients: list = [0]  # updates skipped for a non-finite gradient norm in the step in progress
+_MAX_PENDING = 1000  # steps whose counts may wait on the device before the loop reads them anyway
 
 
-def note_nonfinite_gradient() -> None:
-    """Called by `phases.apply_update` when it drops an update for a non-finite gradient norm: the step that
-    `train` is running counts as non-finite (raise, or skip and count), like a non-finite loss."""
-    _nonfinite_gradients[0] += 1
+def note_nonfinite_gradient(count: int | Tensor = 1) -> None:
+    """Called by `phases.update` when it drops an update for a non-finite gradient norm (`count`: 0 or 1, a
+    device tensor, so no sync): the step that `train` is running counts as non-finite (raise, or skip and
+    count), like a non-finite loss."""
+    _nonfinite_gradients[0] = _nonfinite_gradients[0] + count
+
+
+def to_host(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """`stats` with every tensor replaced by its Python number (float, or int for an integer tensor): one
+    device-to-host transfer per device, so the only sync of a logging step."""
+    out = dict(stats)
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in stats.items():
+        if torch.is_tensor(value):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        # float64 holds every float32 and every count exactly: the numbers are those float() would give
+        values = torch.stack([stats[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+        for key, value in zip(keys, values):
+            out[key] = value if stats[key].is_floating_point() else int(value)
+    return out
+
+
+def _on_host(value: Any) -> bool:
+    return not torch.is_tensor(value) or value.device.type == "cpu"
+
+
+def _step_nonfinite(reported: int | Tensor, gradients: int | Tensor) -> int | Tensor:
+    """The step's count: what the step function reported, else the updates `phases.update` dropped for a
+    non-finite gradient (a step function that did not report it); on the device when either is a tensor."""
+    if not torch.is_tensor(reported):
+        return gradients if not reported else reported
+    if not torch.is_tensor(gradients) and not gradients:
+        return reported
+    return reported + gradients * (reported == 0)  # counts are ≥ 0; arithmetic mixes CPU and GPU scalars
 
 
 def _capture(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,7 +156,7 @@ def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int
 
 
 def train(
-    step_fn: Callable[[int], Mapping[str, float]],
+    step_fn: Callable[[int], Mapping[str, float | Tensor]],
     *,
     max_steps: int,
     state: Mapping[str, Any],
@@ -127,6 +175,7 @@ def train(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     ctx = ctx or DistContext()
     start, last_ckpt, skipped, stats = 0, None, 0, {}
+    pending: list[tuple[int, Mapping[str, Any]]] = []  # (step, its stats) whose count is not read yet
     saved, ckpt_file = _resume_point(run, tag, ctx, max_steps)
     if saved is not None:
         last_ckpt = ckpt_file
@@ -135,6 +184,19 @@ def train(
             for name, gen_state in saved["rank_generators"][ctx.rank].items():
                 state[name].set_state(gen_state)
         start, stats = saved["step"], saved.get("stats", {})
+
+    def settle() -> None:
+        """Read the waiting steps' counts (one transfer), in order: raise at the first non-finite step, or
+        count the skips."""
+        nonlocal skipped
+        counts = to_host({str(i): s.get("nonfinite", 0) for i, (_, s) in enumerate(pending)})
+        for (step, step_stats), count in zip(pending, counts.values()):
+            if count > 0:
+                if on_nonfinite == "raise":
+                    raise NonFiniteError(f"{tag}: non-finite values at step {step} ({to_host(step_stats)}); "
+                                         f"last good checkpoint: {last_ckpt or 'none'}")
+                skipped += 1
+        pending.clear()
 
     def checkpoint(step: int) -> None:
         nonlocal last_ckpt
@@ -145,7 +207,7 @@ def train(
         last_ckpt = ckpt_file
         if run is None:
             return
-        payload = {"step": step, "tag": tag, "state": _capture(state), "stats": dict(stats)}
+        payload = {"step": step, "tag": tag, "state": _capture(state), "stats": to_host(stats)}
         if generators is not None:
             payload["rank_generators"] = generators
         save_checkpoint(run.ckpt_path(tag), payload)
@@ -157,27 +219,29 @@ def train(
     for step in bar:
         _nonfinite_gradients[0] = 0
         stats = dict(step_fn(step))
-        # a step function that did not report it
-        if _nonfinite_gradients[0] and not stats.get("nonfinite", 0):
-            stats["nonfinite"] = _nonfinite_gradients[0]
+        count = _step_nonfinite(stats.get("nonfinite", 0), _nonfinite_gradients[0])
         if ctx.distributed:  # one decision for all ranks (a rank may be the only one to report)
-            stats["nonfinite"] = int(all_reduce_max(stats.get("nonfinite", 0), ctx))
-        if stats.get("nonfinite", 0) > 0:
-            if on_nonfinite == "raise":
-                raise NonFiniteError(f"{tag}: non-finite values at step {step} ({stats}); "
-                                     f"last good checkpoint: {last_ckpt or 'none'}")
-            skipped += 1
+            count = (all_reduce_tensor_max(count, ctx) if torch.is_tensor(count)
+                     else int(all_reduce_max(count, ctx)))
+        if "nonfinite" in stats or ctx.distributed or torch.is_tensor(count) or count:
+            stats["nonfinite"] = count
+        pending.append((step, stats))
         done = step + 1
-        if done % log_every == 0 or done == max_steps:
+        log = done % log_every == 0 or done == max_steps
+        due = [hook for every, hook in hooks if done % every == 0 or done == max_steps]
+        save = ckpt_every and done % ckpt_every == 0 and done != max_steps
+        if log or due or save or _on_host(count) or len(pending) >= _MAX_PENDING:
+            settle()  # before anything reads the weights or writes: a raise names the last good checkpoint
+        if log:
+            stats = to_host(stats)
             record = {"tag": tag, "step": done, "skipped": skipped, **stats}
             if run is not None:
                 run.log_metrics(record)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)}, refresh=False)
-        for every, hook in hooks:
-            if done % every == 0 or done == max_steps:
-                hook(done)
-        if ckpt_every and done % ckpt_every == 0 and done != max_steps:
+        for hook in due:
+            hook(done)
+        if save:
             checkpoint(done)
     if start < max_steps:
         checkpoint(max_steps)
-    return stats
+    return to_host(stats)

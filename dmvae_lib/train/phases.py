@@ -1,13 +1,16 @@
-"""Step functions: one optimisation step each, returning a dict of floats for the loop to log.
+"""Step functions: one optimisation step each, returning a dict of 0-dim tensors for the loop to log.
 
 No equations live here (they are in `flow.py` and `dmd.py`); this module draws t and noise, runs the
 forward under autocast, and applies the update unless the step produced non-finite values.
+
+No host-device sync: nothing here reads a tensor's value on the host (no `.item()`, `float(t)`, `if t`), so
+a GPU step is queued without waiting for the last one. The stats stay on the device until the loop logs
+them (`loop.to_host`); whether an update is skipped is decided on the device as well (`update`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable, Optional
 
@@ -18,7 +21,7 @@ from ..core import flow
 from ..core.dmd import Objective
 from ..models import recon_losses
 from ..models.recon_losses import adaptive_gan_weight, bcr_loss, d_hinge_loss, g_loss
-from ..runtime.distributed import DistContext, all_reduce_tensor_mean, average_buffers, reduce_stats
+from ..runtime.distributed import DistContext, all_reduce_tensor_max, all_reduce_tensor_mean, average_buffers
 from .loop import note_nonfinite_gradient
 
 
@@ -37,40 +40,66 @@ def frozen(*modules: nn.Module):
                 p.requires_grad_(flag)
 
 
-def _agreed(nonfinite: int, ctx: Optional[DistContext]) -> int:
-    """The largest non-finite count over ranks: under DDP all ranks skip an update together (a rank that skips
-    backward would leave the others waiting in the gradient all-reduce)."""
-    return nonfinite if ctx is None else reduce_stats({"nonfinite": nonfinite}, ctx)["nonfinite"]
+def _nonfinite(x: Tensor) -> Tensor:
+    """1 (int64, on x's device) when x holds a non-finite value, else 0."""
+    return (~torch.isfinite(x.detach())).any().long()
 
 
-def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
-                 nonfinite: int = 0, scheduler=None) -> float:
-    """zero_grad → backward → clip → step. Returns the grad norm (nan when no backward ran).
+def _step_unless(skip: Tensor, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+    """optimizer.step() and scheduler.step(), unless `skip` (a 0-dim bool tensor).
 
-    No update when `nonfinite` (agreed over ranks by the caller) or the loss is non-finite, and none when the
-    gradient norm is non-finite (an overflow with a finite loss, e.g. a huge learning rate). The last case is
-    a non-finite step as well: the returned norm is inf/nan (callers report `nonfinite` from it, `_bad_step`)
-    and the loop is told directly (`loop.note_nonfinite_gradient`), so a step function that does not report
-    it still raises or counts a skip. Under DDP the gradients are all-reduced before the norm, so every rank
-    sees the same norm and skips together. The finite path is unchanged (no extra draws, same op order).
+    A fused optimizer (every stage's AdamW on CUDA: `runtime.device.fused_adamw`) takes the flag as
+    `found_inf`, as under torch.amp.GradScaler: its kernel leaves weights and moments alone and takes the step
+    count back, on the device. The host-side LR scheduler then advances on a skipped step too (as under
+    GradScaler); under `on_nonfinite="raise"`, the default, the run stops there anyway. Other optimizers read
+    the flag on the host: free on CPU (the `cpu` presets' arithmetic, the scheduler skipped as well), one sync
+    per step on an accelerator.
     """
-    optimizer.zero_grad(set_to_none=True)
-    if nonfinite or not torch.isfinite(loss):
-        return float("nan")
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip if grad_clip > 0 else float("inf"))
-    if torch.isfinite(norm):
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        if scheduler is not None:
+            scheduler.step()
+    elif not skip:
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    else:
-        note_nonfinite_gradient()
-    return float(norm)
 
 
-def _bad_step(nonfinite: int, norm: float) -> int:
-    """A step's non-finite count: the loss's (`nonfinite`), else 1 for a non-finite gradient norm."""
-    return nonfinite if nonfinite else int(not math.isfinite(norm))
+def _update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
+            nonfinite: int | Tensor, scheduler, ctx: Optional[DistContext]) -> tuple[Tensor, Tensor]:
+    """zero_grad → backward → clip → step unless non-finite; (grad norm, the step's non-finite count).
+
+    No update when `nonfinite` (this rank's count, reported) or the loss is non-finite (the norm is then nan),
+    nor when the gradient norm is (an overflow with a finite loss: count 1, and `loop.note_nonfinite_gradient`
+    is told, so a step function that does not report it still stops or counts). Backward runs on every rank
+    whatever the loss; under DDP one all-reduce (max) on the device then makes every rank skip together.
+    The finite path is unchanged (no extra draws, same op order).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # also for a non-finite loss: deciding not to would read the flag on the host
+    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip if grad_clip > 0 else float("inf"))
+    count = torch.zeros((), dtype=torch.long, device=loss.device) + nonfinite
+    no_grad = (count > 0) | ~torch.isfinite(loss.detach())  # the update is dropped before its gradient
+    overflow = ~no_grad & ~torch.isfinite(norm)
+    if ctx is not None and ctx.distributed:
+        count, no_grad, overflow = all_reduce_tensor_max(
+            torch.stack([count, no_grad.long(), overflow.long()]), ctx).unbind()
+        no_grad, overflow = no_grad > 0, overflow > 0
+    _step_unless(no_grad | overflow, optimizer, scheduler)
+    note_nonfinite_gradient(overflow.long())
+    norm = torch.where(no_grad, float("nan"), norm)
+    return norm, torch.where(count > 0, count, (~torch.isfinite(norm)).long())
+
+
+def apply_update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], grad_clip: float,
+                 nonfinite: int | Tensor = 0, scheduler=None) -> Tensor:
+    """zero_grad → backward → clip → step; returns the grad norm, a 0-dim tensor (nan when the update was
+    dropped for the loss or `nonfinite`, inf/nan for an overflowing gradient). See `update`."""
+    return _update(loss, optimizer, params, grad_clip, nonfinite, scheduler, None)[0]
 
 
 def flow_matching_step(
@@ -85,20 +114,19 @@ def flow_matching_step(
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ctx: Optional[DistContext] = None,
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """One flow-matching step of `net` on `data` (stop-gradient: data is detached).
 
     Under DDP (`net` wrapped, `ctx` given) the skip decision for a non-finite loss is taken by all ranks
-    together (`_agreed`), so no rank waits in the gradient all-reduce for one that skipped backward."""
+    together (`update`), so all ranks keep the same weights."""
     data = data.detach()
     t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], generator=generator,
                       device=data.device)
     noise = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
     with autocast():
         loss = flow.flow_matching_loss(net, data, t, noise, y).float().mean()
-    bad = _agreed(int(not torch.isfinite(loss)), ctx)
-    norm = apply_update(loss, optimizer, net.parameters(), grad_clip, bad, scheduler)
-    return {"fm_loss": float(loss.detach()), "fm_grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
+    done = update(loss, optimizer, net.parameters(), grad_clip=grad_clip, scheduler=scheduler, ctx=ctx)
+    return {"fm_loss": loss.detach(), "fm_grad_norm": done["grad_norm"], "nonfinite": done["nonfinite"]}
 
 
 def objective_step(
@@ -112,28 +140,28 @@ def objective_step(
     y: Optional[Tensor] = None,
     t_range: tuple[float, float] = (0.02, 0.98),
     grad_clip: float = 0.0,
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """One step of a distribution-matching objective on free latents (the 2-D toy's points)."""
     n = latents.shape[0]
     t = flow.sample_t(n, t_min=t_range[0], t_max=t_range[1], generator=generator, device=latents.device)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     with frozen(real_net, fake_net):
         loss, stats = objective(latents, real_net, fake_net, t, noise, y)
-        norm = apply_update(loss, optimizer, [latents], grad_clip, stats.nonfinite)
-    return {"obj_loss": float(loss.detach()), "obj_grad_norm": norm, "direction_norm": stats.direction_norm,
-            "nonfinite": _bad_step(stats.nonfinite, norm)}
+        norm, bad = _update(loss, optimizer, [latents], grad_clip, stats.nonfinite, None, None)
+    return {"obj_loss": loss.detach(), "obj_grad_norm": norm, "direction_norm": stats.direction_norm,
+            "nonfinite": bad}
 
 
 def reconstruction_loss(x_hat: Tensor, images: Tensor, *, l1: float, l2: float = 0.0,
                         perceptual: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                        lpips_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+                        lpips_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """L_rec = l1·|x̂ − x| + l2·(x̂ − x)² (+ lpips_weight·LPIPS), batch means; returns (L_rec, its parts)."""
     err = x_hat - images
     rec = l1 * err.abs().mean() + l2 * (err ** 2).mean()
-    stats = {"l1": float(err.abs().mean().detach())}
+    stats = {"l1": err.abs().mean().detach()}
     if perceptual is not None and lpips_weight > 0:
         lp = perceptual(x_hat, images).mean()
-        rec, stats["lpips"] = rec + lpips_weight * lp, float(lp.detach())
+        rec, stats["lpips"] = rec + lpips_weight * lp, lp.detach()
     return rec, stats
 
 
@@ -150,12 +178,13 @@ def gan_weight(rec: Tensor, gan: Tensor, last_layer: Tensor, ctx: Optional[DistC
     return adaptive_gan_weight(rec, gan, last_layer, grad_mean=grad_mean)
 
 
-def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: list, *, grad_clip: float, scheduler=None,
-           nonfinite: int = 0, ctx: Optional[DistContext] = None) -> dict[str, float]:
-    """`apply_update`, skipped on every rank together when any rank's loss (or `nonfinite`) is non-finite."""
-    bad = _agreed(int(not torch.isfinite(loss)) + int(nonfinite), ctx)
-    norm = apply_update(loss, optimizer, params, grad_clip, bad, scheduler)
-    return {"grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
+def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor], *, grad_clip: float,
+           scheduler=None, nonfinite: int | Tensor = 0,
+           ctx: Optional[DistContext] = None) -> dict[str, Tensor]:
+    """One update on `loss`, dropped on every rank together when any rank's loss, `nonfinite` count or
+    gradient norm is non-finite; {"grad_norm", "nonfinite"} as 0-dim tensors, read by nobody here."""
+    norm, bad = _update(loss, optimizer, params, grad_clip, _nonfinite(loss) + nonfinite, scheduler, ctx)
+    return {"grad_norm": norm, "nonfinite": bad}
 
 
 class TokenizerParts(nn.Module):
@@ -195,12 +224,12 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
         l_gan = generator_gan_loss(disc, x_hat, generator, autocast)
         w = gan_weight(l_rec, l_gan, tokenizer.decoder.get_last_layer(), ctx)
         loss = l_rec + disc_weight * w * l_gan
-        stats.update(g_loss=float(l_gan.detach()), gan_weight=float(w))
+        stats.update(g_loss=l_gan.detach(), gan_weight=w)
     if aligned is not None:  # on z only: reaches the projector (and the alignment maps), never the decoder
         l_align, align_stats = aligned
         loss = loss + l_align
-        stats.update(align_stats, align_loss=float(l_align.detach()))
-    stats["rec_loss"] = float(l_rec.detach())
+        stats.update(align_stats, align_loss=l_align.detach())
+    stats["rec_loss"] = l_rec.detach()
     stats.update(update(loss, optimizer, params, grad_clip=grad_clip, scheduler=scheduler, ctx=ctx))
     return stats, x_hat.detach()
 
@@ -208,7 +237,7 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
 def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, fakes: Tensor,
               generator: torch.Generator, *, bcr: float = 1.0, grad_clip: float = 1.0,
               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-              ctx: Optional[DistContext] = None) -> dict[str, float]:
+              ctx: Optional[DistContext] = None) -> dict[str, Tensor]:
     """Hinge loss on DiffAug([real; sg(fake)]) + balanced consistency regularisation
     (docs/authors-code.md §4.5).
 
@@ -225,10 +254,9 @@ def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor,
         if bcr > 0:
             reg = bcr_loss(lambda x: disc(x).float(), both, logits, generator=generator, weight=bcr)
     loss = hinge + reg
-    bad = _agreed(int(not torch.isfinite(loss)), ctx)
-    norm = apply_update(loss, optimizer, disc.parameters(), grad_clip, bad)
+    done = update(loss, optimizer, disc.parameters(), grad_clip=grad_clip, ctx=ctx)
     if ctx is not None:
         average_buffers(disc, ctx)
-    return {"d_loss": float(hinge.detach()), "d_real_acc": float((real > 0).float().mean()),
-            "d_fake_acc": float((fake < 0).float().mean()), "d_grad_norm": norm,
-            "nonfinite": _bad_step(bad, norm)}
+    return {"d_loss": hinge.detach(), "d_real_acc": (real > 0).float().mean(),
+            "d_fake_acc": (fake < 0).float().mean(), "d_grad_norm": done["grad_norm"],
+            "nonfinite": done["nonfinite"]}

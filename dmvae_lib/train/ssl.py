@@ -21,7 +21,7 @@ from ..runtime.device import autocast_ctx, fused_adamw
 from ..runtime.runs import RunDir
 from ..runtime.seeds import stream
 from . import loop
-from .phases import _bad_step, apply_update
+from .phases import update
 
 SMOKE_OVERRIDES: dict[str, Any] = {"steps": 150, "warmup_steps": 10}  # 10 s; kNN only 15–19 %
 
@@ -31,28 +31,26 @@ SUPERVISED_OVERRIDES: dict[str, Any] = {"batch": 256, "steps": 480, "color_p": 0
 
 def ssl_step(encoder: nn.Module, proj: nn.Module, optimizer: torch.optim.Optimizer, x1: Tensor, x2: Tensor, *,
              objective: str = "ntxent", temperature: float = 0.2, grad_clip: float = 3.0,
-             autocast: Callable = contextlib.nullcontext, channels_last: bool = False) -> dict[str, float]:
-    """One update of encoder + projector on the objective between the views x1, x2 (B, 3, H, W)."""
+             autocast: Callable = contextlib.nullcontext, channels_last: bool = False) -> dict[str, Tensor]:
+    """One update of encoder + projector on the objective between the views x1, x2 (B, 3, H, W); its numbers
+    as 0-dim tensors (no host sync: see `phases`)."""
     x = torch.cat([x1, x2])  # one forward: BatchNorm sees both views, as in SimCLR
     with autocast():
         z = proj(encoder(x.contiguous(memory_format=torch.channels_last) if channels_last else x))
     loss = OBJECTIVES[objective](z[: len(x1)], z[len(x1):], temperature)
-    bad = int(not torch.isfinite(loss))
-    norm = apply_update(loss, optimizer, [*encoder.parameters(), *proj.parameters()], grad_clip, bad)
-    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": _bad_step(bad, norm)}
+    return {"loss": loss.detach(),
+            **update(loss, optimizer, [*encoder.parameters(), *proj.parameters()], grad_clip=grad_clip)}
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
                     grad_clip: float = 3.0, autocast: Callable = contextlib.nullcontext,
-                    channels_last: bool = False) -> dict[str, float]:
-    """One cross-entropy update of `model` (images → logits) on (x, y)."""
+                    channels_last: bool = False) -> dict[str, Tensor]:
+    """One cross-entropy update of `model` (images → logits) on (x, y); 0-dim tensors, as `ssl_step`."""
     with autocast():
         logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x).float()
     loss = F.cross_entropy(logits, y)
-    bad = int(not torch.isfinite(loss))
-    norm = apply_update(loss, optimizer, model.parameters(), grad_clip, bad)
-    return {"loss": float(loss.detach()), "grad_norm": norm, "nonfinite": _bad_step(bad, norm),
-            "train_acc": float((logits.argmax(1) == y).float().mean())}
+    return {"loss": loss.detach(), **update(loss, optimizer, model.parameters(), grad_clip=grad_clip),
+            "train_acc": (logits.argmax(1) == y).float().mean()}
 
 
 class Trained(NamedTuple):
@@ -75,7 +73,9 @@ def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, devic
     by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(device))
     gen = stream(cfg.seed, "ssl.batches")
-    clock, last = [0.0], {}  # step seconds so far (evaluation hooks excluded; survives resume); last stats
+    # step seconds so far (evaluation hooks excluded; survives resume); last stats. On a GPU a step is timed
+    # as queued (no sync): the clock trails the device by the few steps in flight, a bounded lag.
+    clock, last = [0.0], {}
 
     def step_fn(step: int) -> dict:
         nonlocal last
@@ -115,7 +115,7 @@ def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", ru
         x1, x2, paired = sample_views(data, gen, cfg.batch, cfg.paired_frac * ramp, _aug(cfg), device)
         stats = ssl_step(encoder, proj, opt, x1, x2, objective=cfg.objective, temperature=cfg.temperature,
                          grad_clip=cfg.grad_clip, autocast=autocast, channels_last=cfg.channels_last)
-        return {**stats, "paired_frac": float(paired.float().mean())}
+        return {**stats, "paired_frac": paired.float().mean()}
 
     stats = _fit(cfg, {"encoder": encoder, "projector": proj}, [*encoder.parameters(), *proj.parameters()],
                  update, device=device, run=run, tag=tag, progress=progress, hooks=_bind(hooks, encoder),

@@ -16,9 +16,9 @@ from ..models.lightning_dit import drop_labels
 from ..runtime.device import autocast_ctx
 from ..runtime.distributed import (
     DistContext,
-    all_reduce_mean,
     main_only_run,
     rank_generator,
+    reduce_stats,
     shard_batch,
     wrap_ddp,
 )
@@ -57,14 +57,16 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
 
     def step(k: int) -> dict:
         x, y = reference.sample(batch, gen)
+        x = x.to(device, non_blocking=True)  # a blocking copy would wait for the device: a sync
         if y is not None:
-            y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen).to(device)
-        stats = flow_matching_step(model, opt, x.to(device), noise_gen, y=y, scheduler=sched,
+            y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen)
+            y = y.to(device, non_blocking=True)
+        stats = flow_matching_step(model, opt, x, noise_gen, y=y, scheduler=sched,
                                    grad_clip=f.grad_clip, autocast=autocast,
                                    ctx=ctx if ctx.distributed else None)
         ema.update(net, step=k + 1)
-        if ctx.distributed:
-            stats["fm_loss"] = all_reduce_mean(stats["fm_loss"], ctx)
+        if ctx.distributed:  # the rank mean, as a tensor on the device (no sync)
+            stats.update(reduce_stats({"fm_loss": stats["fm_loss"]}, ctx))
         return stats
 
     state = {"net": net, "opt": opt, "sched": sched, "ema": ema, "gen": gen}
