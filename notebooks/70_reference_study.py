@@ -126,6 +126,8 @@ summary_table
 
 # %%
 print(f"VERDICT ({out['space']}): {out['outcome'].upper()}: {out['reason']}")
+if arms.reduced(cfg, preset):
+    print(f"Reduced study: {arms.reduced(cfg, preset)}")
 for name, c in out.get("comparisons", {}).items():
     print(f"  C1 vs {name}: {c['mean']:+.3f} ± {c['se']:.3f} (n = {c['n']}; > 0: C1 better)")
 pd.DataFrame(out["other_spaces"]).T
@@ -165,6 +167,7 @@ if cfg.grid:
 
 # %%
 summary = s.finish({"tokenizer_run": str(tok_dir), "claim": out, "table": summary_table.to_dict(),
+                    "reduced": arms.reduced(cfg, preset),
                     "runs": {o.run.name: {"folder": str(o.folder), "status": o.status,
                                           "minutes": o.seconds / 60} for o in outcomes},
                     "grid": {"table": grid["table"].to_dict(), "answer": grid["answer"]} if grid else None})
