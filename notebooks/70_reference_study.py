@@ -47,7 +47,8 @@
 #
 # **What it needs.** A finished `20_tokenizer_pretraining` run (arm A). Time on a 2-core CPU: `smoke` ≈ 8
 # min (every arm once, a few steps); `cpu`: see the README. One command: `python -m dmvae_lib --preset cpu
-# --only 20 70 --name claim`. `grid=True` then also runs the six-reference grid of Tab. 1.
+# --only 20 70 --name claim`. The main job runs it reduced (one generator seed, no extra λ; the summary says
+# so). `grid=True` then also runs the six-reference grid of Tab. 1.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU) | "imagenet256" (GPU)
