@@ -65,8 +65,20 @@ def test_reference_free_point_clouds_have_no_legend():
     assert fig.layout.showlegend is False and all(t.name == "points" for t in fig.data)
 
 
-def test_class_palette_has_ten_distinct_colours():
-    assert len(set(viz.class_colors(10))) == 10
+def test_class_palette_separates_the_shapes_that_looked_alike():
+    import colorsys
+
+    from dmvae_lib.data.shapes_dataset import CLASS_NAMES
+
+    colors = dict(zip(CLASS_NAMES, viz.class_colors(10)))
+    assert len(set(colors.values())) == 10
+
+    def hue(c):
+        return 360 * colorsys.rgb_to_hsv(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+
+    for a, b in (("circle", "star"), ("cross", "crescent"), ("ellipse", "heart")):  # issue 15's pairs
+        d = abs(hue(colors[a]) - hue(colors[b]))
+        assert min(d, 360 - d) > 60, (a, b, colors[a], colors[b])
 
 
 def test_store_saves_and_returns_none_outside_a_kernel(tmp_path):

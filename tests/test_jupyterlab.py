@@ -2,7 +2,7 @@
 window with the file browser open), Run All at the `smoke` default, in pipeline order (each notebook's runs
 are the next one's upstream, in a temporary runs folder). For every notebook the test checks, in the page:
 
-* every code cell ran (a number in its prompt) and no output is an error or stderr (explorer outputs
+* every code cell ran (it has an execution count) and no output is an error or stderr (explorer outputs
   included: `viz.explorer` shows a failing callback's traceback there);
 * at least as many plotly figures are on the page as the run saved into its figures/ folder (every saved
   figure is shown: `FigureStore.save` displays it);
@@ -129,9 +129,12 @@ _KERNEL_IDLE = """(path) => {
   return !!kernel && kernel.status === 'idle';
 }""" % _PANEL
 
-# Prompts of the code cells: "[*]:" queued or running, "[n]:" done, "[ ]:" not run (e.g. after an error).
-_PROMPTS = """(path) => (%s)(path).content.widgets.filter(c => c.model.type === 'code')
-  .map(c => (c.node.querySelector('.jp-InputArea-prompt') || {}).textContent || '')""" % _PANEL
+# Per code cell: its execution count (null until it has run) and whether it is queued or running (prompt
+# "[*]:" or the model's executionState).
+_CELLS = """(path) => (%s)(path).content.widgets.filter(c => c.model.type === 'code').map(c => {
+  const prompt = (c.node.querySelector('.jp-InputArea-prompt') || {}).textContent || '';
+  return {count: c.model.executionCount, busy: prompt.includes('*') || c.model.executionState === 'running'};
+})""" % _PANEL
 
 # Error outputs render with the stderr mime type too, as do tracebacks inside widget (explorer) outputs.
 _PROBLEMS = """() => [...document.querySelectorAll(
@@ -159,21 +162,21 @@ def _saved_figures(runs: Path, notebook: str) -> int:
     return len(list((newest / "figures").glob("*.html")))
 
 
-def _run_all(page, path: str) -> list[str]:
-    """Run All and wait until no cell is queued or running and the kernel is idle; the prompts at the end."""
+def _run_all(page, path: str) -> list[dict]:
+    """Run All, then wait until no cell is queued or running and the kernel is idle; the cells at the end."""
     page.wait_for_function(_KERNEL_IDLE, arg=path, timeout=180_000)
     # not awaited: the command's promise settles only when every cell has run
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
-    page.wait_for_function(f"(path) => ({_PROMPTS})(path).some(p => p.includes('*') || /\\d/.test(p))",
-                           arg=path, timeout=60_000)
+    page.wait_for_function(f"(path) => ({_CELLS})(path).some(c => c.busy || c.count !== null)", arg=path,
+                           timeout=60_000)
     deadline = time.monotonic() + RUN_ALL_TIMEOUT_S
     while time.monotonic() < deadline:
         page.wait_for_timeout(2000)
-        prompts = page.evaluate(_PROMPTS, path)
-        if not any("*" in p for p in prompts) and page.evaluate(_KERNEL_IDLE, path):
+        if not any(c["busy"] for c in page.evaluate(_CELLS, path)) and page.evaluate(_KERNEL_IDLE, path):
             page.wait_for_timeout(2000)  # a last output or widget message may still be on its way
-            if not any("*" in p for p in page.evaluate(_PROMPTS, path)):
-                return page.evaluate(_PROMPTS, path)
+            cells = page.evaluate(_CELLS, path)
+            if not any(c["busy"] for c in cells):
+                return cells
     raise TimeoutError(f"{path}: Run All did not finish in {RUN_ALL_TIMEOUT_S} s")
 
 
@@ -197,9 +200,8 @@ def _check(page, work: Path, notebook: str, shots: Path) -> list[str]:
     path = f"notebooks/{notebook}.ipynb"
     page.wait_for_function(f"(path) => window.jupyterapp && !!({_PANEL})(path)", arg=path, timeout=180_000)
     page.evaluate(_OPEN, path)
-    prompts = _run_all(page, path)
-    problems = [f"cell {i} did not run (prompt {p!r})" for i, p in enumerate(prompts) if not any(
-        ch.isdigit() for ch in p)]
+    cells = _run_all(page, path)
+    problems = [f"code cell {i + 1} did not run" for i, c in enumerate(cells) if c["count"] is None]
     expected = _saved_figures(work / "runs", notebook)
     try:
         page.wait_for_function(f"(n) => ({_PLOTS})().length >= n", arg=expected, timeout=60_000)
