@@ -47,7 +47,8 @@
 #
 # **What it needs.** A finished `20_tokenizer_pretraining` run (arm A). Time on a 2-core CPU: `smoke` ≈ 8
 # min (every arm once, a few steps); `cpu`: see the README. One command: `python -m dmvae_lib --preset cpu
-# --only 20 70 --name claim`. `grid=True` then also runs the six-reference grid of Tab. 1.
+# --only 20 70 --name claim`. The main job runs it reduced (one generator seed, no extra λ; the summary says
+# so). `grid=True` then also runs the six-reference grid of Tab. 1.
 
 # %% tags=["parameters"]
 preset: str = "smoke"  # "smoke" (CI) | "cpu" (this CPU) | "imagenet256" (GPU)
@@ -126,6 +127,8 @@ summary_table
 
 # %%
 print(f"VERDICT ({out['space']}): {out['outcome'].upper()}: {out['reason']}")
+if arms.reduced(cfg, preset):
+    print(f"Reduced study: {arms.reduced(cfg, preset)}")
 for name, c in out.get("comparisons", {}).items():
     print(f"  C1 vs {name}: {c['mean']:+.3f} ± {c['se']:.3f} (n = {c['n']}; > 0: C1 better)")
 pd.DataFrame(out["other_spaces"]).T
@@ -165,6 +168,7 @@ if cfg.grid:
 
 # %%
 summary = s.finish({"tokenizer_run": str(tok_dir), "claim": out, "table": summary_table.to_dict(),
+                    "reduced": arms.reduced(cfg, preset),
                     "runs": {o.run.name: {"folder": str(o.folder), "status": o.status,
                                           "minutes": o.seconds / 60} for o in outcomes},
                     "grid": {"table": grid["table"].to_dict(), "answer": grid["answer"]} if grid else None})

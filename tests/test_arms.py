@@ -71,6 +71,59 @@ def test_plan_builds_every_arm_from_the_existing_notebooks(tmp_path):
         pipeline.check_parameters(arms._notebook(r.notebook), r.params)
 
 
+def _finished(root: Path, notebook: str, name: str, params: dict) -> Path:
+    """A finished run folder of `notebook` whose config.json records exactly what `params` request."""
+    nb = arms._notebook(notebook)
+    run = RunDir.create(root, arms.NOTEBOOKS[notebook], name, pipeline.requested_record(nb, params))
+    (run.path / "summary.json").write_text("{}")
+    return run.path
+
+
+def test_plan_reuses_the_pipelines_own_teacher_and_c1_runs_only_when_their_config_is_the_same(tmp_path):
+    a_dir = _stage1(tmp_path)
+    cfg = _study()
+    first = {r.name: r for r in arms.plan(cfg, "smoke", "p", tmp_path, a_dir)}
+    assert "p-teacher" in first and "p-C1" in first
+    # the main job's notebook-30 run "p" has exactly the teacher's config: it serves as the teacher
+    _finished(tmp_path, "30", "p", first["p-teacher"].params)
+    second = {r.name: r for r in arms.plan(cfg, "smoke", "p", tmp_path, a_dir)}
+    assert "p-teacher" not in second and second["p"].notebook == "30"
+    c1 = next(r for r in second.values() if r.notebook == "40" and r.params["overrides"]["train.control"])
+    assert c1.name == "p-C1" and c1.params["teacher_run"].endswith("30_teacher_fitting/p")
+    # a notebook-40 run "p" with another config (here λ = 1) is left alone: C1 gets its own run
+    _finished(tmp_path, "40", "p", {**c1.params, "overrides": {**c1.params["overrides"],
+                                                               "train.dm_weight": 1.0}})
+    assert "p-C1" in {r.name for r in arms.plan(cfg, "smoke", "p", tmp_path, a_dir)}
+    (tmp_path / arms.NOTEBOOKS["40"] / "p" / "config.json").unlink()
+    (tmp_path / arms.NOTEBOOKS["40"] / "p" / "summary.json").unlink()
+    # … and one with C1's config serves as C1 and C0, read back by collect
+    _finished(tmp_path, "40", "p", c1.params)
+    third = arms.plan(cfg, "smoke", "p", tmp_path, a_dir)
+    c0_gen = next(r for r in third if r.name == "p-C0-g0")
+    assert c0_gen.params["joint_run"].endswith("40_joint_dm_training/p") and c0_gen.needs == ("p",)
+    assert arms._sources(cfg, "p", tmp_path, a_dir)["C1"][0].name == "p"
+
+
+def test_r_starts_from_a_s_finished_reference_encoder_fits(tmp_path):
+    a_dir = _stage1(tmp_path)
+    for tag in ("ssl", "supervised"):
+        (a_dir / "ckpt" / tag).mkdir(parents=True)
+        torch.save({"step": 5, "state": {}}, a_dir / "ckpt" / tag / "last.pt")
+    r = next(r for r in arms.plan(_study(), "smoke", "p", tmp_path, a_dir) if r.name == "p-R")
+    assert {rel for _, rel in r.prefill} == {"ckpt/ssl/last.pt", "ckpt/supervised/last.pt"}
+    folder = tmp_path / "r"
+    arms._prefill(r, folder)
+    assert torch.load(folder / "ckpt" / "ssl" / "last.pt")["step"] == 5
+    assert not list(folder.rglob("*.part"))
+    # a started R run is never touched, and an R that changes the SSL fit gets nothing
+    (folder / "ckpt" / "ssl" / "last.pt").unlink()
+    (folder / "config.json").write_text("{}")
+    arms._prefill(r, folder)
+    assert not (folder / "ckpt" / "ssl" / "last.pt").exists()
+    other = _study(**{"claim.tokenizer": {"encoder.ssl.steps": 7}})
+    assert next(r for r in arms.plan(other, "smoke", "q", tmp_path, a_dir) if r.name == "q-R").prefill == ()
+
+
 def test_plan_refuses_a_random_encoder_as_arm_a(tmp_path):
     a_dir = _stage1(tmp_path, **{"encoder.kind": "random", "train.align_global": 0.0})
     with pytest.raises(ValueError, match="arm A"):
@@ -254,3 +307,10 @@ def test_the_pipeline_refuses_a_misspelled_claim_override_before_any_run(tmp_pat
     with pytest.raises(SystemExit, match="claim.joint"):
         pipeline.check_config(nb, params)
     pipeline.check_config(nb, {**params, "overrides": {"claim.joint": {"train.steps": 3}}})
+
+
+def test_reduced_says_what_a_smaller_claim_study_leaves_out():
+    assert arms.reduced(make_config("study", "cpu"), "cpu") == ""
+    note = arms.reduced(make_config("study", "cpu", {"claim.seeds": [0], "claim.extra_weights": []}), "cpu")
+    assert "1 generator seed(s) of 3" in note and "cannot resolve" in note and "λ = 1" in note
+    assert "--preset cpu --only 20 70" in note

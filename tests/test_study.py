@@ -122,7 +122,17 @@ def test_verdict_reports_a_lead_smaller_than_the_spread(tmp_path):
     assert v["best"] == "ssl · λ = 10" and v["gap"] == pytest.approx(0.15) and not v["gap_exceeds_spread"]
 
 
-def test_the_pipeline_runs_the_study_only_when_asked():
-    default = [nb.stem[:2] for nb in pipeline.notebooks() if not nb.stem.startswith(pipeline.OPT_IN)]
-    assert "70" not in default and "60" in default
-    assert any(nb.stem.startswith("70") for nb in pipeline.notebooks())
+def test_the_whole_pipeline_runs_the_claim_study_reduced_and_the_users_claim_keys_win():
+    nbs = pipeline.notebooks()
+    assert any(nb.stem.startswith("70") for nb in nbs)
+    mine = {"overrides": {"claim.space": "pix"}}
+    params = {nb: {"preset": "cpu", **(mine if nb.stem.startswith("70") else {})} for nb in nbs}
+    pipeline._main_job("cpu", params)
+    p70 = next(v for nb, v in params.items() if nb.stem.startswith("70"))
+    assert p70["overrides"] == {"claim.seeds": [0], "claim.extra_weights": [], "claim.space": "pix"}
+    assert all("overrides" not in v for nb, v in params.items() if not nb.stem.startswith("70"))
+    cfg = make_config("study", "cpu", p70["overrides"])
+    assert cfg.claim.seeds == (0,) and cfg.claim.extra_weights == ()
+    mine = {nb: {"overrides": {"claim.seeds": [3, 4]}} for nb in nbs if nb.stem.startswith("70")}
+    pipeline._main_job("cpu", mine)
+    assert next(iter(mine.values()))["overrides"]["claim.seeds"] == [3, 4]

@@ -11,13 +11,17 @@ notebook 40 from A with the encoder trainable and λ = `dm_weight`, C0 the λ = 
 (same data order, schedule and seed); AE is notebook 40 from R, encoder trainable, λ = 0 (its teacher is
 fitted only because notebook 40 loads one; at λ = 0 it is never evaluated). Each arm's generator (notebook
 60) runs once per generator seed with a learning curve. Run names are `<prefix>-<arm>` and
-`<prefix>-<arm>-g<seed>`, each in its own run folder.
+`<prefix>-<arm>-g<seed>`, each in its own run folder. Two shortcuts: a finished notebook-30 or notebook-40
+run named `<prefix>` itself (the pipeline's own, e.g. the main job's) that has exactly the config of the SSL
+teacher or of C1 serves as that run; and R's notebook 20 starts from A's finished SSL and supervised fits
+when R changes nothing they depend on (A's reference encoders, identical by construction).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -27,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..configs import make_config
+from ..configs import ConfigError, make_config
 from ..configs.study import CLAIM_FIXED, StudyConfig
+from ..runtime.runs import RunError
 from . import claim, pipeline
 
 PRIMARY = ("AE", "A", "C0", "C1")  # the arms the verdict reads
@@ -56,6 +61,7 @@ class Run:
     name: str  # the run name (its folder under the notebook's folder)
     params: dict  # papermill parameters
     needs: tuple[str, ...] = ()  # run names that must have finished first
+    prefill: tuple[tuple[Path, str], ...] = ()  # (file, path in the run folder) copied in before a first run
 
 
 @dataclass
@@ -80,13 +86,14 @@ def flat_overrides(config: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _sources(cfg: StudyConfig, prefix: str, run_root: Path,
-             tokenizer_dir: Path) -> dict[str, tuple[Path, str]]:
-    """Arm → (the run folder its tokenizer lies in, the tokenizer file)."""
+def _sources(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path,
+             c1_name: str = "") -> dict[str, tuple[Path, str]]:
+    """Arm → (the run folder its tokenizer lies in, the tokenizer file). C1's run is `c1_name`, else
+    `<prefix>-C1` if it exists, else the reused `<prefix>` (`_reused`)."""
     joint = run_root / NOTEBOOKS["40"]
+    c1 = joint / (c1_name or (f"{prefix}-C1" if (joint / f"{prefix}-C1").exists() else prefix))
     out = {"AE": (joint / f"{prefix}-AE", "tokenizer.pt"), "A": (tokenizer_dir, "tokenizer.pt"),
-           "C0": (joint / f"{prefix}-C1", "control_tokenizer.pt"),
-           "C1": (joint / f"{prefix}-C1", "tokenizer.pt")}
+           "C0": (c1, "control_tokenizer.pt"), "C1": (c1, "tokenizer.pt")}
     for w in cfg.claim.extra_weights:
         out[f"C1 λ={w:g}"] = (joint / f"{prefix}-{slug(f'C1 λ={w:g}')}", "tokenizer.pt")
     out["R"] = (run_root / NOTEBOOKS["20"] / f"{prefix}-R", "tokenizer.pt")
@@ -105,31 +112,32 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
     seed = int(a_cfg["seed"])
     r_over = {**{k: v for k, v in flat_overrides(a_cfg).items() if k != "seed"}, **R_CHANGES, **c.tokenizer}
     r_dir = root / NOTEBOOKS["20"] / f"{prefix}-R"
-    teacher = {"ssl": f"{prefix}-teacher", "R": f"{prefix}-teacher-R"}
     def params(name: str, **kw) -> dict:
         return {**common, "seed": seed, "run_name": name, **kw}
 
     fit = {"reference": "ssl", "max_sw2_ratio": 0.0}
-    runs = [Run("20", f"{prefix}-R", params(f"{prefix}-R", overrides=r_over)),
-            Run("30", teacher["ssl"], params(teacher["ssl"], tokenizer_run=str(tokenizer_dir),
-                                             overrides=dict(c.teacher), **fit)),
+    ssl_teacher = params("", tokenizer_run=str(tokenizer_dir), overrides=dict(c.teacher), **fit)
+    teacher = {"ssl": _reused("30", root, prefix, "teacher", ssl_teacher), "R": f"{prefix}-teacher-R"}
+    runs = [Run("20", f"{prefix}-R", params(f"{prefix}-R", overrides=r_over),
+                prefill=_reference_fits(Path(tokenizer_dir), c.tokenizer)),
+            Run("30", teacher["ssl"], {**ssl_teacher, "run_name": teacher["ssl"]}),
             Run("30", teacher["R"], params(teacher["R"], tokenizer_run=str(r_dir),
                                            overrides={**c.teacher, **UNUSED_TEACHER}, **fit),
                 needs=(f"{prefix}-R",))]
     joint = {**c.joint, **CLAIM_FIXED["joint"]}
     t_dir = {k: root / NOTEBOOKS["30"] / v for k, v in teacher.items()}
-    c1s = [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
+    c1_name, c1s = "", [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
     for arm, lam, control in c1s:  # C0 is the λ = 0 control of the C1 run
-        name = f"{prefix}-{slug(arm)}"
         over = {**joint, "train.dm_weight": lam, "train.control": control}
-        runs.append(Run("40", name, params(name, tokenizer_run=str(tokenizer_dir),
-                                           teacher_run=str(t_dir["ssl"]), overrides=over),
-                        needs=(teacher["ssl"],)))
+        p = params("", tokenizer_run=str(tokenizer_dir), teacher_run=str(t_dir["ssl"]), overrides=over)
+        name = _reused("40", root, prefix, "C1", p) if arm == "C1" else f"{prefix}-{slug(arm)}"
+        c1_name = name if arm == "C1" else c1_name
+        runs.append(Run("40", name, {**p, "run_name": name}, needs=(teacher["ssl"],)))
     over = {**joint, "train.dm_weight": 0.0, "train.control": False}
     runs.append(Run("40", f"{prefix}-AE", params(f"{prefix}-AE", tokenizer_run=str(r_dir),
                                                  teacher_run=str(t_dir["R"]), overrides=over),
                     needs=(f"{prefix}-R", teacher["R"])))
-    sources = _sources(cfg, prefix, root, Path(tokenizer_dir))
+    sources = _sources(cfg, prefix, root, Path(tokenizer_dir), c1_name)
     producers = {str(r.params.get("run_name")): r.name for r in runs}
     for arm in arms(cfg):
         folder, file = sources[arm]
@@ -140,6 +148,31 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
                                          "tokenizer_file": file, "overrides": dict(c.generation)},
                             needs=need))
     return runs
+
+
+def _reused(notebook: str, root: Path, prefix: str, own: str, params: dict) -> str:
+    """`prefix` when the run of that name is finished with exactly this config (and no `<prefix>-<own>` run
+    exists), else `<prefix>-<own>`."""
+    folder = root / NOTEBOOKS[notebook] / prefix
+    if (root / NOTEBOOKS[notebook] / f"{prefix}-{own}").exists() or not (folder / "summary.json").exists():
+        return f"{prefix}-{own}"
+    try:
+        same = pipeline.recorded_differences(_notebook(notebook), folder, params) == []
+    except (RunError, ConfigError):
+        same = False
+    return prefix if same else f"{prefix}-{own}"
+
+
+# R's config keys that A's reference-encoder fits depend on: when R changes none, it reuses A's fits
+_FIT_KEYS = ("seed", "data.", "encoder.ssl.", "encoder.supervised_")
+
+
+def _reference_fits(tokenizer_dir: Path, r_changes: Mapping) -> tuple[tuple[Path, str], ...]:
+    """A's finished SSL and supervised checkpoints, for R's run folder (none if R's changes touch them)."""
+    if any(k.startswith(_FIT_KEYS) for k in r_changes):
+        return ()
+    files = [tokenizer_dir / "ckpt" / tag / "last.pt" for tag in ("ssl", "supervised")]
+    return tuple((f, str(f.relative_to(tokenizer_dir))) for f in files if f.is_file())
 
 
 def check(cfg: StudyConfig, preset: str) -> None:
@@ -183,6 +216,7 @@ def run_all(runs: Sequence[Run], run_root: Path, *, progress: bool = True,
             o.status, o.error = "not run", f"needs {', '.join(blocked)}, which failed"
         else:
             try:
+                _prefill(r, o.folder)
                 o.status = pipeline.execute(_notebook(r.notebook), o.folder, r.params)
                 log(f"{NOTEBOOKS[r.notebook]}/{r.name}: {o.status}")
             except Exception as e:  # noqa: BLE001 - recorded; `failures` reports it and the notebook asserts
@@ -191,6 +225,18 @@ def run_all(runs: Sequence[Run], run_root: Path, *, progress: bool = True,
         o.seconds = time.perf_counter() - t0
         done[r.name] = o
     return list(done.values())
+
+
+def _prefill(r: Run, folder: Path) -> None:
+    """Copy a run's prefill files into its folder before its first execution (never into a started run)."""
+    if not r.prefill or (folder / "config.json").exists():
+        return
+    for src, rel in r.prefill:
+        dst = folder / rel
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst.with_name(dst.name + ".part"))
+            dst.with_name(dst.name + ".part").replace(dst)
 
 
 def _last_line(e: BaseException) -> str:
@@ -239,7 +285,7 @@ def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) 
                     out.curves[arm][g] = gen["curve"]
                 if g == cfg.claim.seeds[0]:
                     out.knn[arm] = float(gen.get("latent_clustering", {}).get("knn", math.nan))
-    joint = _summary(root / NOTEBOOKS["40"] / f"{prefix}-C1")
+    joint = _summary(_sources(cfg, prefix, root, Path(tokenizer_dir))["C1"][0])
     out.drift_fd = float(joint.get("control", {}).get("ref_fd", math.nan))
     out.drift_floor = float(joint.get("control", {}).get("ref_fd_floor", math.nan))
     out.c1_fd = float(joint.get("dm", {}).get("ref_fd", math.nan))
@@ -302,6 +348,21 @@ def result(cfg: StudyConfig, data: ArmData, thresholds: claim.Thresholds = claim
         else:
             out["other_spaces"][k] = {"outcome": v["outcome"], "reason": v["reason"]}
     return out
+
+
+def reduced(cfg: StudyConfig, preset: str) -> str:
+    """What this claim study leaves out of the preset's full one ('' when nothing), e.g. the main job's."""
+    full, c = make_config("study", preset).claim, cfg.claim
+    parts = []
+    if len(c.seeds) < len(full.seeds):
+        parts.append(f"{len(c.seeds)} generator seed(s) of {len(full.seeds)}"
+                     + (", so the verdict cannot resolve" if len(c.seeds) < 2 else ""))
+    if set(full.extra_weights) - set(c.extra_weights):
+        parts.append(f"no C1 at λ = {', '.join(f'{w:g}' for w in full.extra_weights)}")
+    if not parts:
+        return ""
+    return "; ".join(parts) + (f". The full study: `python -m dmvae_lib --preset {preset} --only 20 70 "
+                               "--name claim`.")
 
 
 def curve_bands(data: ArmData, key: str) -> dict[str, dict]:

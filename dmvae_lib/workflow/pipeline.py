@@ -1,18 +1,18 @@
 """Run the workbook's notebooks in order through papermill: `python -m dmvae_lib --preset cpu`.
 
-Each notebook `notebooks/NN_name.ipynb` (but the study, notebook 70, unless `--only 70` names it) executes
-into `runs/NN_name/<name>/executed.ipynb` with parameters `preset`, `run_name=<name>` and `run_root`. Before
-the run name is claimed or any kernel starts, every notebook's parameters are checked against its parameters
-cell (names and types), and its config (preset, seed, `overrides`, and the parameters that become config
-keys) is built with `configs.make_config`, so a misspelled or wrongly typed key fails with nothing written. A
-stage whose run folder already holds a `summary.json` is skipped only if its recorded config (`config.json`)
-equals the requested one; an interrupted stage resumes from its checkpoints (the notebooks reopen a run with
-the same config); a stage folder that holds another config, or that another process holds
-(`runs.FolderLock`), is refused up front. A run name is tied to its preset and parameters
-(`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a silent overwrite, and one
-pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from the command line or a YAML
-file (`--params`). A Markdown report (each stage's status and headline numbers, metrics with their protocol
-records, figures) is written to `runs/pipeline/<name>/report.md` and its path printed.
+Each notebook `notebooks/NN_name.ipynb` executes into `runs/NN_name/<name>/executed.ipynb` with parameters
+`preset`, `run_name=<name>` and `run_root`. Before the run name is claimed or any kernel starts, every
+notebook's parameters are checked against its parameters cell (names and types), and its config (preset, seed,
+`overrides`, and the parameters that become config keys) is built with `configs.make_config`, so a misspelled
+or wrongly typed key fails with nothing written. A stage whose run folder already holds a `summary.json` is
+skipped only if its recorded config (`config.json`) equals the requested one; an interrupted stage resumes
+from its checkpoints (the notebooks reopen a run with the same config); a stage folder that holds another
+config, or that another process holds (`runs.FolderLock`), is refused up front. A run name is tied to its
+preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a
+silent overwrite, and one pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from
+the command line or a YAML file (`--params`). A Markdown report (each stage's status and headline numbers,
+metrics with their protocol records, figures; the claim study's verdict first) is written to
+`runs/pipeline/<name>/report.md` and its path printed. The whole pipeline runs notebook 70 reduced.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_by
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-# Studies run the pipeline many times over (notebook 70: ≈ 2 h at `cpu`); they run when named with --only.
-OPT_IN = ("70",)
+# The main job runs the claim study (notebook 70) reduced: one generator seed, no extra λ (≈ 2 h in full at
+# `cpu`). Its SSL teacher and C1 run are the job's own notebook-30 and notebook-40 runs. Name 70 with --only
+# for the full study.
+REDUCED = {"70": {"claim.extra_weights": []}}  # plus the preset's first generator seed (`_main_job`)
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -269,8 +271,7 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     import papermill
 
     per_notebook = per_notebook or {}
-    stages = [nb for nb in notebooks() if (any(nb.stem.startswith(o) for o in only) if only
-                                           else not nb.stem.startswith(OPT_IN))]
+    stages = [nb for nb in notebooks() if not only or any(nb.stem.startswith(o) for o in only)]
     if not stages:
         raise SystemExit(f"error: no notebook matches {only} in {NOTEBOOK_DIR}")
     stray = sorted(k for k in per_notebook if not any(nb.stem.startswith(k) for nb in notebooks()))
@@ -279,6 +280,8 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     base = {"preset": preset, "run_name": name, "run_root": str(run_root), **extra}
     params = {nb: {**base, **next((v for k, v in per_notebook.items() if nb.stem.startswith(k)), {})}
               for nb in stages}
+    if not only:
+        _main_job(preset, params)
     if nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {nproc}")
     for nb in stages:
@@ -311,6 +314,16 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
         return write_report(record.parent / "report.md", name, preset, rows)
     finally:
         lock.release()
+
+
+def _main_job(preset: str, params: dict[Path, dict]) -> None:
+    """The whole pipeline's notebook 70 runs the claim study reduced (`REDUCED`); the user's own `claim.*`
+    overrides still win."""
+    seed = make_config("study", preset).claim.seeds[0]
+    for nb, p in params.items():
+        for prefix, reduced in REDUCED.items():
+            if nb.stem.startswith(prefix):
+                p["overrides"] = {"claim.seeds": [seed], **reduced, **p.get("overrides", {})}
 
 
 def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
@@ -439,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "re-running the same name resumes and skips finished stages")
     ap.add_argument("--run-root", default="", help="default: $DMVAE_RUNS or <repo>/runs")
     ap.add_argument("--only", nargs="*",
-                    help="notebook prefixes to run, e.g. 10 20 (70, the study, runs only "
-                                              "when named)")
+                    help="notebook prefixes to run, e.g. 10 20 (default: all; notebook 70, the claim "
+                         "study, then runs reduced to one generator seed)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="processes per fit (DDP under torchrun) for the notebooks "
                                                          "with an `nproc` parameter; one node")
