@@ -30,6 +30,11 @@
 # **What it needs.** Nothing upstream. Time on a 2-core CPU: `smoke` ≈ 30 s (4 objectives),
 # `cpu` ≈ 2–3 min (all 15), `imagenet256` (larger nets, 10k steps) is for a GPU or a long coffee.
 #
+# **What `smoke` can and cannot show.** Its 300 steps are enough to separate DM from the objectives that
+# collapse or drop modes, not to finish the job: DM ends at about twice the noise floor, so at `smoke` a
+# *matched* verdict means SW2 ≤ 2.5 × floor (`verdict.match_ratio`; 1.5 × from `cpu` up, where DM reaches
+# the floor). The paper's claim that DM lands *on* the S, and the other eleven objectives, need `cpu`.
+#
 # **Conventions.** t = 0 is noise and t = 1 is data: x_t = t·x + (1 − t)·ε, velocity target x − ε,
 # data prediction x̂ = x_t + (1 − t)·v. So "high t" means *low* noise.
 
@@ -49,13 +54,14 @@ from dmvae_lib.core import toy2d
 from dmvae_lib.stages import toy as toy_study
 from dmvae_lib.stages.toy import toy_explorer
 from dmvae_lib.viz import figures as viz
+from dmvae_lib.viz.tables import config_table, styled
 from dmvae_lib.workflow.session import start
 
 s = start("toy", "10_toy_gradient_fields", preset, overrides, seed=seed, device=device, run_root=run_root,
           run_name=run_name)
 cfg = s.cfg
 print(f"run: {s.run.path}\ndevice: {s.device}")
-cfg
+config_table(cfg)
 
 # %% [markdown]
 # ## 1 · The reference distributions
@@ -68,7 +74,7 @@ g = torch.Generator().manual_seed(seed)
 refs = {name: toy2d.draw(sampler, cfg.align.n_points, g) for name, sampler in toy2d.REFERENCES.items()}
 floor = toy_study.noise_floor(cfg)
 print(f"noise floor of {cfg.reference}: SW2 = {floor:.4f}")
-s.figures.save(viz.point_clouds(refs, refs[cfg.reference][:0], cols=2, size=320), "references")
+s.figures.save(viz.point_clouds(refs, None, cols=2, size=320), "references")
 
 # %% [markdown]
 # ## 2 · Fit the real velocity net by flow matching (paper Eq. 5)
@@ -104,8 +110,8 @@ toy_study.objectives_table(cfg.objectives)
 
 # %%
 results = {name: toy_study.align(name, cfg, real_net, s.run, s.device) for name in cfg.objectives}
-table = toy_study.results_table(results, floor)
-table.style.format(precision=3)
+table = toy_study.results_table(results, floor, cfg.verdict)
+styled(table)
 
 # %% [markdown]
 # ## 5 · Final point clouds (paper Fig. 3)
@@ -119,15 +125,15 @@ s.figures.save(fig3, "fig3_point_clouds")
 # %% [markdown]
 # ### The paper's claims, checked on the numbers
 # DM reaches the noise floor; fake-score maximisation (gradient through the FM target) collapses to a
-# point; real-score maximisation drops modes. Below, each objective's measured verdict beside the paper's.
+# point; real-score maximisation drops modes. Below, each objective's measured verdict beside the paper's,
+# by the thresholds of the config's `verdict` section (the table above and these checks read the same ones).
 
 # %%
-dm = results["dm"].metrics
-assert dm["sw2"] <= (1.5 if preset != "smoke" else 2.5) * floor, f"DM did not reach the S: {dm}"
-assert results["fake_fm_target"].metrics["spread_ratio"] < 0.10, "fake-score maximisation did not collapse"
-real_max = results["real_fm_target"].metrics
-assert real_max["coverage"] < dm["coverage"] - 0.2, "real-score max. covers as much as DM"
-display(Markdown(toy_study.paper_comparison(table)))
+verdict = table["measured"]
+assert verdict["dm"] == "matched", f"DM did not reach the S: {results['dm'].metrics}"
+assert verdict["fake_fm_target"] == "collapsed", "fake-score maximisation did not collapse"
+assert verdict["real_fm_target"] in ("mode-dropping", "collapsed"), "real-score max. covers as much as DM"
+display(Markdown(toy_study.paper_comparison(table, cfg.verdict)))
 
 # %% [markdown]
 # ## 6 · Training progress
@@ -135,7 +141,7 @@ display(Markdown(toy_study.paper_comparison(table)))
 
 # %%
 curves = viz.metric_lines({n: r.history for n, r in results.items()}, "sw2", floor,
-                          title="SW2 to the reference")
+                          title="SW2 to the reference", match_ratio=cfg.verdict.match_ratio)
 s.figures.save(curves, "sw2_over_steps")
 s.figures.save(viz.progress_slider({n: r.snapshots for n, r in results.items()}, refs[cfg.reference]),
                "progress")
@@ -170,6 +176,7 @@ assert torch.isfinite(fields).all()
 
 # %%
 explorer = toy_explorer(results, real_net, refs[cfg.reference], probes, draws=cfg.eval.field_noise_draws)
+explorer
 
 # %% [markdown]
 # ## 9 · Summary

@@ -48,13 +48,14 @@ from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import build_tokenizer, save_tokenizer, tokenizer_backbone
 from dmvae_lib.viz import figures as viz
+from dmvae_lib.viz.tables import config_table
 from dmvae_lib.workflow.session import resolve_run_root, start
 
 s = start("tokenizer", "20_tokenizer_pretraining", preset, overrides, seed=seed, device=device,
           run_root=run_root, run_name=run_name)
 cfg = s.cfg
 print(f"run: {s.run.path}\ndevice: {s.device}")
-cfg
+config_table(cfg)
 
 # %% [markdown]
 # ## 1 · Data

@@ -56,6 +56,7 @@ from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_teacher, upstream_tokenizer
 from dmvae_lib.train.velocity import fit_velocity_net, fm_loss_per_t_bin
 from dmvae_lib.viz import figures as viz
+from dmvae_lib.viz.tables import config_table
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
@@ -66,7 +67,7 @@ s = start("teacher", "30_teacher_fitting", preset,
           seed=seed, device=device, run_root=run_root, run_name=run_name)
 cfg = s.cfg
 print(f"tokenizer: {tok_dir}\nrun: {s.run.path}\ndevice: {s.device}")
-cfg
+config_table(cfg)
 
 # %% [markdown]
 # ## 1 · Latent cache

@@ -46,6 +46,7 @@ import math
 
 from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.stages import latents as lv
+from dmvae_lib.viz.tables import config_table, styled
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 joint_dir = upstream_run("40_joint_dm_training", "tokenizer.pt", path=joint_run, run_name=run_name,
@@ -55,7 +56,7 @@ s = start("latents", "50_latent_visualization", preset, {"joint_run": str(joint_
           seed=seed, device=device, run_root=run_root, run_name=run_name)
 cfg = s.cfg
 print(f"joint run: {joint_dir}\ntokenizer: {tok_dir}\nteacher: {teacher_dir}\nrun: {s.run.path}")
-cfg
+config_table(cfg)
 
 # %% [markdown]
 # ## 1 · The point sets
@@ -91,7 +92,6 @@ for method in cfg.embed.methods:
     scores[method] = lv.score_sets(sets, emb, cfg.knn_k)
     fig = lv.panels_figure(sets, emb, scores[method], names, title=f"{lv.METHOD_LABELS[method]} by class")
     s.figures.save(fig, f"latents_{method}")
-    fig.show()
 
 # %% [markdown]
 # Read the D-dim kNN against chance (1/K) and against the SSL encoder's own kNN on its pooled features
@@ -103,7 +103,7 @@ for method in cfg.embed.methods:
 ssl_knn = json.loads((tok_dir / "summary.json").read_text()).get("encoders", {}).get("ssl", {}).get("knn_acc")
 print(f"SSL encoder kNN on pooled features (notebook 20): {ssl_knn}")
 table = lv.score_table(sets, scores)
-table
+styled(table)
 
 # %% [markdown]
 # ## 3 · Explorer
@@ -114,6 +114,7 @@ table
 
 # %%
 explorer = lv.explorer(sets, cache, cfg, names, images)
+explorer
 
 # %% [markdown]
 # ## 4 · Checks and summary

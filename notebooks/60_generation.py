@@ -58,6 +58,7 @@ from dmvae_lib.stages import generation as generation_stage
 from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
 from dmvae_lib.viz import figures as viz
+from dmvae_lib.viz.tables import config_table
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
@@ -68,7 +69,7 @@ s = start("generation", "60_generation", preset,
           seed=seed, device=device, run_root=run_root, run_name=run_name)
 cfg = s.cfg
 print(f"tokenizer: {joint_dir / tokenizer_file}\nrun: {s.run.path}\ndevice: {s.device}")
-cfg
+config_table(cfg)
 
 # %% [markdown]
 # ## 1 · The generator's data: the DM tokenizer's latent cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what is missing, idempotently: a .venv with the package and its dev extras (re-installed only when
-# pyproject.toml changes), and, where we are root on Debian, Chromium for plotly's static PNG export.
+# pyproject.toml changes), and, where we are root on Debian, Chromium: plotly's static PNG export and the
+# browser the JupyterLab test drives (through the dev extra's playwright, which downloads no browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +18,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 if [ "${DMVAE_SKIP_CHROMIUM:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 \
    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  # Optional: PNG figure export. Failure here only means figures are saved as HTML.
-  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: chromium not installed; figures will be HTML only"
+  # Optional: PNG figure export and the browser test. Failure here only means figures are saved as HTML and
+  # tests/test_jupyterlab.py skips.
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+    || echo "note: chromium not installed; figures will be HTML only, the JupyterLab test skips"
 fi

@@ -36,6 +36,7 @@ from ..models.tokenizer import Tokenizer
 from ..runtime.runs import RunError
 from ..train.artifacts import load_head, load_tokenizer
 from ..viz import figures as viz
+from ..viz.explorer import Explorer
 
 
 @dataclass
@@ -200,48 +201,46 @@ def panels_figure(sets: Mapping[str, PointSet], emb: Mapping[str, Tensor],
 
 
 def score_table(sets: Mapping[str, PointSet], scores: Mapping[str, Mapping[str, embedding.ClusterScores]]):
-    """A DataFrame: one row per set; kNN and silhouette in the original space, then per method in 2-D."""
+    """A DataFrame, one row per set: its size, then kNN and silhouette in the original space ("D-dim") and in
+    each method's 2-D embedding, under two-level column headers; counts stay integers."""
     import pandas as pd
 
     first = next(iter(scores.values()))
-    rows = {n: {"points": len(s.points), "dim": s.points.shape[1], "kNN": first[n].knn,
-                "silhouette": first[n].silhouette} for n, s in sets.items()}
+    rows = {n: {("set", "points"): len(s.points), ("set", "dim"): int(s.points.shape[1]),
+                ("D-dim", "kNN"): first[n].knn, ("D-dim", "silhouette"): first[n].silhouette}
+            for n, s in sets.items()}
     for method, sc in scores.items():
         for n in sets:
-            rows[n].update({f"{method} kNN (2-D)": sc[n].knn_2d,
-                            f"{method} silhouette (2-D)": sc[n].silhouette_2d})
-    return pd.DataFrame(rows).T
-
-
-def _bundle(fig) -> dict:
-    import plotly.io as pio
-
-    return {"output_type": "display_data", "metadata": {},
-            "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())}
+            label = f"{METHOD_LABELS.get(method, method)} 2-D"
+            rows[n].update({(label, "kNN"): sc[n].knn_2d, (label, "silhouette"): sc[n].silhouette_2d})
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    return table
 
 
 def explorer(sets: Mapping[str, PointSet], cache: dict, cfg: LatentsStageConfig, names: Sequence[str],
-             images_u8: Tensor):
+             images_u8: Tensor) -> Explorer:
     """Pick the method, the classes shown, perplexity / neighbours, and an image (shown, and starred in every
     panel). New (method, parameter) pairs are embedded on demand (seconds to a minute) and cached."""
     import ipywidgets as W
-    from IPython.display import display
 
     present = sorted({int(c) for s in sets.values() if s.labels is not None for c in s.labels.tolist()})
     first = next((s.index for s in sets.values() if s.index is not None), None)
-    method = W.Dropdown(options=EMBED_METHODS, value=cfg.embed.methods[0], description="method")
-    shown = W.SelectMultiple(options=[(names[c] if c < len(names) else str(c), c) for c in present],
-                             value=tuple(present), rows=min(10, max(len(present), 1)), description="classes")
     slider = {"continuous_update": False, "style": {"description_width": "initial"}}
-    perplexity = W.IntSlider(value=int(cfg.embed.perplexity), min=5, max=100, step=5,
-                             description="t-SNE perplexity", **slider)
-    neighbours = W.IntSlider(value=cfg.embed.n_neighbors, min=2, max=100, description="UMAP neighbours",
-                             **slider)
-    image = W.BoundedIntText(value=-1 if first is None else int(first[0]), min=-1, max=len(images_u8) - 1,
-                             description="image #")
-    out = W.Output()
+    controls = {
+        "method": W.Dropdown(options=EMBED_METHODS, value=cfg.embed.methods[0], description="method"),
+        "perplexity": W.IntSlider(value=int(cfg.embed.perplexity), min=5, max=100, step=5,
+                                  description="t-SNE perplexity", **slider),
+        "neighbours": W.IntSlider(value=cfg.embed.n_neighbors, min=2, max=100, description="UMAP neighbours",
+                                  **slider),
+        "shown": W.SelectMultiple(options=[(names[c] if c < len(names) else str(c), c) for c in present],
+                                  value=tuple(present), rows=min(10, max(len(present), 1)),
+                                  description="classes"),
+        "image": W.BoundedIntText(value=-1 if first is None else int(first[0]), min=-1,
+                                  max=len(images_u8) - 1, description="image #"),
+    }
 
-    def render(method: str, shown: tuple, perplexity: int, neighbours: int, image: int) -> None:
+    def render(method: str, perplexity: int, neighbours: int, shown: tuple, image: int):
         emb = embeddings_for(sets, cache, method, cfg, perplexity=perplexity, n_neighbors=neighbours)
         scores = score_sets(sets, emb, cfg.knn_k, classes=shown)
         figs = [panels_figure(sets, emb, scores, names, classes=shown,
@@ -249,11 +248,6 @@ def explorer(sets: Mapping[str, PointSet], cache: dict, cfg: LatentsStageConfig,
                               title=f"{METHOD_LABELS[method]} (scores over the classes shown)")]
         if image >= 0:
             figs.append(viz.image_grid({f"image #{image}": to_float(images_u8[image:image + 1])}, scale=4))
-        # Set the Output's state directly: `with out: display(fig)` stalls nbclient (papermill, nbval).
-        out.outputs = tuple(_bundle(f) for f in figs)
+        return figs
 
-    W.interactive_output(render, {"method": method, "shown": shown, "perplexity": perplexity,
-                                  "neighbours": neighbours, "image": image})
-    box = W.VBox([W.HBox([method, perplexity, neighbours]), W.HBox([shown, image]), out])
-    display(box)
-    return box
+    return Explorer(controls, render, rows=[["method", "perplexity", "neighbours"], ["shown", "image"]])

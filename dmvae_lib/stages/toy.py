@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..configs.toy import ToyConfig
+from ..configs.toy import ToyConfig, ToyVerdictConfig
 from ..core import distances, flow, toy2d
 from ..core.dmd import get_objective, update_direction
 from ..core.samplers import euler_ode
@@ -28,6 +28,7 @@ from ..runtime.seeds import stream, stream_seed
 from ..train.loop import train
 from ..train.phases import flow_matching_step, objective_step
 from ..viz import figures as viz
+from ..viz.explorer import Explorer
 
 
 @dataclass
@@ -150,17 +151,19 @@ def direction_fields(name: str, probes: Tensor, real_net, fake_net, ts, draws: i
     return torch.stack([update_direction(fn, probes, real_net, fake_net, t, draws, gen) for t in ts])
 
 
-def classify(metrics: dict, floor: float, dm_coverage: float) -> str:
-    """A one-word verdict from the numbers (used to compare against the paper's Fig. 3)."""
+def classify(metrics: dict, floor: float, dm_coverage: float,
+             th: ToyVerdictConfig = ToyVerdictConfig()) -> str:
+    """A one-word verdict from the numbers and the preset's thresholds `th` (the config's `verdict`),
+    compared with the paper's Fig. 3."""
     if metrics["nonfinite_points"] or not math.isfinite(metrics["sw2"]):
         return "diverged"
-    if metrics["spread_ratio"] < 0.1:
+    if metrics["spread_ratio"] < th.collapse_spread:
         return "collapsed"
-    if metrics["sw2"] <= 1.5 * floor:
+    if metrics["sw2"] <= th.match_ratio * floor:
         return "matched"
-    if metrics["spread_ratio"] > 1.5:
+    if metrics["spread_ratio"] > th.expand_spread:
         return "expanded"
-    if metrics["coverage"] < 0.8 * dm_coverage:
+    if metrics["coverage"] < th.drop_coverage * dm_coverage:
         return "mode-dropping"
     return "not aligned"
 
@@ -194,15 +197,16 @@ PAPER_VERDICT = {
 }
 
 
-def results_table(results: dict, floor: float):
-    """One row per objective: the numbers, the measured verdict and the paper's, and whether they agree."""
+def results_table(results: dict, floor: float, th: ToyVerdictConfig = ToyVerdictConfig()):
+    """One row per objective: the numbers, the measured verdict (thresholds `th`: the config's `verdict`) and
+    the paper's, and whether they agree."""
     import pandas as pd
 
     dm_cov = results["dm"].metrics["coverage"] if "dm" in results else 1.0
     rows = []
     for name, res in results.items():
         info, m = get_objective(name), res.metrics
-        verdict, paper = classify(m, floor, dm_cov), PAPER_VERDICT[info.family]
+        verdict, paper = classify(m, floor, dm_cov, th), PAPER_VERDICT[info.family]
         rows.append({"objective": name, "family": info.family, "panel": info.panel, "sw2": m["sw2"],
                      "sw2/floor": m["sw2"] / floor, "spread ratio": m["spread_ratio"],
                      "coverage": m["coverage"], "seconds": m["seconds"], "measured": verdict,
@@ -229,9 +233,12 @@ def objectives_table(names):
                          for n in names]).set_index("objective")
 
 
-def paper_comparison(table) -> str:
-    """Markdown: where each objective agrees or disagrees with the paper's Fig. 3, with the numbers."""
-    lines = []
+def paper_comparison(table, th: ToyVerdictConfig = ToyVerdictConfig()) -> str:
+    """Markdown: where each objective agrees or disagrees with the paper's Fig. 3, with the numbers, after a
+    line stating the verdict thresholds `th` (the config's `verdict`)."""
+    lines = [f"Verdicts: *matched* = SW2 ≤ {th.match_ratio:g} × floor, *collapsed* = spread < "
+             f"{th.collapse_spread:g} × the reference's, *expanded* = spread > {th.expand_spread:g} ×, "
+             f"*mode-dropping* = coverage < {th.drop_coverage:g} × DM's.", ""]
     for name, row in table.iterrows():
         nums = (f"SW2 {row['sw2']:.3f} ({row['sw2/floor']:.1f}× floor), spread ×{row['spread ratio']:.2f}, "
                 f"coverage {row['coverage']:.2f}")
@@ -252,32 +259,23 @@ def field_agreement(fields: Tensor) -> list[float]:
 
 
 def toy_explorer(results: Mapping[str, AlignResult], real_net: torch.nn.Module, reference: torch.Tensor,
-                 probes: torch.Tensor, draws: int = 32):
+                 probes: torch.Tensor, draws: int = 32) -> Explorer:
     """Pick an objective, a timestep and a training step; see the points and the update field there."""
     import ipywidgets as W  # lazy: only notebooks need the widget stack
-    import plotly.io as pio
-    from IPython.display import display
 
     names = list(results)
     steps = [s for s, _ in results[names[0]].snapshots]
-    objective = W.Dropdown(options=names, value=names[0], description="objective")
-    t = W.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="t (1 = data)")
-    step = W.SelectionSlider(options=steps, value=steps[min(1, len(steps) - 1)], description="step")
-    out = W.Output()
+    controls = {"objective": W.Dropdown(options=names, value=names[0], description="objective"),
+                "t": W.FloatSlider(value=0.5, min=0.05, max=0.95, step=0.05, description="t (1 = data)"),
+                "step": W.SelectionSlider(options=steps, value=steps[min(1, len(steps) - 1)],
+                                          description="step")}
 
-    def render(objective: str, t: float, step: int) -> None:
+    def render(objective: str, t: float, step: int):
         res = results[objective]
         points = dict(res.snapshots)[step]
         fake = fake_net_at(res, step, real_net)
         field = direction_fields(objective, probes, real_net, fake, [t], draws)[0]
-        fig = viz.direction_panels(probes, {f"{objective} · t={t:.2f} · step {step}": field}, reference,
-                                   points, size=480)
-        # Set the Output's state directly: routing a large display message through `with out:` stalls
-        # nbclient (papermill, nbval) indefinitely. The plotly mimetype renders in JupyterLab.
-        out.outputs = ({"output_type": "display_data", "metadata": {},
-                        "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())},)
+        return viz.direction_panels(probes, {f"{objective} · t={t:.2f} · step {step}": field}, reference,
+                                    points, size=480)
 
-    W.interactive_output(render, {"objective": objective, "t": t, "step": step})
-    box = W.VBox([W.HBox([objective, t, step]), out])
-    display(box)
-    return box
+    return Explorer(controls, render)

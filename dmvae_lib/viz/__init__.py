@@ -1,1 +1,2 @@
-"""Figures (plotly): builders for every picture the notebooks show, and the store that saves them."""
+"""What the notebooks show: plotly figure builders and the store that saves and displays them (`figures`),
+widget explorers (`explorer`) and tables (`tables`)."""

@@ -2,7 +2,11 @@
 
 Figures are interactive in JupyterLab; every saved figure gets an .html file (plotly.js written once per
 folder, so it works offline) and a .png when a Chrome/Chromium is available for kaleido (PNG writes are
-batched into one kaleido session in `FigureStore.flush`, since each session costs seconds to start).
+batched into one kaleido session in `FigureStore.flush`, since each session costs seconds to start). Inside a
+notebook, `FigureStore.save` also shows the figure where the cell stands, so no figure is saved unseen.
+
+Every figure fits a notebook column (`COLUMN_WIDTH` px: JupyterLab's in a 1400-px window with the file
+browser open): panels wrap into rows instead of running off to the right (`_panel_grid`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import Tensor
 from ..data.pixels import to_uint8
 
 REF_COLOR, POINT_COLOR = "rgba(250,173,7,0.35)", "rgba(31,119,180,0.75)"
+COLUMN_WIDTH = 880  # px: the widest figure; a 900-px notebook column shows it whole
 CHROMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -38,13 +43,19 @@ class FigureStore:
         self.pending: list[tuple[go.Figure, Path]] = []
         self.paths: list[Path] = []
 
-    def save(self, fig: go.Figure, name: str) -> go.Figure:
+    def save(self, fig: go.Figure, name: str, show: bool = True) -> None:
+        """Write `name`.html (and queue `name`.png); inside a notebook also display the figure (`show`).
+
+        Returns None, so a cell that ends with `save(...)` shows the figure once, not twice."""
         html = self.dir / f"{name}.html"
         fig.write_html(html, include_plotlyjs="directory", full_html=True)
         self.paths.append(html)
         if self.png:
             self.pending.append((fig, self.dir / f"{name}.png"))
-        return fig
+        if show and in_notebook():
+            from IPython.display import display
+
+            display(fig)
 
     def flush(self) -> list[Path]:
         """Write queued PNGs (one kaleido session). Without a Chrome, say so and keep the HTML files."""
@@ -62,8 +73,26 @@ class FigureStore:
         return self.paths
 
 
-def _grid(n: int, cols: int) -> tuple[int, int]:
-    return math.ceil(n / cols), min(cols, n)
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, papermill, nbval), False in scripts and tests."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+def _panel_grid(n: int, cols: int, size: int, min_size: int, pad: int = 20) -> tuple[int, int, int]:
+    """(rows, cols, panel px) for n panels of about `size` px, at most `cols` a row, within COLUMN_WIDTH.
+
+    Panels shrink down to `min_size`; below that a row takes fewer panels. Rows are then balanced (six panels
+    that fit four a row become two rows of three)."""
+    cols = max(1, min(cols, n))
+    while cols > 1 and (COLUMN_WIDTH - pad) // cols < min_size:
+        cols -= 1
+    rows = math.ceil(n / cols)
+    cols = math.ceil(n / rows)
+    return rows, cols, min(size, (COLUMN_WIDTH - pad) // cols)
 
 
 def _square_axes(fig: go.Figure, lim: float) -> None:
@@ -72,23 +101,29 @@ def _square_axes(fig: go.Figure, lim: float) -> None:
     fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor))
 
 
-def point_clouds(clouds: Mapping[str, Tensor], reference: Tensor, titles: Mapping[str, str] | None = None,
-                 cols: int = 5, lim: float = 1.6, size: int = 230) -> go.Figure:
-    """One panel per point set over the reference (the layout of the paper's Fig. 3)."""
-    rows, ncols = _grid(len(clouds), cols)
+def point_clouds(clouds: Mapping[str, Tensor], reference: Tensor | None,
+                 titles: Mapping[str, str] | None = None, cols: int = 5, lim: float = 1.6,
+                 size: int = 230) -> go.Figure:
+    """One panel per point set over the reference (the layout of the paper's Fig. 3), wrapped to the column.
+
+    `reference=None` draws the sets alone, without a legend (nothing to tell apart)."""
     names = list(clouds)
+    rows, ncols, size = _panel_grid(len(names), cols, size, min_size=200)
     fig = make_subplots(rows, ncols, subplot_titles=[(titles or {}).get(n, n) for n in names],
-                        horizontal_spacing=0.02, vertical_spacing=0.08)
+                        horizontal_spacing=0.02, vertical_spacing=0.3 / rows)
     for i, name in enumerate(names):
         r, c = i // ncols + 1, i % ncols + 1
-        fig.add_trace(go.Scatter(x=reference[:, 0], y=reference[:, 1], mode="markers", name="reference",
-                                 marker=dict(size=3, color=REF_COLOR), showlegend=i == 0), r, c)
+        if reference is not None:
+            fig.add_trace(go.Scatter(x=reference[:, 0], y=reference[:, 1], mode="markers", name="reference",
+                                     marker=dict(size=3, color=REF_COLOR), showlegend=i == 0), r, c)
         pts = clouds[name]
         fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="markers", name="points",
-                                 marker=dict(size=3, color=POINT_COLOR), showlegend=i == 0), r, c)
+                                 marker=dict(size=3, color=POINT_COLOR),
+                                 showlegend=i == 0 and reference is not None), r, c)
     _square_axes(fig, lim)
     fig.update_annotations(font_size=11)
-    fig.update_layout(height=size * rows + 60, width=size * ncols, margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(height=size * rows + 60, width=size * ncols + 20, showlegend=reference is not None,
+                      margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 
@@ -139,43 +174,50 @@ def quiver_traces(probes: Tensor, directions: Tensor, max_len: float, color: str
 
 
 def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: Tensor,
-                     points: Tensor | None = None, lim: float = 1.6, size: int = 260,
+                     points: Tensor | None = None, lim: float = 1.6, size: int = 260, cols: int = 3,
                      title: str = "") -> go.Figure:
-    """One panel per field (e.g. per t, plus their
-    average): arrows over the reference (and current points)."""
+    """One panel per field (e.g. per t, plus their average), `cols` a row: arrows over the reference (and
+    current points)."""
     names = list(fields)
-    fig = make_subplots(1, len(names), subplot_titles=names, horizontal_spacing=0.02)
+    rows, ncols, size = _panel_grid(len(names), cols, size, min_size=220)
+    fig = make_subplots(rows, ncols, subplot_titles=names, horizontal_spacing=0.02,
+                        vertical_spacing=0.25 / rows)
     for i, name in enumerate(names):
+        r, c = i // ncols + 1, i % ncols + 1
         fig.add_trace(go.Scatter(x=background[:, 0], y=background[:, 1], mode="markers", showlegend=False,
-                                 marker=dict(size=3, color=REF_COLOR), hoverinfo="skip"), 1, i + 1)
+                                 marker=dict(size=3, color=REF_COLOR), hoverinfo="skip"), r, c)
         if points is not None:
             fig.add_trace(go.Scatter(x=points[:, 0], y=points[:, 1], mode="markers", showlegend=False,
-                                     marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), 1,
-                          i + 1)
-        fig.add_trace(quiver_traces(probes, fields[name], 0.18 * lim), 1, i + 1)
+                                     marker=dict(size=2, color="rgba(31,119,180,0.3)"), hoverinfo="skip"), r,
+                          c)
+        fig.add_trace(quiver_traces(probes, fields[name], 0.18 * lim), r, c)
     _square_axes(fig, lim)
-    fig.update_layout(height=size + 70, width=size * len(names), title=title,
+    fig.update_layout(height=size * rows + 70, width=size * ncols + 20, title=title,
                       margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 
 def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: str, floor: float | None = None,
-                 log_y: bool = True, title: str = "") -> go.Figure:
-    """One line per run of `key` against step, with an optional horizontal reference level."""
+                 log_y: bool = True, title: str = "", match_ratio: float | None = None) -> go.Figure:
+    """One line per run of `key` against step, with an optional noise floor and "matched" level
+    (`match_ratio` × floor)."""
     fig = go.Figure()
     for name, hist in histories.items():
         fig.add_trace(go.Scatter(x=[h["step"] for h in hist], y=[h[key] for h in hist], mode="lines+markers",
                                  name=name))
     if floor is not None:
         fig.add_hline(y=floor, line_dash="dot", annotation_text="noise floor")
-        fig.add_hline(y=1.5 * floor, line_dash="dash", annotation_text="1.5 × floor")
+        if match_ratio is not None:
+            fig.add_hline(y=match_ratio * floor, line_dash="dash",
+                          annotation_text=f"{match_ratio:g} × floor (matched)")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key,
-                      yaxis_type="log" if log_y else "linear", height=420, width=900)
+                      yaxis_type="log" if log_y else "linear", height=420, width=COLUMN_WIDTH)
     return fig
 
 
-def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> go.Figure:
-    """Rows of images (N, 3, H, W) in [−1, 1], one labelled row per entry, as one RGB picture."""
+def image_grid(rows: Mapping[str, Tensor], scale: float = 3, title: str = "") -> go.Figure:
+    """Rows of images (N, 3, H, W) in [−1, 1], one labelled row per entry, as one RGB picture, magnified
+    `scale` times (less when a row would be wider than the column)."""
     import numpy as np
 
     tiles = []
@@ -189,8 +231,9 @@ def image_grid(rows: Mapping[str, Tensor], scale: int = 3, title: str = "") -> g
     h = grid.shape[0] // len(rows)
     fig.update_yaxes(tickvals=[h * (i + 0.5) for i in range(len(rows))], ticktext=list(rows), showgrid=False)
     fig.update_xaxes(showticklabels=False, showgrid=False)
-    fig.update_layout(title=title, width=grid.shape[1] * scale + 150, height=grid.shape[0] * scale + 80,
-                      margin=dict(l=10, r=10, t=50, b=10))
+    scale = min(scale, (COLUMN_WIDTH - 150) / grid.shape[1])  # a long row shrinks to the column
+    fig.update_layout(title=title, width=round(grid.shape[1] * scale) + 150,
+                      height=round(grid.shape[0] * scale) + 80, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 
@@ -203,10 +246,11 @@ def bar_chart(x: Sequence[float], y: Sequence[float], title: str = "", x_title: 
 
 
 def class_colors(n: int) -> list[str]:
-    """A qualitative palette of n colours (plotly's 10, else Light24, cycled beyond 24)."""
+    """A qualitative palette of n colours: the 10 well-separated hues of D3's category10 (matplotlib's tab10;
+    plotly's own 10 pair two pinks and two greens), else Light24, cycled beyond 24."""
     import plotly.colors as pc
 
-    palette = pc.qualitative.Plotly if n <= 10 else pc.qualitative.Light24
+    palette = pc.qualitative.D3 if n <= 10 else pc.qualitative.Light24
     return [palette[i % len(palette)] for i in range(n)]
 
 
@@ -225,10 +269,12 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
     names = list(points)
     all_classes = sorted({int(c) for y in labels.values() if y is not None for c in y.tolist()})
     color = dict(zip(all_classes, class_colors(len(all_classes))))
-    fig = make_subplots(1, len(names), subplot_titles=[(titles or {}).get(n, n) for n in names],
-                        horizontal_spacing=0.03)
+    rows, cols, size = _panel_grid(len(names), len(names), size, min_size=260, pad=40)
+    fig = make_subplots(rows, cols, subplot_titles=[(titles or {}).get(n, n) for n in names],
+                        horizontal_spacing=0.03, vertical_spacing=0.4 / rows)
     shown: set = set()
     for i, name in enumerate(names):
+        row, col = i // cols + 1, i % cols + 1
         p, y = points[name], labels.get(name)
         idx = (index or {}).get(name)
         ids, what = (idx, "image") if idx is not None else (torch.arange(len(p)), "sample")
@@ -243,21 +289,21 @@ def embedding_panels(points: Mapping[str, Tensor], labels: Mapping[str, Tensor |
             fig.add_trace(go.Scatter(
                 x=p[mask, 0].tolist(), y=p[mask, 1].tolist(), mode="markers", name=cname, legendgroup=cname,
                 showlegend=cname not in shown, customdata=ids[mask].tolist(),
-                marker=dict(size=4, opacity=0.75, color=color.get(c, "gray")),
-                hovertemplate=f"<b>{cname}</b><br>{what} #%{{customdata}}<br>{name}<extra></extra>"), 1,
-                          i + 1)
+                marker=dict(size=6, opacity=0.8, color=color.get(c, "gray")),
+                hovertemplate=f"<b>{cname}</b><br>{what} #%{{customdata}}<br>{name}<extra></extra>"),
+                row, col)
             shown.add(cname)
         if highlight is not None and idx is not None and bool((idx == highlight).any()):
             j = int((idx == highlight).nonzero()[0, 0])
             fig.add_trace(go.Scatter(x=[float(p[j, 0])], y=[float(p[j, 1])], mode="markers", showlegend=False,
                                      marker=dict(symbol="star", size=16, color="black",
                                                  line=dict(color="white", width=1)),
-                                     hovertemplate=f"image #{highlight}<extra></extra>"), 1, i + 1)
+                                     hovertemplate=f"image #{highlight}<extra></extra>"), row, col)
     fig.update_xaxes(showticklabels=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, zeroline=False)
     fig.for_each_yaxis(lambda ax: ax.update(scaleanchor=ax.anchor, scaleratio=1))
     fig.update_annotations(font_size=11)
-    fig.update_layout(title=title, height=size + 150, width=size * len(names) + 40,
+    fig.update_layout(title=title, height=(size + 90) * rows + 60, width=size * cols + 40,
                       legend=dict(orientation="h", y=-0.04), margin=dict(l=10, r=10, t=110, b=10))
     return fig
 
@@ -270,7 +316,7 @@ def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles
     import statistics
 
     names = list(points)
-    rows, cols = _grid(len(names), cols)
+    rows, cols, size = _panel_grid(len(names), cols, 360, min_size=260)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[titles.get(m, m) for m in names])
     for i, m in enumerate(names):
         r, c = i // cols + 1, i % cols + 1
@@ -286,7 +332,7 @@ def condition_panels(points: Mapping[str, Mapping[str, Sequence[float]]], titles
                                  y=[x for v in vals for x in v], mode="markers",
                                  marker={"color": "black", "size": 6}, showlegend=False,
                                  hovertemplate="%{x}: %{y:.4g}<extra>one seed</extra>"), row=r, col=c)
-    fig.update_layout(title=title, height=330 * rows, width=360 * cols, margin={"t": 80})
+    fig.update_layout(title=title, height=330 * rows, width=size * cols + 20, margin={"t": 80})
     fig.update_xaxes(tickangle=30)
     return fig
 
@@ -323,7 +369,7 @@ def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping
     """One panel per curve key: per arm, the mean FD over seeds against fit steps (log–log), with a ± one
     sample-std band. `bands[key][arm]` = {"step", "mean", "std", "n"} (workflow.arms.curve_bands)."""
     keys = list(bands)
-    rows, cols = _grid(len(keys), cols)
+    rows, cols, size = _panel_grid(len(keys), cols, 430, min_size=300, pad=160)  # the legend takes ~140 px
     arm_names = list(dict.fromkeys(a for k in keys for a in bands[k]))
     color = dict(zip(arm_names, class_colors(len(arm_names))))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[titles.get(k, k) for k in keys])
@@ -341,5 +387,5 @@ def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping
     fig.update_xaxes(type="log", title_text="generator fit step")
     fig.update_yaxes(type="log", title_text="FD")
     fig.update_annotations(font_size=10)
-    fig.update_layout(title=title, height=300 * rows + 80, width=430 * cols + 140)
+    fig.update_layout(title=title, height=300 * rows + 80, width=size * cols + 140)
     return fig

@@ -1,0 +1,105 @@
+"""Figures fit a notebook column at the sizes the notebooks draw them; the store saves without displaying
+outside a kernel; tables format counts as integers."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from dmvae_lib.viz import figures as viz
+from dmvae_lib.viz.tables import config_table, number, styled
+
+G = torch.Generator().manual_seed(0)
+
+
+def _pts(n=50):
+    return torch.randn(n, 2, generator=G)
+
+
+def _images(n, size=32):
+    return torch.rand(n, 3, size, size, generator=G) * 2 - 1
+
+
+FIGURES = {
+    "fig3, 15 objectives": lambda: viz.point_clouds({f"o{i}": _pts() for i in range(15)}, _pts()),
+    "references": lambda: viz.point_clouds({"a": _pts(), "b": _pts()}, None, cols=2, size=320),
+    "progress slider": lambda: viz.progress_slider({f"o{i}": [(0, _pts()), (5, _pts())] for i in range(4)},
+                                                   _pts()),
+    "fig7, 5 t + average": lambda: viz.direction_panels(torch.zeros(9, 2), {f"t{i}": torch.ones(9, 2)
+                                                                            for i in range(6)}, _pts()),
+    "explorer field": lambda: viz.direction_panels(torch.zeros(9, 2), {"x": torch.ones(9, 2)}, _pts(),
+                                                   size=480),
+    "16 reconstructions": lambda: viz.image_grid({"original": _images(16), "reconstruction": _images(16)}),
+    "12 per class": lambda: viz.image_grid({f"class {c}": _images(12) for c in range(10)}),
+    "256-px samples": lambda: viz.image_grid({"a": _images(8, 256)}),
+    "embeddings, 3 sets": lambda: viz.embedding_panels({s: _pts() for s in "abc"},
+                                                       {s: torch.arange(50) % 10 for s in "abc"}),
+    "embeddings, 4 sets": lambda: viz.embedding_panels({s: _pts() for s in "abcd"},
+                                                       {s: None for s in "abcd"}),
+    "conditions": lambda: viz.condition_panels({m: {"A": [1.0, 2.0], "B": [3.0]} for m in "abcd"},
+                                               {}),
+    "arm curves": lambda: viz.arm_curve_panels(
+        {k: {"A": {"step": [1, 10], "mean": [2.0, 1.0], "std": [0.1, 0.1], "n": 2}} for k in "abcdef"}, {}),
+    "metric lines": lambda: viz.metric_lines({"dm": [{"step": 0, "sw2": 1.0}]}, "sw2", 0.1, match_ratio=2.5),
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_fits_the_notebook_column(name):
+    fig = FIGURES[name]()
+    assert fig.layout.width <= viz.COLUMN_WIDTH, f"{name}: {fig.layout.width} px"
+
+
+def test_wide_panel_sets_wrap_into_balanced_rows():
+    fig7 = FIGURES["fig7, 5 t + average"]()
+    rows = {tuple(fig7.layout[k].domain) for k in fig7.layout if k.startswith("yaxis")}
+    assert len(rows) == 2 and len(fig7.layout.annotations) == 6
+    assert viz._panel_grid(6, 6, 260, 220) == (2, 3, 260)
+    assert viz._panel_grid(3, 3, 340, 260, pad=40) == (1, 3, 280)
+    assert viz._panel_grid(1, 3, 480, 220)[:2] == (1, 1)
+
+
+def test_reference_free_point_clouds_have_no_legend():
+    fig = FIGURES["references"]()
+    assert fig.layout.showlegend is False and all(t.name == "points" for t in fig.data)
+
+
+def test_class_palette_separates_the_shapes_that_looked_alike():
+    import colorsys
+
+    from dmvae_lib.data.shapes_dataset import CLASS_NAMES
+
+    colors = dict(zip(CLASS_NAMES, viz.class_colors(10)))
+    assert len(set(colors.values())) == 10
+
+    def hue(c):
+        return 360 * colorsys.rgb_to_hsv(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+
+    for a, b in (("circle", "star"), ("cross", "crescent"), ("ellipse", "heart")):  # issue 15's pairs
+        d = abs(hue(colors[a]) - hue(colors[b]))
+        assert min(d, 360 - d) > 60, (a, b, colors[a], colors[b])
+
+
+def test_store_saves_and_returns_none_outside_a_kernel(tmp_path):
+    store = viz.FigureStore(tmp_path, png=False)
+    assert not viz.in_notebook()
+    assert store.save(FIGURES["metric lines"](), "lines") is None
+    assert (tmp_path / "lines.html").is_file() and store.paths == [tmp_path / "lines.html"]
+
+
+def test_numbers_and_tables():
+    assert [number(x) for x in (300, 300.0, 0.123456, 12345.6, math.nan, True, "a")] == \
+        ["300", "300", "0.123", "12,346", "–", "True", "a"]
+    table = pd.DataFrame({"points": [300], "kNN": [0.81234]}, index=["ref"])
+    html = styled(table).to_html()
+    assert ">300<" in html and ">0.812<" in html and "300.0" not in html
+
+
+def test_config_table_has_one_row_per_section():
+    from dmvae_lib.configs import make_config
+
+    data = config_table(make_config("toy", "smoke")).data
+    assert list(data.index) == ["run", "net", "fit", "align", "eval", "verdict"]
+    assert "match_ratio = 2.5" in data.loc["verdict", "settings"]
+    assert "objectives = (dm, real_fm_input, real_fm_target, fake_fm_target)" in data.loc["run", "settings"]
