@@ -103,3 +103,21 @@ def test_config_table_has_one_row_per_section():
     assert list(data.index) == ["run", "net", "fit", "align", "eval", "verdict"]
     assert "match_ratio = 2.5" in data.loc["verdict", "settings"]
     assert "objectives = (dm, real_fm_input, real_fm_target, fake_fm_target)" in data.loc["run", "settings"]
+
+
+def test_library_notes_go_to_stdout_in_a_notebook(capsys):
+    """In a notebook (`session.start`) the library's log warnings are `note:` lines on stdout, once each."""
+    import logging
+
+    from dmvae_lib.workflow import session
+
+    log = logging.getLogger("dmvae_lib")
+    try:
+        session.notes_on_stdout()
+        session.notes_on_stdout()  # idempotent: one handler
+        logging.getLogger("dmvae_lib.models.recon_losses").warning("a %s backbone", "RANDOM")
+        out, err = capsys.readouterr()
+        assert out.count("note: a RANDOM backbone") == 1 and err == ""
+    finally:
+        log.handlers = [h for h in log.handlers if not getattr(h, "dmvae_notes", False)]
+        log.propagate = True

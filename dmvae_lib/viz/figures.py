@@ -11,6 +11,7 @@ browser open): panels wrap into rows instead of running off to the right (`_pane
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import warnings
@@ -64,10 +65,16 @@ class FigureStore:
                           "(install Debian's `chromium` package for PNG export)", stacklevel=2)
         elif self.pending:
             figs, files = zip(*self.pending)
-            # kaleido renders at 700×500 unless told: pass each figure's own layout size.
-            pio.write_images(list(figs), list(files), format="png",
-                             width=[f.layout.width or 900 for f in figs],
-                             height=[f.layout.height or 500 for f in figs])
+            # kaleido renders at 700×500 unless told: pass each figure's own layout size. Its browser
+            # driver logs (to stderr) messages it ignores itself; those stay quiet.
+            driver, level = logging.getLogger("choreographer"), logging.getLogger("choreographer").level
+            driver.setLevel(logging.CRITICAL)
+            try:
+                pio.write_images(list(figs), list(files), format="png",
+                                 width=[f.layout.width or 900 for f in figs],
+                                 height=[f.layout.height or 500 for f in figs])
+            finally:
+                driver.setLevel(level)
             self.paths.extend(files)
             self.pending.clear()
         return self.paths

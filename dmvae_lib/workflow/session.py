@@ -10,7 +10,9 @@ executed notebooks and artifacts stay out of nbval's test path).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,7 +23,7 @@ from ..configs import make_config, to_dict
 from ..runtime import weights
 from ..runtime.device import resolve_device, seed_all, set_threads
 from ..runtime.runs import RunDir, RunError, default_run_name
-from ..viz.figures import FigureStore
+from ..viz.figures import FigureStore, in_notebook
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,6 +77,8 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
     The session's RunDir holds the run folder's lock (`runs.FolderLock`) while the kernel lives: another
     process that starts the same run fails with RunLockedError naming the folder and this process's PID."""
     cfg = resolve_config(stage, preset, overrides, seed=seed)
+    if in_notebook():
+        notes_on_stdout()
     seed_all(seed)  # anything left on the global RNG is reproducible too
     weights.reset()  # the weights files this run reads, for its summary
     dev = resolve_device(device)
@@ -84,6 +88,18 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
     run = RunDir.create(root, notebook, run_name or default_run_name(preset, seed),
                         config_record(stage, preset, cfg), device=str(dev))
     return Session(cfg, run, dev, FigureStore(run.figures), preset)
+
+
+def notes_on_stdout() -> None:
+    """The library's log warnings (a random LPIPS backbone, a regenerated cache, a skipped image) as plain
+    `note:` lines on stdout: in a notebook a red stderr box is kept for errors."""
+    log = logging.getLogger("dmvae_lib")
+    if not any(getattr(h, "dmvae_notes", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.dmvae_notes = True
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
