@@ -41,7 +41,7 @@ tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
                          # named run_name, else the newest at this preset
 reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
 max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor:
-                             # -1 -> 8 (smoke) or 3; 0 -> report only
+                             # -1 -> 10 (smoke) or 3; 0 -> report only
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
 overrides: dict = {}  # dotted config keys, e.g. {"fit.steps": 5000, "net.size": "Mini"}
 
@@ -132,7 +132,7 @@ print(f"FD {ev['samples_vs_reference']['fd']:.2f} ({ev['fd_ratio']:.2f}× the fl
 print(ev["samples_vs_reference"]["fd_label"])
 
 # %%
-gate = max_sw2_ratio if max_sw2_ratio >= 0 else (8.0 if preset == "smoke" else 3.0)
+gate = max_sw2_ratio if max_sw2_ratio >= 0 else (10.0 if preset == "smoke" else 3.0)
 if ev["sw2_ratio"] >= 3.0:
     print(f"WARNING: the teacher is {ev['sw2_ratio']:.1f}× the noise floor from its reference; "
           "DM pulls toward it")
