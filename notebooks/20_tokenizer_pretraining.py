@@ -136,7 +136,7 @@ c = cfg.checks
 assert metrics["psnr"] >= c.min_psnr, f"val PSNR {metrics['psnr']:.2f} dB < {c.min_psnr} dB"
 assert latent_probe["linear_acc"] >= c.min_latent_linear, \
     f"latent linear probe {latent_probe['linear_acc']:.3f} < {c.min_latent_linear}"
-save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders)
+save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders, trained_encoder=cfg.train.train_encoder)
 
 # %% [markdown]
 # ## 5 · Summary

@@ -24,14 +24,15 @@
 # > reconstruction better than the frozen SSL tokenizer's. This notebook tests exactly that, with a verdict
 # > computed by code from thresholds fixed before any result was seen.
 #
-# **The arms** (configs of notebooks 20, 30, 40 and 60; `dmvae_lib/workflow/arms.py`):
+# **The arms** (configs of notebooks 20, 30, 40 and 60; `dmvae_lib/workflow/arms.py`; AE is the paper's VAE
+# baseline):
 #
 # | arm | tokenizer | encoder | DM |
 # |---|---|---|---|
 # | **A** | stage 1 (notebook 20), the reference itself | frozen SSL | – |
 # | **C0** | A, jointly trained (notebook 40, the control) | trainable | λ = 0: free to drift |
 # | **C1** | A, jointly trained (notebook 40) | trainable | λ = `claim.dm_weight` toward the SSL teacher |
-# | **AE** | stage 1 on a frozen *random* encoder, then jointly trained | trainable | λ = 0 (VAE baseline) |
+# | **AE** | stage 1 with a *random* encoder trained from scratch, then jointly trained | trainable | λ = 0 |
 #
 # Every arm's generator (notebook 60) is fitted once per generator seed (the same seeds for every arm) and
 # scored along a **learning curve**: FD of its samples to real images and to the arm's own reconstructions

@@ -40,19 +40,23 @@ def test_plan_builds_every_arm_from_the_existing_notebooks(tmp_path):
     by = {r.name: r for r in runs}
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
-    # R: A's stage-1 config with only the encoder (random), the alignment and the probe check changed
+    # AE's stage 1: A's stage-1 config with only the encoder (random, trained from scratch), the alignment
+    # and the probe check changed; R the same with the encoder frozen
+    ae1 = make_config("tokenizer", "smoke", by["p-AE-stage1"].params["overrides"])
     r_cfg = make_config("tokenizer", "smoke", by["p-R"].params["overrides"])
     a_cfg = make_config("tokenizer", "smoke", a_over)
-    assert r_cfg.encoder.kind == "random" and r_cfg.train.align_global == 0 and r_cfg.net == a_cfg.net
-    assert r_cfg.train.steps == a_cfg.train.steps and r_cfg.encoder.ssl == a_cfg.encoder.ssl
-    # C1 with its λ = 0 control (C0), encoder trainable; the extra λ without a control; AE from R at λ = 0
+    assert ae1.encoder.kind == "random" and ae1.train.train_encoder and ae1.train.align_global == 0
+    assert ae1.net == a_cfg.net and ae1.train.steps == a_cfg.train.steps
+    assert ae1.encoder.ssl == a_cfg.encoder.ssl
+    assert r_cfg.encoder.kind == "random" and not r_cfg.train.train_encoder and r_cfg.net == a_cfg.net
+    # C1 with its λ = 0 control (C0), encoder trainable; the extra λ without a control; AE at λ = 0
     c1 = by["p-C1"].params["overrides"]
     assert c1["train.train_encoder"] and c1["train.dm_weight"] == 10.0 and c1["train.control"]
     assert by["p-C1-l1"].params["overrides"]["train.dm_weight"] == 1.0
     assert not by["p-C1-l1"].params["overrides"]["train.control"]
     ae = by["p-AE"].params
     assert ae["overrides"]["train.dm_weight"] == 0.0 and ae["overrides"]["train.train_encoder"]
-    assert ae["tokenizer_run"].endswith("p-R") and ae["teacher_run"].endswith("p-teacher-R")
+    assert ae["tokenizer_run"].endswith("p-AE-stage1") and ae["teacher_run"].endswith("p-teacher-AE")
     assert by["p-C1"].params["teacher_run"].endswith("p-teacher")
     assert by["p-C1"].params["tokenizer_run"] == str(a_dir)
     # one generator per arm and seed, paired seeds; C0 reads the control tokenizer of the C1 run
@@ -104,13 +108,15 @@ def test_plan_reuses_the_pipelines_own_teacher_and_c1_runs_only_when_their_confi
     assert arms._sources(cfg, "p", tmp_path, a_dir)["C1"][0].name == "p"
 
 
-def test_r_starts_from_a_s_finished_reference_encoder_fits(tmp_path):
+def test_random_encoder_stage1_runs_start_from_a_s_finished_reference_encoder_fits(tmp_path):
     a_dir = _stage1(tmp_path)
     for tag in ("ssl", "supervised"):
         (a_dir / "ckpt" / tag).mkdir(parents=True)
         torch.save({"step": 5, "state": {}}, a_dir / "ckpt" / tag / "last.pt")
-    r = next(r for r in arms.plan(_study(), "smoke", "p", tmp_path, a_dir) if r.name == "p-R")
+    planned = arms.plan(_study(**{"claim.random_arm": True}), "smoke", "p", tmp_path, a_dir)
+    r = next(r for r in planned if r.name == "p-R")
     assert {rel for _, rel in r.prefill} == {"ckpt/ssl/last.pt", "ckpt/supervised/last.pt"}
+    assert next(r for r in planned if r.name == "p-AE-stage1").prefill == r.prefill
     folder = tmp_path / "r"
     arms._prefill(r, folder)
     assert torch.load(folder / "ckpt" / "ssl" / "last.pt")["step"] == 5
@@ -121,7 +127,8 @@ def test_r_starts_from_a_s_finished_reference_encoder_fits(tmp_path):
     arms._prefill(r, folder)
     assert not (folder / "ckpt" / "ssl" / "last.pt").exists()
     other = _study(**{"claim.tokenizer": {"encoder.ssl.steps": 7}})
-    assert next(r for r in arms.plan(other, "smoke", "q", tmp_path, a_dir) if r.name == "q-R").prefill == ()
+    ae1 = next(r for r in arms.plan(other, "smoke", "q", tmp_path, a_dir) if r.name == "q-AE-stage1")
+    assert ae1.prefill == ()
 
 
 def test_plan_refuses_a_random_encoder_as_arm_a(tmp_path):
@@ -283,6 +290,31 @@ def test_a_jointly_trained_encoder_is_saved_and_the_reference_encoders_are_not(t
     assert loaded.encoder.backbone is not enc_loaded["random"]
     assert plain.encoder.backbone is enc_plain["random"]
     assert math.isfinite(float(loaded.latent_scale))
+
+
+def test_stage1_trains_a_from_scratch_encoder_and_leaves_the_reference_one_alone(tiny):
+    """AE's stage 1 (`train.train_encoder`): L_rec reaches the encoder's weights (its BatchNorm statistics
+    stay frozen); the reference random backbone, a feature space of the metrics, does not move."""
+    _, data, enc = tiny
+    cfg = make_config("tokenizer", "smoke", {**TINY_TOK, "encoder.kind": "random", "train.align_global": 0.0,
+                                             "train.train_encoder": True})
+    reference = copy.deepcopy(enc["random"].state_dict())
+    tok = build_tokenizer(cfg, tokenizer_backbone(cfg, enc))
+    assert tok.encoder.backbone is not enc["random"]
+    start = copy.deepcopy(tok.encoder.state_dict())
+    tok, _ = tokenizer_stage.train_tokenizer(cfg, tok, data, None, "cpu", progress=False)
+    after = tok.encoder.state_dict()
+    moved = [k for k, v in start.items() if not torch.equal(v, after[k])]
+    assert any(k.endswith("weight") for k in moved)
+    assert not any("running_" in k for k in moved)  # BatchNorm statistics frozen
+    for k, v in reference.items():
+        assert torch.equal(v, enc["random"].state_dict()[k]), k
+    assert not tok.encoder.trainable
+    with pytest.raises(ConfigError, match="train_encoder"):
+        make_config("tokenizer", "smoke", {"train.train_encoder": True})  # the alignment's target would move
+    with pytest.raises(ConfigError, match="train_encoder"):
+        make_config("tokenizer", "smoke", {"encoder.kind": "timm", "train.align_global": 0.0,
+                                           "train.train_encoder": True})
 
 
 def test_the_pipeline_report_leads_with_the_claim_verdict(tmp_path):

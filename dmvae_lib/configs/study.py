@@ -19,16 +19,16 @@ from .teacher import REFERENCE_NAMES
 @dataclass(frozen=True)
 class ClaimConfig:
     """The paper's arms as configs of notebooks 20, 30, 40 and 60 (workflow/arms.py): A = the shared stage-1
-    tokenizer (frozen SSL encoder); R = the same with a frozen random encoder; C1 = A jointly trained with the
-    encoder trainable and λ·L_DM; C0 = C1's λ = 0 control; AE = R jointly trained, encoder trainable,
-    λ = 0."""
+    tokenizer (frozen SSL encoder); C1 = A jointly trained with the encoder trainable and λ·L_DM; C0 = C1's
+    λ = 0 control; AE = stage 1 with a random encoder trained from scratch, then jointly trained, λ = 0;
+    R (optional) = that stage 1 with the random encoder frozen."""
 
     seeds: tuple[int, ...] = (0, 1, 2)  # generator seeds, the same for every arm (paired)
     dm_weight: float = 10.0  # λ of C1, the arm the verdict reads (the authors' 10; fixed before results)
     extra_weights: tuple[float, ...] = (1.0,)  # more C1 arms at these λ, reported beside, not in the verdict
-    random_arm: bool = False  # also generate from R (frozen random encoder), the RAE-style control
+    random_arm: bool = False  # also run and generate from R (frozen random encoder), the RAE-style control
     space: str = "sup"  # the curve FD the verdict reads: "sup" | "ssl" | "pix" (to real images)
-    tokenizer: dict = field(default_factory=dict)  # dotted overrides for notebook 20's R run (beside A's own)
+    tokenizer: dict = field(default_factory=dict)  # dotted overrides for the AE/R stage-1 runs (beside A's)
     teacher: dict = field(default_factory=dict)  # … for notebook 30 (the SSL teacher of C1)
     joint: dict = field(default_factory=dict)  # … for notebook 40 (C1/C0 and AE; the encoder always trains)
     generation: dict = field(default_factory=dict)  # … for notebook 60 (every arm and seed)
@@ -47,10 +47,11 @@ class ClaimConfig:
 
 
 CURVE_SPACES = ("sup", "ssl", "pix")  # generation/curve_evaluator's feature spaces
-# What the claim study sets itself in its sub-runs (workflow/arms.py): R is arm A's stage-1 config with these
-# changed; every joint run trains the encoder. The pipeline checks the claim's overrides together with them.
-CLAIM_FIXED = {"tokenizer": {"encoder.kind": "random", "train.align_token": 0.0, "train.align_global": 0.0,
-                             "checks.min_latent_linear": 0.0},
+# What the claim study sets itself in its sub-runs (workflow/arms.py): AE's stage 1 is arm A's stage-1 config
+# with these changed (R, when asked for, the same with the encoder frozen); every joint run trains the
+# encoder. The pipeline checks the claim's overrides together with them.
+CLAIM_FIXED = {"tokenizer": {"encoder.kind": "random", "train.train_encoder": True, "train.align_token": 0.0,
+                             "train.align_global": 0.0, "checks.min_latent_linear": 0.0},
                "joint": {"train.train_encoder": True}}
 
 

@@ -78,6 +78,8 @@ class TrainConfig:
     disc_ndf: int = 32
     disc_layers: int = 2  # PatchGAN depth (3 at full scale)
     bcr: float = 1.0  # balanced consistency regularisation weight
+    train_encoder: bool = False  # also train the encoder from its start (with encoder.kind="random": the
+                                 # from-scratch autoencoder, the paper's VAE baseline); BatchNorm stats frozen
     # Semantic alignment of z with the frozen encoder's semantic features (VA-VAE's VF loss,
     # models/alignment.py).
     # Without it the projector routes reconstruction through the SSL encoder's colour-keeping stem and the
@@ -126,6 +128,11 @@ class TokenizerStageConfig:
         if self.encoder.kind == "random" and (self.train.align_token > 0 or self.train.align_global > 0):
             raise ConfigError("encoder.kind='random' has no semantic features to align z with: set "
                               "train.align_token and train.align_global to 0")
+        if self.train.train_encoder and (self.encoder.kind not in ("ssl", "random")
+                                         or self.train.align_token > 0 or self.train.align_global > 0):
+            raise ConfigError("train.train_encoder needs encoder.kind 'ssl' or 'random' (the embedded "
+                              "backbone) and no alignment (train.align_token = train.align_global = 0): the "
+                              "alignment's target is the encoder that would then move")
         if self.data.source == "imagefolder" and self.encoder.kind != "timm":
             # the embedded encoders train on in-memory image arrays; an ImageFolder is streamed from disk
             raise ConfigError(f"encoder.kind={self.encoder.kind!r} cannot train on "

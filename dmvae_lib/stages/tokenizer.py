@@ -112,12 +112,16 @@ def semantic_alignment(cfg: TokenizerStageConfig, tok: Tokenizer) -> Optional[Se
 
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
                     progress: bool = True, ctx: Optional[DistContext] = None) -> tuple[Tokenizer, dict]:
-    """Projector + decoder with L1 (+LPIPS) + adaptive hinge GAN from `disc_start`; returns (EMA tokenizer,
-    stats). With a multi-process `ctx`, projector + decoder and discriminator train under DDP (the frozen
-    encoder is not wrapped), as in runtime/distributed.py."""
+    """Projector + decoder (+ the encoder with `train.train_encoder`) on L1 (+LPIPS) + adaptive hinge GAN from
+    `disc_start`; returns (EMA tokenizer, stats). With a multi-process `ctx` every trained part and the
+    discriminator train under DDP, as in runtime/distributed.py."""
     t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
     align = semantic_alignment(cfg, tok)
-    params = [*tok.projector.parameters(), *tok.decoder.parameters(), *(align.parameters() if align else [])]
+    if t.train_encoder:
+        tok.encoder.set_trainable(True)
+    enc_params = list(tok.encoder.parameters()) if t.train_encoder else []
+    params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(),
+              *(align.parameters() if align else [])]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
                             fused=fused_adamw(device))
 
@@ -134,8 +138,11 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
         disc.to(memory_format=torch.channels_last)
     dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0,
                              fused=fused_adamw(device))
-    trainable = TokenizerParts(tok.projector, tok.decoder, align)
-    model, disc_model = wrap_ddp(trainable, ctx), wrap_ddp(disc, ctx)
+    parts = TokenizerParts(tok.projector, tok.decoder, align)
+    model, disc_model = wrap_ddp(parts, ctx), wrap_ddp(disc, ctx)
+    encoder = wrap_ddp(tok.encoder, ctx) if t.train_encoder else tok.encoder
+    # what the EMA averages and the checkpoint holds: the trained parts (and the encoder when it trains)
+    trainable = nn.ModuleDict({"parts": parts, "encoder": tok.encoder}) if t.train_encoder else parts
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
     ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
     compile_in_place(tok.decoder, t.compile)  # after the EMA's deep copy, which stays uncompiled
@@ -150,8 +157,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
 
     def step(k: int) -> dict:
         images = next(stream)[0].to(device, non_blocking=on_cuda)
-        with autocast():
-            feats = tok.encode_features(images)
+        with autocast(), torch.set_grad_enabled(t.train_encoder):
+            feats = encoder(images)
         gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
         stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, rec=rec, disc=gan,
                                       disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
@@ -168,6 +175,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
                   log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
     trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights (align is dropped)
+    if t.train_encoder:
+        tok.encoder.set_trainable(False)
     return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
 
 

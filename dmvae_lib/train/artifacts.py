@@ -93,13 +93,14 @@ ENCODER_NAMES = ("ssl", "supervised", "random")  # the embedded backbones a toke
 
 
 def tokenizer_backbone(cfg: TokenizerStageConfig, encoders: dict) -> Optional[nn.Module]:
-    """The backbone `cfg.encoder.kind` builds the tokenizer around (None: a timm encoder)."""
+    """The backbone `cfg.encoder.kind` builds the tokenizer around (None: a timm encoder); its own copy when
+    stage 1 trains it (`train.train_encoder`), so the reference backbone in `encoders` stays as it was."""
     kind = cfg.encoder.kind
     if kind == "timm":
         return None
     if kind not in encoders:
         raise RunError(f"encoder.kind={kind!r} but no {kind!r} encoder was trained or saved")
-    return encoders[kind]
+    return copy.deepcopy(encoders[kind]) if cfg.train.train_encoder else encoders[kind]
 
 
 def save_tokenizer(path: Path, cfg: TokenizerStageConfig, tok: Tokenizer, encoders: dict, *,

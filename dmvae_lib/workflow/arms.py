@@ -5,16 +5,18 @@
     data = collect(cfg, results)                                 # PSNR, drift, curves per arm and seed
     out = result(cfg, data)                                      # curve scores, tables, gates, verdict
 
-The arms (paper Tab. 1–2; `ClaimConfig`): A is the shared stage-1 tokenizer (frozen SSL encoder); R is the
-same notebook-20 config with `encoder.kind="random"` (a frozen, untrained backbone) and no alignment; C1 is
+The arms (paper Tab. 1–2; `ClaimConfig`): A is the shared stage-1 tokenizer (frozen SSL encoder); C1 is
 notebook 40 from A with the encoder trainable and λ = `dm_weight`, C0 the λ = 0 control of that same run
-(same data order, schedule and seed); AE is notebook 40 from R, encoder trainable, λ = 0 (its teacher is
-fitted only because notebook 40 loads one; at λ = 0 it is never evaluated). Each arm's generator (notebook
-60) runs once per generator seed with a learning curve. Run names are `<prefix>-<arm>` and
-`<prefix>-<arm>-g<seed>`, each in its own run folder. Two shortcuts: a finished notebook-30 or notebook-40
-run named `<prefix>` itself (the pipeline's own, e.g. the main job's) that has exactly the config of the SSL
-teacher or of C1 serves as that run; and R's notebook 20 starts from A's finished SSL and supervised fits
-when R changes nothing they depend on (A's reference encoders, identical by construction).
+(same data order, schedule and seed); AE is the from-scratch autoencoder: notebook 20 with A's config but
+`encoder.kind="random"`, the encoder trained from its random start (`train.train_encoder`) and no
+alignment (run `<prefix>-AE-stage1`), then notebook 40 from it, encoder trainable, λ = 0 (its teacher is
+fitted only because notebook 40 loads one; at λ = 0 it is never evaluated); R (optional) is that stage 1
+with the random encoder frozen. Each arm's generator (notebook 60) runs once per generator seed with a
+learning curve. Run names are `<prefix>-<arm>` and `<prefix>-<arm>-g<seed>`, each in its own run folder.
+Two shortcuts: a finished notebook-30 or notebook-40 run named `<prefix>` itself (the pipeline's own, e.g.
+the main job's) that has exactly the config of the SSL teacher or of C1 serves as that run; and the
+random-encoder stage-1 runs start from A's finished SSL and supervised fits when they change nothing those
+depend on (A's reference encoders, identical by construction).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ PRIMARY = ("AE", "A", "C0", "C1")  # the arms the verdict reads
 # AE's teacher: notebook 40 loads one, but at λ = 0 it is never evaluated
 UNUSED_TEACHER = {"fit.steps": 20, "fit.warmup_steps": 5, "fit.eval_samples": 100, "fit.sample_steps": 5,
                   "fit.log_every": 10, "fit.ckpt_every": 20}
-R_CHANGES = CLAIM_FIXED["tokenizer"]  # R = A's stage-1 config with these changed
+AE_CHANGES = CLAIM_FIXED["tokenizer"]  # AE's stage 1 = A's stage-1 config with these changed
+R_CHANGES = {**AE_CHANGES, "train.train_encoder": False}  # R: the same, its random encoder frozen
 NOTEBOOKS = {"20": "20_tokenizer_pretraining", "30": "30_teacher_fitting", "40": "40_joint_dm_training",
              "60": "60_generation"}
 
@@ -110,20 +113,25 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
                          f"{tokenizer_dir} has encoder.kind={a_cfg.get('encoder', {}).get('kind')!r}")
     common = {"preset": preset, "run_root": str(root), "device": device}
     seed = int(a_cfg["seed"])
-    r_over = {**{k: v for k, v in flat_overrides(a_cfg).items() if k != "seed"}, **R_CHANGES, **c.tokenizer}
-    r_dir = root / NOTEBOOKS["20"] / f"{prefix}-R"
+    a_over = {k: v for k, v in flat_overrides(a_cfg).items() if k != "seed"}
+    ae1 = f"{prefix}-AE-stage1"
+    ae1_dir = root / NOTEBOOKS["20"] / ae1
     def params(name: str, **kw) -> dict:
         return {**common, "seed": seed, "run_name": name, **kw}
 
     fit = {"reference": "ssl", "max_sw2_ratio": 0.0}
     ssl_teacher = params("", tokenizer_run=str(tokenizer_dir), overrides=dict(c.teacher), **fit)
-    teacher = {"ssl": _reused("30", root, prefix, "teacher", ssl_teacher), "R": f"{prefix}-teacher-R"}
-    runs = [Run("20", f"{prefix}-R", params(f"{prefix}-R", overrides=r_over),
-                prefill=_reference_fits(Path(tokenizer_dir), c.tokenizer)),
-            Run("30", teacher["ssl"], {**ssl_teacher, "run_name": teacher["ssl"]}),
-            Run("30", teacher["R"], params(teacher["R"], tokenizer_run=str(r_dir),
-                                           overrides={**c.teacher, **UNUSED_TEACHER}, **fit),
-                needs=(f"{prefix}-R",))]
+    teacher = {"ssl": _reused("30", root, prefix, "teacher", ssl_teacher), "AE": f"{prefix}-teacher-AE"}
+    prefill = _reference_fits(Path(tokenizer_dir), c.tokenizer)
+    runs = [Run("20", ae1, params(ae1, overrides={**a_over, **AE_CHANGES, **c.tokenizer}), prefill=prefill)]
+    if c.random_arm:
+        runs.append(Run("20", f"{prefix}-R", params(f"{prefix}-R", overrides={**a_over, **R_CHANGES,
+                                                                               **c.tokenizer}),
+                        prefill=prefill))
+    runs += [Run("30", teacher["ssl"], {**ssl_teacher, "run_name": teacher["ssl"]}),
+             Run("30", teacher["AE"], params(teacher["AE"], tokenizer_run=str(ae1_dir),
+                                             overrides={**c.teacher, **UNUSED_TEACHER}, **fit),
+                 needs=(ae1,))]
     joint = {**c.joint, **CLAIM_FIXED["joint"]}
     t_dir = {k: root / NOTEBOOKS["30"] / v for k, v in teacher.items()}
     c1_name, c1s = "", [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
@@ -134,9 +142,9 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
         c1_name = name if arm == "C1" else c1_name
         runs.append(Run("40", name, {**p, "run_name": name}, needs=(teacher["ssl"],)))
     over = {**joint, "train.dm_weight": 0.0, "train.control": False}
-    runs.append(Run("40", f"{prefix}-AE", params(f"{prefix}-AE", tokenizer_run=str(r_dir),
-                                                 teacher_run=str(t_dir["R"]), overrides=over),
-                    needs=(f"{prefix}-R", teacher["R"])))
+    runs.append(Run("40", f"{prefix}-AE", params(f"{prefix}-AE", tokenizer_run=str(ae1_dir),
+                                                 teacher_run=str(t_dir["AE"]), overrides=over),
+                    needs=(ae1, teacher["AE"])))
     sources = _sources(cfg, prefix, root, Path(tokenizer_dir), c1_name)
     producers = {str(r.params.get("run_name")): r.name for r in runs}
     for arm in arms(cfg):
@@ -163,12 +171,13 @@ def _reused(notebook: str, root: Path, prefix: str, own: str, params: dict) -> s
     return prefix if same else f"{prefix}-{own}"
 
 
-# R's config keys that A's reference-encoder fits depend on: when R changes none, it reuses A's fits
+# the config keys A's reference-encoder fits depend on: a stage-1 run that changes none reuses A's fits
 _FIT_KEYS = ("seed", "data.", "encoder.ssl.", "encoder.supervised_")
 
 
 def _reference_fits(tokenizer_dir: Path, r_changes: Mapping) -> tuple[tuple[Path, str], ...]:
-    """A's finished SSL and supervised checkpoints, for R's run folder (none if R's changes touch them)."""
+    """A's finished SSL and supervised checkpoints, for a random-encoder stage-1 run folder (none if its
+    changes touch them)."""
     if any(k.startswith(_FIT_KEYS) for k in r_changes):
         return ()
     files = [tokenizer_dir / "ckpt" / tag / "last.pt" for tag in ("ssl", "supervised")]
@@ -182,6 +191,7 @@ def check(cfg: StudyConfig, preset: str) -> None:
     if len(gen.curve.steps) < 2:
         raise ValueError("the claim study scores learning curves: claim.generation needs curve.steps with "
                          f"at least two steps, got {list(gen.curve.steps)}")
+    make_config("tokenizer", preset, {**AE_CHANGES, **c.tokenizer})
     make_config("tokenizer", preset, {**R_CHANGES, **c.tokenizer})
     make_config("teacher", preset, c.teacher)
     make_config("teacher", preset, {**c.teacher, **UNUSED_TEACHER})
