@@ -367,8 +367,9 @@ def reduced(cfg: StudyConfig, preset: str) -> str:
     if len(c.seeds) < len(full.seeds):
         parts.append(f"{len(c.seeds)} generator seed(s) of {len(full.seeds)}"
                      + (", so the verdict cannot resolve" if len(c.seeds) < 2 else ""))
-    if set(full.extra_weights) - set(c.extra_weights):
-        parts.append(f"no C1 at λ = {', '.join(f'{w:g}' for w in full.extra_weights)}")
+    missing = sorted(set(full.extra_weights) - set(c.extra_weights))
+    if missing:
+        parts.append(f"no C1 at λ = {', '.join(f'{w:g}' for w in missing)}")
     if not parts:
         return ""
     return "; ".join(parts) + (f". The full study: `python -m dmvae_lib --preset {preset} --only 20 70 "
