@@ -341,8 +341,13 @@ def test_the_pipeline_refuses_a_misspelled_claim_override_before_any_run(tmp_pat
     pipeline.check_config(nb, {**params, "overrides": {"claim.joint": {"train.steps": 3}}})
 
 
-def test_reduced_says_what_a_smaller_claim_study_leaves_out():
+def test_reduced_says_what_a_smaller_claim_study_leaves_out(monkeypatch):
     assert arms.reduced(make_config("study", "cpu"), "cpu") == ""
-    note = arms.reduced(make_config("study", "cpu", {"claim.seeds": [0], "claim.extra_weights": []}), "cpu")
-    assert "1 generator seed(s) of 3" in note and "cannot resolve" in note and "λ = 1" in note
+    note = arms.reduced(make_config("study", "cpu", {"claim.seeds": [0]}), "cpu")
+    assert "1 generator seed(s) of 3" in note and "cannot resolve" in note and "λ =" not in note
     assert "--preset cpu --only 20 70" in note
+    # a preset whose full study has an extra λ: leaving it out is named
+    full = make_config("study", "cpu", {"claim.extra_weights": [1.0]})
+    monkeypatch.setattr(arms, "make_config", lambda stage, preset, overrides=None: full)
+    note = arms.reduced(make_config("study", "cpu", {"claim.extra_weights": []}), "cpu")
+    assert note.startswith("no C1 at λ = 1")
