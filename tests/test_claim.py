@@ -65,3 +65,13 @@ def test_every_outcome_is_reachable(case, outcome):
     assert v["reason"] and v["thresholds"] == Thresholds().__dict__
     if outcome == "gate failed":
         assert "comparisons" not in v, "a failed gate ranks nothing"
+
+
+def test_the_unresolved_reason_says_which_half_is_missing():
+    """Resolved generation with PSNR below A's is not told as unresolved seeds, and the reverse."""
+    psnr = dict(PSNR, C1=21.0)
+    v = verdict(_scores(c1=1.0, c0=1.3, ae=1.4), psnr, drift_fd=10.0, drift_floor=2.0)
+    assert v["reason"].startswith("C1 generates better than C0 and AE at resolved spreads")
+    assert v["reason"].endswith("C1's PSNR is not above A's")
+    v = verdict(_scores(c1=1.0, c0=1.1, ae=1.4, noise=0.3), PSNR, drift_fd=10.0, drift_floor=2.0)
+    assert v["reason"].startswith("the seeds do not resolve") and "PSNR" not in v["reason"]
