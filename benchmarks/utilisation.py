@@ -5,10 +5,14 @@ its `cpu` preset size (teacher: LightningDiT-Micro/4, batch 256; tokenizer: Smal
 decoder, batch 128, reconstruction + GAN + discriminator step) runs in fp32 and in bf16 autocast (forced,
 emulated where the CPU has no bf16), with FLOPs counted by FlopCounterMode, the achieved FLOP/s as a fraction
 of the same-precision peak, and the step's wall time split by operator class (profiler self time; "python/
-idle" is the time no operator accounts for). Timings are medians of `--repeats` steps after a warm-up; read
-them at load ≈ 0 (printed).
+idle" is the time no operator accounts for). Timings are medians of `--repeats` steps after `--warmup`
+untimed ones; read them at load ≈ 0 (printed). `--compile` adds a row per step and precision with
+`torch.compile` applied as the presets' switches apply it (`fit.compile`: the DiT; `train.compile`: the
+decoder); its FLOPs are the eager step's, and its "compiled kernels + python" share is the time no aten
+operator accounts for (the compiled kernels are not aten operators to the profiler).
 
-    .venv/bin/python benchmarks/utilisation.py [--repeats 3] [--threads 2] [--steps teacher tokenizer]
+    .venv/bin/python benchmarks/utilisation.py [--repeats 5] [--warmup 3] [--threads 2] [--compile]
+                                               [--steps teacher tokenizer] [--precisions fp32 bf16]
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ def autocast(precision: str):
     return contextlib.nullcontext
 
 
-def teacher_step(precision: str):
+def teacher_step(precision: str, compiled: bool = False):
     cfg = make_config("teacher", "cpu")
     torch.manual_seed(0)
     net = lightning_dit(cfg.net.size, input_size=8, in_channels=4, num_classes=10,
                         patch_size=cfg.net.patch_size)
+    if compiled:
+        net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
     data, y = torch.randn(cfg.fit.batch, 4, 8, 8), torch.randint(0, 10, (cfg.fit.batch,))
@@ -48,10 +54,12 @@ def teacher_step(precision: str):
     return cfg.fit.batch, lambda: flow_matching_step(net, opt, data, gen, y=y, autocast=ac)
 
 
-def tokenizer_step_fn(precision: str):
+def tokenizer_step_fn(precision: str, compiled: bool = False):
     cfg = make_config("tokenizer", "cpu")
     t = cfg.train
     tok = build_tokenizer(cfg, SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch))
+    if compiled:
+        tok.decoder.compile()
     params = [*tok.projector.parameters(), *tok.decoder.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
     disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers)
@@ -77,10 +85,12 @@ STEPS = {"teacher": teacher_step, "tokenizer": tokenizer_step_fn}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="add rows with torch.compile")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -92,12 +102,19 @@ def main() -> None:
     peaks = {"fp32": gemm_peak("cpu", torch.float32, m, k, n, seconds=1.0),
              "bf16": gemm_peak("cpu", torch.bfloat16, m, k, n, seconds=1.0)}
     print(f"GEMM {m}×{k}×{n}: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    print(f"{'step':10s} {'prec':4s} {'batch':>5s} {'ms/step':>9s} {'GFLOP':>7s} {'GFLOP/s':>8s} "
+    print(f"{'step':10s} {'prec':7s} {'batch':>5s} {'ms/step':>9s} {'GFLOP':>7s} {'GFLOP/s':>8s} "
           f"{'of peak':>8s}  time by operator class (share of the step)")
+    variants = [(prec, False) for prec in a.precisions] + [(prec, True) for prec in a.precisions if a.compile]
     for name in a.steps:
-        for prec in a.precisions:
-            batch, step = STEPS[name](prec)
-            flops = count_flops(step)  # also the warm-up
+        flops_of = {}
+        for prec, compiled in variants:
+            batch, step = STEPS[name](prec, compiled)
+            if compiled:  # FLOPs of the same step run eagerly
+                flops = flops_of.get(prec) or count_flops(STEPS[name](prec)[1])
+            else:
+                flops = flops_of[prec] = count_flops(step)  # also the first warm-up call
+            for _ in range(a.warmup):  # oneDNN builds its bf16 primitives, torch.compile compiles
+                step()
             times = []
             for _ in range(a.repeats):
                 start = time.perf_counter()
@@ -106,8 +123,11 @@ def main() -> None:
             sec = statistics.median(times)
             split = op_breakdown(step, "cpu")
             wall = split.pop("wall")
+            if compiled:
+                split["compiled kernels + python"] = split.pop("python/idle", 0.0)
             parts = ", ".join(f"{k} {v / wall:.0%}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
-            print(f"{name:10s} {prec:4s} {batch:5d} {sec * 1e3:9.1f} {flops / 1e9:7.2f} "
+            label = prec + ("+c" if compiled else "")
+            print(f"{name:10s} {label:7s} {batch:5d} {sec * 1e3:9.1f} {flops / 1e9:7.2f} "
                   f"{flops / sec / 1e9:8.1f} {flops / sec / peaks[prec]:8.1%}  {parts}", flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
