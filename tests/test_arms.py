@@ -222,6 +222,7 @@ def test_curve_bands_and_their_figure(tmp_path):
     assert b["mean"][0] == pytest.approx(1.0, rel=0.02)
     fig = viz.arm_curve_panels(bands, {"fd_sup": "sup"})
     assert len(fig.data) == 2 * 2 * 4  # band + line, per arm, per panel
+    assert list(fig.layout.xaxis.tickvals) == [10, 20, 40], "ticked at the measured steps only"
 
 
 def test_run_all_skips_what_needs_a_failed_run(tmp_path, monkeypatch):

@@ -356,6 +356,13 @@ def dm_mechanism_panels(g_norm: Tensor, t: Tensor, grad_norm: Mapping[str, float
     return fig
 
 
+def _step_ticks(fig: go.Figure, steps: Sequence[float]) -> None:
+    """Log step axes ticked at the measured steps only (plotly's log ticks crowd a short range)."""
+    ticks = sorted(set(steps))
+    fig.update_xaxes(type="log", title_text="generator fit step", tickvals=ticks,
+                     ticktext=[f"{x:g}" for x in ticks])
+
+
 def learning_curve_panels(points: Sequence[Mapping]) -> go.Figure:
     """FD against fit steps, one panel per feature space: to real images and to the reconstructions."""
     spaces = [k.removeprefix("space_") for k in points[0] if k.startswith("space_")]
@@ -364,7 +371,7 @@ def learning_curve_panels(points: Sequence[Mapping]) -> go.Figure:
         for key, name in ((f"fd_{space}", "to real images"), (f"fd_{space}_recon", "to reconstructions")):
             fig.add_scatter(x=[p["step"] for p in points], y=[p[key] for p in points], mode="lines+markers",
                             name=name, legendgroup=name, showlegend=col == 1, row=1, col=col)
-    fig.update_xaxes(type="log", title_text="generator fit step")
+    _step_ticks(fig, [p["step"] for p in points])
     fig.update_yaxes(type="log", title_text="FD")
     fig.update_annotations(font_size=11)
     fig.update_layout(height=380, width=860, title="generator learning curve")
@@ -391,7 +398,7 @@ def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping
                                      legendgroup=arm, showlegend=False), r, c)
             fig.add_trace(go.Scatter(x=x, y=b["mean"], mode="lines+markers", name=f"{arm} (n={b['n']})",
                                      legendgroup=arm, showlegend=i == 0, line=dict(color=color[arm])), r, c)
-    fig.update_xaxes(type="log", title_text="generator fit step")
+    _step_ticks(fig, [x for k in keys for b in bands[k].values() for x in b["step"]])
     fig.update_yaxes(type="log", title_text="FD")
     fig.update_annotations(font_size=10)
     fig.update_layout(title=title, height=300 * rows + 80, width=size * cols + 140)
