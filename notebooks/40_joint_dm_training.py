@@ -47,8 +47,8 @@ import pandas as pd
 import torch
 
 from dmvae_lib.runtime.distributed import launch
-from dmvae_lib.stages import joint as js
-from dmvae_lib.stages import tokenizer as ts
+from dmvae_lib.stages import joint as joint_stage
+from dmvae_lib.stages import tokenizer as tokenizer_stage
 from dmvae_lib.train.artifacts import save_head, save_tokenizer
 from dmvae_lib.viz import figures as viz
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
@@ -69,7 +69,7 @@ print(f"tokenizer: {tok_dir}\nteacher: {teacher_dir}\nrun: {s.run.path}\ndevice:
 # stores the tokenizer's hash); the reference is rebuilt from notebook 30's latent cache for the diagnostics.
 
 # %%
-u = js.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
+u = joint_stage.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
 tok, data, ref, latents, encoders = u.tokenizer, u.data, u.reference, u.latents, u.encoders
 print(f"reference {ref.name!r} {tuple(ref.shape)}; latents {tuple(latents.shape[1:])}")
 
@@ -88,8 +88,8 @@ print(f"reference {ref.name!r} {tuple(ref.shape)}; latents {tuple(latents.shape[
 # fake net fitted briefly to this batch (at step 0 the fake equals the teacher and $g = 0$).
 
 # %%
-probe = js.dm_mechanism(cfg, tok, u.teacher, ref, data.train[0][:128], data.train_labels[:128], s.device,
-                        fake_steps=50, seed=seed)
+probe = joint_stage.dm_mechanism(cfg, tok, u.teacher, ref, data.train[0][:128], data.train_labels[:128],
+                                 s.device, fake_steps=50, seed=seed)
 s.figures.save(viz.dm_mechanism_panels(probe["g_norm"], probe["t"], probe["grad_norm"]), "dm_mechanism")
 print(f"mean ‖g‖ = {probe['g_norm'].mean():.3f}; gradient per part: "
       + ", ".join(f"{k} {v:.2e}" for k, v in probe["grad_norm"].items()))
@@ -103,25 +103,26 @@ assert probe["grad_norm"]["projector"] > 0 and probe["g_norm"].mean() > 0
 
 # %%
 same_shape = tuple(ref.shape) == tuple(latents.shape[1:])  # else the start has no head to compare through
-start_diag = js.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device,
-                                   n=cfg.train.eval_samples, seed=seed,
-                                   val_u8=data.val[:500]) if same_shape else {}
+start_diag = joint_stage.latent_diagnostics(tok, torch.nn.Identity(), data.train[0], ref, s.device,
+                                            n=cfg.train.eval_samples, seed=seed,
+                                            val_u8=data.val[:500]) if same_shape else {}
 if nproc > 1:  # DDP: torchrun trains in nproc processes; the call below then loads the finished checkpoint
     launch(nproc, "dmvae_lib.workflow.ddp_fit", ["joint", str(s.run.path), "--device", device])
-dm_tok, head, dm_stats = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
-                                        dm_weight=cfg.train.dm_weight, tag="joint", **u.joint_kwargs(cfg))
+dm_tok, head, dm_stats = joint_stage.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
+                                                 dm_weight=cfg.train.dm_weight, tag="joint",
+                                                 **u.joint_kwargs(cfg))
 runs = {"DM": "joint"}
 if cfg.train.control:
-    ctl_tok, ctl_head, _ = js.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device, dm_weight=0.0,
-                                          tag="control", **u.joint_kwargs(cfg))
+    ctl_tok, ctl_head, _ = joint_stage.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
+                                                   dm_weight=0.0, tag="control", **u.joint_kwargs(cfg))
     runs["λ = 0 control"] = "control"
 
 # %%
-hist = {name: js.eval_history(s.run, tag) for name, tag in runs.items()}
+hist = {name: joint_stage.eval_history(s.run, tag) for name, tag in runs.items()}
 for key, title in (("ref_fd", "Fréchet distance of head(latents) to the reference (flattened; not FID)"),
                    ("ref_sw2", "sliced-W2 of head(latents) to the reference"), ("val_psnr", "val PSNR (dB)")):
     s.figures.save(viz.metric_lines(hist, key, log_y=key != "val_psnr", title=title), f"joint_{key}")
-losses = ts.loss_curves(s.run, "joint", ("dm_loss", "dm_grad_norm", "fake_fm_loss", "l1"))
+losses = tokenizer_stage.loss_curves(s.run, "joint", ("dm_loss", "dm_grad_norm", "fake_fm_loss", "l1"))
 s.figures.save(losses, "joint_losses")
 
 # %% [markdown]
@@ -146,13 +147,13 @@ if cfg.train.control and preset != "smoke":
 # projection head, and the control tokenizer (the λ = 0 baseline of the reference study).
 
 # %%
-m = ts.evaluate_tokenizer(dm_tok, data, s.device, encoders.get("ssl"), 500)
+m = tokenizer_stage.evaluate_tokenizer(dm_tok, data, s.device, encoders.get("ssl"), 500)
 trained = {"trained_encoder": cfg.train.train_encoder}  # the encoder itself is saved only when it trained
 save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders, **trained)
 save_head(s.run.path / "head.pt", head, ref)
 out = {"dm": {**final["DM"], **{k: v for k, v in m.items() if not k.startswith("fd")}}}
 if cfg.train.control:
-    mc = ts.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
+    mc = tokenizer_stage.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
     save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders, **trained)
     out["control"] = {**final["λ = 0 control"], **{k: v for k, v in mc.items() if not k.startswith("fd")}}
 summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,

@@ -45,13 +45,13 @@ import json
 import math
 
 from dmvae_lib.stages import joint as joint_stage
-from dmvae_lib.stages import latents as lv
+from dmvae_lib.stages import latents as latents_stage
 from dmvae_lib.viz.tables import config_table, styled
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 joint_dir = upstream_run("40_joint_dm_training", "tokenizer.pt", path=joint_run, run_name=run_name,
                          run_root=run_root, preset=preset)
-tok_dir, teacher_dir = lv.joint_upstreams(joint_dir)
+tok_dir, teacher_dir = latents_stage.joint_upstreams(joint_dir)
 s = start("latents", "50_latent_visualization", preset, {"joint_run": str(joint_dir), **overrides},
           seed=seed, device=device, run_root=run_root, run_name=run_name)
 cfg = s.cfg
@@ -67,15 +67,15 @@ config_table(cfg)
 
 # %%
 u = joint_stage.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
-sets, images = lv.collect_sets(cfg, u, joint_dir, s.device)
-names = lv.class_names(u.tokenizer_cfg.data.source, u.data)
+sets, images = latents_stage.collect_sets(cfg, u, joint_dir, s.device)
+names = latents_stage.class_names(u.tokenizer_cfg.data.source, u.data)
 for name, ps in sets.items():
     print(f"{name:>22}: {tuple(ps.points.shape)}, {'labelled' if ps.labels is not None else 'no labels'}")
 assert all(ps.points.ndim == 2 and ps.points.isfinite().all() for ps in sets.values())
 
 # %%
 labels = u.data.train_labels if u.data.train is not None else u.data.val_labels
-s.figures.save(lv.class_gallery(images, labels, names, classes=cfg.classes), "class_gallery")
+s.figures.save(latents_stage.class_gallery(images, labels, names, classes=cfg.classes), "class_gallery")
 
 # %% [markdown]
 # ## 2 · Embeddings, coloured by class
@@ -88,9 +88,10 @@ s.figures.save(lv.class_gallery(images, labels, names, classes=cfg.classes), "cl
 # %%
 cache, scores = {}, {}
 for method in cfg.embed.methods:
-    emb = lv.embeddings_for(sets, cache, method, cfg)
-    scores[method] = lv.score_sets(sets, emb, cfg.knn_k)
-    fig = lv.panels_figure(sets, emb, scores[method], names, title=f"{lv.METHOD_LABELS[method]} by class")
+    emb = latents_stage.embeddings_for(sets, cache, method, cfg)
+    scores[method] = latents_stage.score_sets(sets, emb, cfg.knn_k)
+    fig = latents_stage.panels_figure(sets, emb, scores[method], names,
+                                      title=f"{latents_stage.METHOD_LABELS[method]} by class")
     s.figures.save(fig, f"latents_{method}")
 
 # %% [markdown]
@@ -102,7 +103,7 @@ for method in cfg.embed.methods:
 # %%
 ssl_knn = json.loads((tok_dir / "summary.json").read_text()).get("encoders", {}).get("ssl", {}).get("knn_acc")
 print(f"SSL encoder kNN on pooled features (notebook 20): {ssl_knn}")
-table = lv.score_table(sets, scores)
+table = latents_stage.score_table(sets, scores)
 styled(table)
 
 # %% [markdown]
@@ -113,7 +114,7 @@ styled(table)
 # see it and to star it in every panel; the saved HTML/PNG pair with the class gallery above instead.
 
 # %%
-explorer = lv.explorer(sets, cache, cfg, names, images)
+explorer = latents_stage.explorer(sets, cache, cfg, names, images)
 explorer
 
 # %% [markdown]

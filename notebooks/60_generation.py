@@ -52,7 +52,7 @@ import torch
 
 from dmvae_lib.data.images import load_data
 from dmvae_lib.data.pixels import to_float
-from dmvae_lib.metrics import evaluation as ev
+from dmvae_lib.metrics import evaluation
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import generation as generation_stage
 from dmvae_lib.stages import tokenizer as tokenizer_stage
@@ -159,7 +159,7 @@ assert torch.isfinite(latents).all(), "non-finite samples"
 # %%
 images = generation_stage.decode_latents(tok, latents, s.device, cfg.sample.batch, cfg.sample.precision)
 paths = generation_stage.write_samples(s.run, images, labels, cfg.metrics)
-back, back_labels = ev.load_adm_npz(paths["npz"])
+back, back_labels = evaluation.load_adm_npz(paths["npz"])
 assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:])
 assert torch.equal(back, images)
 assert back_labels is None or torch.equal(back_labels, labels)
@@ -189,7 +189,8 @@ print(by_name["inception"].get("reason", "Inception metrics computed"))
 generation_stage.metrics_table(records)
 
 # %%
-assert all(set(ev.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in records), "a metric lacks its protocol"
+assert all(set(evaluation.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in records), \
+    "a metric lacks its protocol"
 assert by_name["fd_ssl"]["protocol"]["files"]["generator"]["sha256"], "the generator's hash is missing"
 fd, floor, rfd = (by_name[k]["value"] for k in ("fd_ssl", "fd_ssl_floor", "rfd_ssl"))
 print(f"SSL-space FD: samples {fd:.3f} | real-vs-real floor {floor:.3f} | reconstructions {rfd:.3f}")

@@ -53,3 +53,24 @@ def test_own_modules_are_imported_at_the_top_of_a_file():
 def test_each_package_says_what_it_is(layer):
     doc = ast.get_docstring(ast.parse((LIB / layer / "__init__.py").read_text()))
     assert doc and len(doc) > 20, f"dmvae_lib/{layer}/__init__.py needs a one-line description"
+
+
+def _own_module_aliases():
+    """(file, line, module, alias) for every `from <our package> import <module> as <alias>`."""
+    root = LIB.parent
+    files = [*LIB.rglob("*.py"), *(root / "notebooks").glob("*.py"), *(root / "tests").glob("*.py"),
+             *(root / "benchmarks").glob("*.py"), *(root / "scripts").glob("*.py")]
+    for f in sorted(files):
+        for node in ast.walk(ast.parse(f.read_text())):
+            own = isinstance(node, ast.ImportFrom) and (node.level
+                                                         or (node.module or "").startswith("dmvae_lib"))
+            for a in node.names if own else ():
+                if a.asname:
+                    yield f.relative_to(root), node.lineno, a.name, a.asname
+
+
+def test_own_modules_keep_readable_names():
+    """An alias of one of our modules says what it is (`joint_stage`, `viz`), never `js` or `ev`."""
+    bad = [f"{f}:{line} ({name} as {alias})" for f, line, name, alias in _own_module_aliases()
+           if alias != "viz" and not set(alias.split("_")) & set(name.split("_"))]
+    assert not bad, "cryptic aliases: " + ", ".join(bad)

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dmvae_lib.data import shapes_dataset as sd
+from dmvae_lib.data import shapes_dataset
 from dmvae_lib.data.image_folders import DatasetError, ImageFolderDataset, center_crop_arr, load_cifar10
 
-N_CLASSES = len(sd.CLASS_NAMES)
+N_CLASSES = len(shapes_dataset.CLASS_NAMES)
 
 
 @pytest.fixture(scope="module")
 def shapes() -> tuple[np.ndarray, np.ndarray]:
-    return sd.generate(400, seed=0)
+    return shapes_dataset.generate(400, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- shapes dataset
@@ -34,22 +34,22 @@ def test_generate_shapes_dtypes_and_balance(shapes):
 
 
 def test_generate_is_deterministic_and_seed_dependent(shapes):
-    images, labels = sd.generate(400, seed=0)
+    images, labels = shapes_dataset.generate(400, seed=0)
     assert images.tobytes() == shapes[0].tobytes() and np.array_equal(labels, shapes[1])
-    other, other_labels = sd.generate(400, seed=1)
+    other, other_labels = shapes_dataset.generate(400, seed=1)
     assert not np.array_equal(other, images) and not np.array_equal(other_labels, labels)
 
 
 def test_generate_spans_several_chunks_deterministically(monkeypatch):
-    monkeypatch.setattr(sd, "CHUNK", 16)  # per-chunk streams must differ from one another
-    a, _ = sd.generate(37, seed=3)
-    b, _ = sd.generate(37, seed=3)
+    monkeypatch.setattr(shapes_dataset, "CHUNK", 16)  # per-chunk streams must differ from one another
+    a, _ = shapes_dataset.generate(37, seed=3)
+    b, _ = shapes_dataset.generate(37, seed=3)
     assert np.array_equal(a, b) and not np.array_equal(a[:5], a[16:21]) and not np.array_equal(a[:5], a[32:])
 
 
 def test_paired_views_share_class_and_pose_but_not_pixels(shapes):
     images, labels = shapes
-    paired, paired_labels = sd.generate(400, seed=0, nuisance_seed=99)
+    paired, paired_labels = shapes_dataset.generate(400, seed=0, nuisance_seed=99)
     assert np.array_equal(paired_labels, labels)
     assert (np.abs(paired.astype(int) - images.astype(int)).mean(axis=(1, 2, 3)) > 5).all()
     # Same pose: the shape's edge map (where the image changes the most) lines up far better with its own
@@ -74,13 +74,13 @@ def test_class_mean_images_differ(shapes):
 
 
 def test_labels_in_range_and_shuffled():
-    labels = sd.make_labels(1000, seed=5)
+    labels = shapes_dataset.make_labels(1000, seed=5)
     assert labels.min() == 0 and labels.max() == N_CLASSES - 1
     assert not np.array_equal(labels, np.arange(1000) % N_CLASSES)
 
 
 def test_make_splits_tensors_and_cache_round_trip(tmp_path, monkeypatch):
-    splits = sd.make_splits(60, 20, seed=0, cache_dir=tmp_path)
+    splits = shapes_dataset.make_splits(60, 20, seed=0, cache_dir=tmp_path)
     x, y = splits.train.images, splits.train.labels
     assert x.shape == (60, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -1.0 <= x.min() and x.max() <= 1.0 and len(splits.val) == 20
@@ -89,24 +89,24 @@ def test_make_splits_tensors_and_cache_round_trip(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise AssertionError("regenerated instead of loading the cache")
-    monkeypatch.setattr(sd, "generate", fail)
-    again = sd.make_splits(60, 20, seed=0, cache_dir=tmp_path)
+    monkeypatch.setattr(shapes_dataset, "generate", fail)
+    again = shapes_dataset.make_splits(60, 20, seed=0, cache_dir=tmp_path)
     assert torch.equal(again.train.images, x) and torch.equal(again.val.labels, splits.val.labels)
 
 
 def test_corrupt_cache_is_regenerated_with_warning(tmp_path, caplog):
-    first = sd.make_splits(30, 10, seed=1, cache_dir=tmp_path)
-    path = sd.cache_path(tmp_path, 30, 10, 1)
+    first = shapes_dataset.make_splits(30, 10, seed=1, cache_dir=tmp_path)
+    path = shapes_dataset.cache_path(tmp_path, 30, 10, 1)
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    with caplog.at_level(logging.WARNING, logger=sd.__name__):
-        second = sd.make_splits(30, 10, seed=1, cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger=shapes_dataset.__name__):
+        second = shapes_dataset.make_splits(30, 10, seed=1, cache_dir=tmp_path)
     assert str(path) in caplog.text and "regenerating" in caplog.text
     assert torch.equal(first.train.images, second.train.images)
-    assert sd._load_cache(path, 30, 10) is not None  # rewritten, readable again
+    assert shapes_dataset._load_cache(path, 30, 10) is not None  # rewritten, readable again
 
 
 def test_shapes_dataset_item():
-    ds = sd.ShapesDataset.generate(10, seed=0)
+    ds = shapes_dataset.ShapesDataset.generate(10, seed=0)
     x, y = ds[3]
     assert x.shape == (3, 32, 32) and 0 <= int(y) < N_CLASSES and len(ds) == 10
 

@@ -18,7 +18,7 @@ from dmvae_lib.configs import ConfigError, make_config
 from dmvae_lib.configs.generation import SampleConfig
 from dmvae_lib.data.pixels import to_uint8
 from dmvae_lib.data.references import GaussianReference, TensorReference
-from dmvae_lib.metrics import evaluation as ev
+from dmvae_lib.metrics import evaluation
 from dmvae_lib.metrics.image_metrics import (
     INCEPTION_SPACE,
     INCEPTION_URL,
@@ -102,51 +102,52 @@ def test_config_rejects_sde_shift_and_bad_interval():
 
 
 # --- protocol records and hashes ----------------------------------------------------------------------------
-def _protocol() -> ev.SamplingProtocol:
-    return ev.SamplingProtocol(n_samples=10, sampler="sde", steps=250, cfg_scale=1.5, cfg_interval=(0.1, 1.0),
-                               ema=True, seed=7)
+def _protocol() -> evaluation.SamplingProtocol:
+    return evaluation.SamplingProtocol(n_samples=10, sampler="sde", steps=250, cfg_scale=1.5,
+                                       cfg_interval=(0.1, 1.0), ema=True, seed=7)
 
 
 def test_protocol_record_has_every_field_and_file_hashes(tmp_path):
     w = tmp_path / "weights.pth"
     w.write_bytes(b"weights v1")
-    rec = ev.protocol_record(_protocol(), {"inception_weights": w, "reference_batch": None}, real_set="train")
-    assert set(ev.PROTOCOL_FIELDS) <= set(rec)
+    rec = evaluation.protocol_record(_protocol(), {"inception_weights": w, "reference_batch": None},
+                                     real_set="train")
+    assert set(evaluation.PROTOCOL_FIELDS) <= set(rec)
     assert (rec["n_samples"], rec["sampler"], rec["steps"], rec["cfg_scale"], rec["cfg_interval"], rec["ema"],
             rec["seed"]) == (10, "sde", 250, 1.5, [0.1, 1.0], True, 7)
     assert len(rec["files"]["inception_weights"]["sha256"]) == 64 and rec["real_set"] == "train"
     assert rec["files"]["reference_batch"] == {"path": None, "sha256": None}
     json.dumps(rec)  # JSON-ready
     w.write_bytes(b"weights v2")
-    rec2 = ev.protocol_record(_protocol(), {"inception_weights": w})
+    rec2 = evaluation.protocol_record(_protocol(), {"inception_weights": w})
     assert rec2["files"]["inception_weights"]["sha256"] != rec["files"]["inception_weights"]["sha256"]
 
 
 def test_protocol_record_refuses_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="stats"):
-        ev.protocol_record(_protocol(), {"stats": tmp_path / "absent.npz"})
+        evaluation.protocol_record(_protocol(), {"stats": tmp_path / "absent.npz"})
 
 
 # --- Fréchet distances --------------------------------------------------------------------------------------
 def test_fd_identical_sets_is_zero_and_shift_gives_squared_mean_difference(gen):
     a = torch.randn(3000, 6, generator=gen)
-    same = ev.feature_fd(a, a, "test features (not FID)")
+    same = evaluation.feature_fd(a, a, "test features (not FID)")
     assert abs(same["value"]) < 1e-8 and same["n_samples"] == same["n_real"] == 3000
     delta = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0])
-    shifted = ev.feature_fd(a, a + delta, "test features (not FID)")
+    shifted = evaluation.feature_fd(a, a + delta, "test features (not FID)")
     assert shifted["value"] == pytest.approx(float(delta.pow(2).sum()), rel=1e-6)
     b = torch.randn(20000, 6, generator=gen) + delta  # independent draws: ≈ ‖Δμ‖² up to sampling noise
-    assert ev.feature_fd(torch.randn(20000, 6, generator=gen), b, "x")["value"] == pytest.approx(14.25,
-                                                                                                 abs=0.1)
+    fd = evaluation.feature_fd(torch.randn(20000, 6, generator=gen), b, "x")["value"]
+    assert fd == pytest.approx(14.25, abs=0.1)
 
 
 def test_fd_label_is_required_and_fid_is_reserved_for_inception(gen):
     a = torch.randn(50, 3, generator=gen)
     with pytest.raises(ValueError, match="feature space"):
-        ev.feature_fd(a, a, "")
+        evaluation.feature_fd(a, a, "")
     with pytest.raises(ValueError, match="not the Inception"):
-        ev.feature_fd(a, a, "SSL FID")
-    assert ev.feature_fd(a, a, INCEPTION_SPACE)["feature_space"] == INCEPTION_SPACE
+        evaluation.feature_fd(a, a, "SSL FID")
+    assert evaluation.feature_fd(a, a, INCEPTION_SPACE)["feature_space"] == INCEPTION_SPACE
 
 
 def test_fd_from_moments_matches_fd_from_features(gen):
@@ -163,30 +164,30 @@ def _images(n=6, h=8, w=10, seed=0):
 
 def test_adm_npz_round_trip(tmp_path):
     images, labels = _images(), torch.tensor([0, 1, 2, 0, 1, 2])
-    path = ev.save_adm_npz(tmp_path / "samples.npz", images, labels)
+    path = evaluation.save_adm_npz(tmp_path / "samples.npz", images, labels)
     with np.load(path) as z:  # the evaluator's view: arr_0 uint8 NHWC, arr_1 labels
         assert sorted(z.keys()) == ["arr_0", "arr_1"]
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (6, 8, 10, 3)
         assert np.array_equal(z["arr_0"], images.numpy()) and np.array_equal(z["arr_1"], labels.numpy())
-    back, back_labels = ev.load_adm_npz(path)
+    back, back_labels = evaluation.load_adm_npz(path)
     assert torch.equal(back, images) and torch.equal(back_labels, labels)
-    ev.save_adm_npz(tmp_path / "unlabelled.npz", images)
-    assert ev.load_adm_npz(tmp_path / "unlabelled.npz")[1] is None
+    evaluation.save_adm_npz(tmp_path / "unlabelled.npz", images)
+    assert evaluation.load_adm_npz(tmp_path / "unlabelled.npz")[1] is None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "scratch left behind"
 
 
 def test_adm_npz_rejects_float_or_nchw_images(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
-        ev.save_adm_npz(tmp_path / "a.npz", torch.rand(2, 8, 8, 3))
+        evaluation.save_adm_npz(tmp_path / "a.npz", torch.rand(2, 8, 8, 3))
     with pytest.raises(ValueError, match="uint8"):
-        ev.save_adm_npz(tmp_path / "b.npz", _images().permute(0, 3, 1, 2))
+        evaluation.save_adm_npz(tmp_path / "b.npz", _images().permute(0, 3, 1, 2))
 
 
 def test_to_uint8_and_grid():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
     u8 = to_uint8(x)
     assert u8.shape == (1, 2, 2, 3) and u8[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255]
-    grid = ev.image_grid(_images(n=5, h=4, w=4), cols=3, pad=1)
+    grid = evaluation.image_grid(_images(n=5, h=4, w=4), cols=3, pad=1)
     assert grid.shape == (2 * 5 - 1, 3 * 5 - 1, 3) and grid.dtype == torch.uint8
 
 
@@ -198,7 +199,7 @@ def test_write_samples_writes_npz_grid_and_capped_pngs(tmp_path):
     assert len(list(paths["pngs"].glob("*.png"))) == 12  # png_limit 40 > 12
     assert np.array_equal(np.asarray(Image.open(paths["pngs"] / "000003.png")), images[3].numpy())
     assert np.asarray(Image.open(paths["grid"])).shape[2] == 3
-    assert torch.equal(ev.load_adm_npz(paths["npz"])[0], images)
+    assert torch.equal(evaluation.load_adm_npz(paths["npz"])[0], images)
     capped = dataclasses.replace(make_config("generation", "smoke").metrics, png_limit=5)
     assert len(list(generation_stage.write_samples(run, images, labels, capped)["pngs"].glob("*.png"))) == 5
     assert not [p for p in run.path.iterdir() if p.name.startswith(".scratch")]
@@ -223,17 +224,18 @@ def test_parallel_evaluations_do_not_share_temporary_files(tmp_path, monkeypatch
     with ThreadPoolExecutor(2) as pool:
         [f.result() for f in [pool.submit(work, i) for i in range(2)]]  # re-raises a worker's error
     for i, run in enumerate(runs):
-        assert torch.equal(ev.load_adm_npz(run.path / "samples.npz")[0], data[i])
+        assert torch.equal(evaluation.load_adm_npz(run.path / "samples.npz")[0], data[i])
         assert json.loads((run.path / "evaluation.json").read_text())[0]["metric"] == f"m{i}"
         assert not [p for p in run.path.iterdir() if p.name.startswith(".")]
     assert list(sys_tmp.iterdir()) == []
-    with ev.scratch_dir(runs[0].path) as a, ev.scratch_dir(runs[0].path) as b:
+    with evaluation.scratch_dir(runs[0].path) as a, evaluation.scratch_dir(runs[0].path) as b:
         assert a != b and a.parent == b.parent == runs[0].path
 
 
 # --- Inception metrics --------------------------------------------------------------------------------------
 def test_inception_metrics_without_weights_say_how_to_get_them(tmp_path):
-    res = ev.inception_metrics(_images(), weights_path=tmp_path / "absent.pth", real_u8=_images(seed=1))
+    res = evaluation.inception_metrics(_images(), weights_path=tmp_path / "absent.pth",
+                                       real_u8=_images(seed=1))
     assert res["available"] is False
     assert INCEPTION_URL in res["reason"] and "inception_weights" in res["reason"]
     assert set(res) == {"available", "reason"}
@@ -256,14 +258,14 @@ def random_inception(tmp_path_factory):
 @pytest.mark.slow
 def test_inception_metrics_with_local_weights_and_reference_stats(random_inception, tmp_path):
     samples, real = _images(n=12, h=16, w=16), _images(n=12, h=16, w=16, seed=1)
-    res = ev.inception_metrics(samples, weights_path=random_inception, real_u8=real, batch=6, isc_splits=2,
-                               prc_neighborhood=2)
+    res = evaluation.inception_metrics(samples, weights_path=random_inception, real_u8=real, batch=6,
+                                       isc_splits=2, prc_neighborhood=2)
     assert res["available"] and res["feature_space"] == INCEPTION_SPACE
     assert res["fid"]["value"] > 0 and "12 real images" in res["fid"]["against"]
     assert res["inception_score"]["mean"] >= 1 - 1e-9
     assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
-    same = ev.inception_metrics(samples, weights_path=random_inception, real_u8=samples, batch=6,
-                                isc_splits=2)
+    same = evaluation.inception_metrics(samples, weights_path=random_inception, real_u8=samples, batch=6,
+                                        isc_splits=2)
     assert abs(same["fid"]["value"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
     # ADM reference batch: FID against its mu/sigma (here: the samples' own statistics, so ≈ 0)
     from dmvae_lib.metrics.image_metrics import inception_features, load_inception
@@ -271,8 +273,8 @@ def test_inception_metrics_with_local_weights_and_reference_stats(random_incepti
     (pool,) = inception_features(load_inception(random_inception), samples.permute(0, 3, 1, 2), 6)
     ref = tmp_path / "VIRTUAL_ref.npz"
     np.savez(ref, mu=pool.mean(0).numpy(), sigma=torch.cov(pool.T).numpy(), arr_0=real.numpy())
-    res = ev.inception_metrics(samples, weights_path=random_inception, reference_path=ref, batch=6,
-                               isc_splits=2)
+    res = evaluation.inception_metrics(samples, weights_path=random_inception, reference_path=ref, batch=6,
+                                       isc_splits=2)
     assert abs(res["fid"]["value"]) < 1e-6 and "reference statistics" in res["fid"]["against"]
     assert res["n_real"] == 12 and res["precision_recall_against"].startswith("reference arr_0")
 

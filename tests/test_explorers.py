@@ -10,7 +10,7 @@ pytest.importorskip("ipywidgets")
 from dmvae_lib.configs import make_config  # noqa: E402
 from dmvae_lib.core import toy2d  # noqa: E402
 from dmvae_lib.models.score_nets import ToyScoreMLP  # noqa: E402
-from dmvae_lib.stages import latents as lv  # noqa: E402
+from dmvae_lib.stages import latents as latents_stage  # noqa: E402
 from dmvae_lib.stages import toy as toy_study  # noqa: E402
 from dmvae_lib.viz.explorer import Explorer  # noqa: E402
 
@@ -90,10 +90,11 @@ def test_latents_explorer_every_option():
     g = torch.Generator().manual_seed(0)
     n, classes = 40, 4
     labels = torch.arange(n) % classes
-    sets = {name: lv.PointSet(torch.randn(n, 6, generator=g) + labels[:, None], labels, torch.arange(n))
+    sets = {name: latents_stage.PointSet(torch.randn(n, 6, generator=g) + labels[:, None], labels,
+                                         torch.arange(n))
             for name in ("reference (ssl)", "DMVAE (λ = 10)", "λ = 0 control")}
     cfg = make_config("latents", "smoke", {"embed.points": n, "embed.tsne_iters": 250, "knn_k": 3})
     images = torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=g)
-    ex = lv.explorer(sets, {}, cfg, ["circle", "square", "star", "cross"], images)
+    ex = latents_stage.explorer(sets, {}, cfg, ["circle", "square", "star", "cross"], images)
     exercise(ex)
     exercise(ex, method="umap")  # the neighbours slider matters under UMAP

@@ -18,7 +18,7 @@ from dmvae_lib.models.ssl_encoder import SmallResNet
 from dmvae_lib.models.tokenizer import Decoder, Projector, SSLFeatures, Tokenizer, timm_encoder
 from dmvae_lib.runtime.runs import RunDir, RunError, save_checkpoint
 from dmvae_lib.runtime.seeds import stream_seed
-from dmvae_lib.stages import joint as js
+from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.train.artifacts import load_teacher
 from dmvae_lib.train.velocity import fit_velocity_net
 from dmvae_lib.workflow.session import upstream_run
@@ -104,8 +104,8 @@ def _routing_run(dm_weight: float, l1: float, encoder: str = "timm") -> dict[str
         "train.cfg_scale": 2.0})
     torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))  # the head train_joint will build
     head0 = make_head((4, 8, 8), ref.shape)
-    out, head, _ = js.train_joint(cfg, tok, teacher, ref, data, None, "cpu", dm_weight=dm_weight,
-                                  disc_arch=(8, 1), progress=False)
+    out, head, _ = joint_stage.train_joint(cfg, tok, teacher, ref, data, None, "cpu", dm_weight=dm_weight,
+                                           disc_arch=(8, 1), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, teacher.parameters())), "the teacher moved"
     if encoder == "ssl":  # the embedded encoder trains with its SSL BatchNorm statistics frozen
         after = out.encoder.state_dict()
@@ -130,18 +130,20 @@ def test_joint_training_and_control(upstream, teacher):
                       {"tokenizer_run": str(tok_dir), "teacher_run": str(trun.path), **TINY_JOINT})
     run = RunDir.create(root, "40_joint_dm_training", "r", to_dict(cfg))
     before = {k: v.clone() for k, v in tok.decoder.state_dict().items()}
-    dm_tok, head, stats = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0, progress=False)
+    dm_tok, head, stats = joint_stage.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0,
+                                                  progress=False)
     assert stats["nonfinite"] == 0 and "dm_loss" in stats and "fake_fm_loss" in stats
     after = tok.decoder.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items()), "stage-1 tokenizer mutated"
     assert not torch.equal(dm_tok.projector.net[0].weight, tok.projector.net[0].weight)
-    ctl_tok, _, ctl = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=0.0, tag="control",
-                                     progress=False)
+    ctl_tok, _, ctl = joint_stage.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=0.0,
+                                              tag="control", progress=False)
     assert "dm_loss" not in ctl and "fake_fm_loss" not in ctl  # the control runs no DM forward at all
-    hist = js.eval_history(run, "joint")
+    hist = joint_stage.eval_history(run, "joint")
     assert [h["step"] for h in hist] == [3, 6] and {"ref_fd", "ref_sw2", "val_psnr"} <= set(hist[0])
     # resume: a finished run takes no new steps and returns the same weights
-    again, _, _ = js.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0, progress=False)
+    again, _, _ = joint_stage.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0,
+                                          progress=False)
     assert torch.equal(again.projector.net[0].weight, dm_tok.projector.net[0].weight)
 
 
@@ -173,15 +175,15 @@ def test_joint_config_errors():
 def test_stage1_discriminator_is_reused(upstream, teacher):
     root, tok_dir, data = upstream
     _, trun, tok, _, ref, net, _, _ = teacher
-    state = js.stage1_discriminator(tok_dir)
+    state = joint_stage.stage1_discriminator(tok_dir)
     cfg = make_config("joint", "smoke", {**TINY_JOINT, "train.steps": 2, "train.tokenizer_every": 1,
                                          "train.disc_start": 0, "train.eval_every": 0,
                                          "train.control": False})
-    _, _, stats = js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
-                                 disc_arch=(8, 2), progress=False)
+    _, _, stats = joint_stage.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0,
+                                          disc_state=state, disc_arch=(8, 2), progress=False)
     assert "d_loss" in stats and stats["nonfinite"] == 0
     with pytest.raises(RunError, match="stage-1 discriminator"):
-        js.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
-                       disc_arch=(16, 2), progress=False)
+        joint_stage.train_joint(cfg, tok, net, ref, data, None, "cpu", dm_weight=1.0, disc_state=state,
+                                disc_arch=(16, 2), progress=False)
     with pytest.raises(RunError, match="no discriminator state|does not exist"):
-        js.stage1_discriminator(root)
+        joint_stage.stage1_discriminator(root)

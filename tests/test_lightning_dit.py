@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dmvae_lib.core.samplers import cfg_velocity
-from dmvae_lib.models import lightning_dit as ldit
+from dmvae_lib.models import lightning_dit as dit_module
 from dmvae_lib.models.lightning_dit import (
     DIT_SIZES,
     LightningDiT,
@@ -62,7 +62,7 @@ def test_blocks_start_as_identity(gen):
 
 
 def test_rms_norm_keeps_dtype_and_normalizes(gen):
-    norm = ldit.RMSNorm(16)
+    norm = dit_module.RMSNorm(16)
     x = 5 * torch.randn(3, 16, generator=gen)
     y = norm(x)
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(3), atol=1e-4)
@@ -187,8 +187,8 @@ def test_grad_checkpoint_matches(gen, monkeypatch):
     plain = _perturb(_tiny())
     ckpt = _perturb(_tiny(grad_checkpoint=True))
     used = []
-    real_checkpoint = ldit.checkpoint
-    monkeypatch.setattr(ldit, "checkpoint", lambda *a, **k: used.append(1) or real_checkpoint(*a, **k))
+    real_checkpoint = dit_module.checkpoint
+    monkeypatch.setattr(dit_module, "checkpoint", lambda *a, **k: used.append(1) or real_checkpoint(*a, **k))
     x, t = _inputs(plain, 3, gen)
     y = torch.tensor([0, 1, 2])
     outs = []

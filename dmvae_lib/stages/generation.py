@@ -36,8 +36,7 @@ from ..data.images import ImageData
 from ..data.latents import latents_for
 from ..data.pixels import to_float, to_uint8
 from ..data.references import TensorReference
-from ..metrics import embedding, probes
-from ..metrics import evaluation as ev
+from ..metrics import embedding, evaluation, probes
 from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
@@ -105,8 +104,8 @@ def curve_evaluator(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, 
         record = {"tag": "curve", "step": step, "n": c.n}
         for name, (fn, label) in spaces.items():
             f = feats(fn, images)
-            record[f"fd_{name}"] = ev.feature_fd(f, refs[name][0], label)["value"]
-            record[f"fd_{name}_recon"] = ev.feature_fd(f, refs[name][1], label)["value"]
+            record[f"fd_{name}"] = evaluation.feature_fd(f, refs[name][0], label)["value"]
+            record[f"fd_{name}_recon"] = evaluation.feature_fd(f, refs[name][1], label)["value"]
             record[f"space_{name}"] = label
         if run is not None:
             run.log_metrics(record)
@@ -134,11 +133,11 @@ def class_balanced_labels(n: int, num_classes: int) -> Tensor | None:
     return torch.arange(n) % num_classes if num_classes else None
 
 
-def sampling_protocol(cfg: GenerationStageConfig) -> ev.SamplingProtocol:
+def sampling_protocol(cfg: GenerationStageConfig) -> evaluation.SamplingProtocol:
     s = cfg.sample
-    return ev.SamplingProtocol(n_samples=s.n, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-                               cfg_interval=tuple(s.cfg_interval), ema=s.ema, seed=cfg.seed, shift=s.shift,
-                               precision=s.precision)
+    return evaluation.SamplingProtocol(n_samples=s.n, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+                                       cfg_interval=tuple(s.cfg_interval), ema=s.ema, seed=cfg.seed,
+                                       shift=s.shift, precision=s.precision)
 
 
 @torch.no_grad()
@@ -250,12 +249,12 @@ def latent_clustering(data: TensorReference, n: int, seed: int, k: int = 10) -> 
 def write_samples(run: RunDir, images: Tensor, labels: Tensor | None, m: MetricsConfig) -> dict[str, Path]:
     """samples.npz (ADM format, all N), samples_grid.png (one row per class) and samples/ (≤ png_limit PNGs),
     written through a private scratch directory inside the run folder."""
-    with ev.scratch_dir(run.path) as tmp:
-        npz = ev.save_adm_npz(run.path / "samples.npz", images, labels, scratch=tmp)
+    with evaluation.scratch_dir(run.path) as tmp:
+        npz = evaluation.save_adm_npz(run.path / "samples.npz", images, labels, scratch=tmp)
         rows = list(class_rows(images, labels, m.grid_per_class).values())
-        grid = ev.image_grid(torch.cat(rows), len(rows[0]))
-        png = ev.save_png(grid, run.path / "samples_grid.png", scratch=tmp)
-        folder = ev.save_pngs(images, run.path / "samples", m.png_limit, scratch=tmp)
+        grid = evaluation.image_grid(torch.cat(rows), len(rows[0]))
+        png = evaluation.save_png(grid, run.path / "samples_grid.png", scratch=tmp)
+        folder = evaluation.save_pngs(images, run.path / "samples", m.png_limit, scratch=tmp)
     return {"npz": npz, "grid": png, "pngs": folder}
 
 
@@ -294,21 +293,21 @@ def evaluate(cfg: GenerationStageConfig, images: Tensor, tok: Tokenizer, encoder
     f_real, f_gen, f_val = feats(real), feats(images), feats(val)
     recon = to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
     val_desc = f"val[-{len(val)}:]"
-    rows = [("fd_ssl", ev.feature_fd(f_gen, f_real, space), {"real_set": real_desc}),
-            ("fd_ssl_floor", ev.feature_fd(f_val, f_real, space),
+    rows = [("fd_ssl", evaluation.feature_fd(f_gen, f_real, space), {"real_set": real_desc}),
+            ("fd_ssl_floor", evaluation.feature_fd(f_val, f_real, space),
              {"real_set": real_desc, "note": f"{val_desc} vs the real set: two real sets, no generator"}),
-            ("rfd_ssl", ev.feature_fd(f_val, feats(recon), space),
+            ("rfd_ssl", evaluation.feature_fd(f_val, feats(recon), space),
              {"real_set": val_desc, "note": "reconstructions vs the same val images (rFD)"})]
     out = []
     for name, res, extra in rows:
         fs = files if name == "fd_ssl" else {"tokenizer": files["tokenizer"]}
         sampling = proto if name == "fd_ssl" else _no_sampling(proto, res["n_samples"])
-        out.append({"metric": name, **res, "protocol": ev.protocol_record(sampling, fs, **extra)})
+        out.append({"metric": name, **res, "protocol": evaluation.protocol_record(sampling, fs, **extra)})
     out.append(_inception(cfg, images, real, real_desc, files, proto, device))
     return out
 
 
-def _no_sampling(proto: ev.SamplingProtocol, n: int) -> ev.SamplingProtocol:
+def _no_sampling(proto: evaluation.SamplingProtocol, n: int) -> evaluation.SamplingProtocol:
     import dataclasses
 
     return dataclasses.replace(proto, n_samples=n, sampler="none (real or reconstructed images)", steps=0,
@@ -317,21 +316,21 @@ def _no_sampling(proto: ev.SamplingProtocol, n: int) -> ev.SamplingProtocol:
 
 def _inception(cfg, images, real, real_desc, files, proto, device) -> dict:
     m = cfg.metrics
-    weights = Path(m.inception_weights) if m.inception_weights else ev.default_inception_path()
+    weights = Path(m.inception_weights) if m.inception_weights else evaluation.default_inception_path()
     reference = Path(m.reference_batch) if m.reference_batch else None
-    res = ev.inception_metrics(images, weights_path=weights, real_u8=real, reference_path=reference,
-                               device=device, batch=m.feature_batch, isc_splits=m.isc_splits,
-                               prc_neighborhood=m.prc_neighborhood)
+    res = evaluation.inception_metrics(images, weights_path=weights, real_u8=real, reference_path=reference,
+                                       device=device, batch=m.feature_batch, isc_splits=m.isc_splits,
+                                       prc_neighborhood=m.prc_neighborhood)
     used = {**files, "inception_weights": weights if res["available"] else None, "reference_batch": reference}
     extra = {"real_set": real_desc, "isc_splits": m.isc_splits,
              "prc_neighborhood": m.prc_neighborhood}
-    return {"metric": "inception", **res, "protocol": ev.protocol_record(proto, used, **extra)}
+    return {"metric": "inception", **res, "protocol": evaluation.protocol_record(proto, used, **extra)}
 
 
 def save_evaluation(run: RunDir, records: list[dict]) -> Path:
     """evaluation.json: the metric records with their protocols."""
     path = run.path / "evaluation.json"
-    with ev.scratch_dir(run.path) as tmp:
+    with evaluation.scratch_dir(run.path) as tmp:
         (tmp / path.name).write_text(json.dumps(records, indent=2, default=float))
         (tmp / path.name).replace(path)
     return path

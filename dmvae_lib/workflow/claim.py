@@ -95,12 +95,13 @@ def verdict(scores: Mapping[str, Mapping[int, float]], psnr: Mapping[str, float]
     vs = {arm: compare(scores["C1"], scores[arm], arm, th) for arm in ("C0", "AE") if arm in scores}
     out["comparisons"] = {arm: asdict(c) for arm, c in vs.items()}
     psnr_ok = psnr["C1"] > psnr["A"]
+    better_than_both = len(vs) == 2 and all(c.better for c in vs.values())
     if "C0" in vs and vs["C0"].no_better:
         outcome, reason = "refuted", "C1 is no better than C0 at resolved spreads"
-    elif all(c.better for c in vs.values()) and len(vs) == 2 and psnr_ok:
+    elif better_than_both and psnr_ok:
         outcome, reason = "supported", "C1 generates better than C0 and AE, with PSNR above A's"
     else:
-        outcome, reason = "unresolved", _unresolved_reason(vs, psnr_ok)
+        outcome, reason = "unresolved", _unresolved_reason(vs, better_than_both, psnr_ok)
     return {**out, "outcome": outcome, "reason": reason}
 
 
@@ -115,9 +116,8 @@ def _gate_reason(failed: list[str], g: dict, th: Thresholds) -> str:
     return "; ".join(parts)
 
 
-def _unresolved_reason(vs: Mapping[str, Comparison], psnr_ok: bool) -> str:
+def _unresolved_reason(vs: Mapping[str, Comparison], better_than_both: bool, psnr_ok: bool) -> str:
     nums = "; ".join(f"vs {c.other}: {c.mean:+.3f} ± {c.se:.3f} (n = {c.n})" for c in vs.values())
-    resolved = len(vs) == 2 and all(c.better for c in vs.values())
-    head = ("C1 generates better than C0 and AE at resolved spreads" if resolved
+    head = ("C1 generates better than C0 and AE at resolved spreads" if better_than_both
             else "the seeds do not resolve C1 against C0 and AE")
     return f"{head} ({nums})" + ("" if psnr_ok else "; C1's PSNR is not above A's")
