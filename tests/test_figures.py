@@ -41,7 +41,8 @@ FIGURES = {
                                                {}),
     "arm curves": lambda: viz.arm_curve_panels(
         {k: {"A": {"step": [1, 10], "mean": [2.0, 1.0], "std": [0.1, 0.1], "n": 2}} for k in "abcdef"}, {}),
-    "metric lines": lambda: viz.metric_lines({"dm": [{"step": 0, "sw2": 1.0}]}, "sw2", 0.1, match_ratio=2.5),
+    "metric lines": lambda: viz.metric_lines({"dm": [{"step": 0, "sw2": 1.0}]}, "sw2", 0.1, match_ratio=2.5,
+                                             events={"GAN on": 0}),
 }
 
 
@@ -121,3 +122,11 @@ def test_library_notes_go_to_stdout_in_a_notebook(capsys):
     finally:
         log.handlers = [h for h in log.handlers if not getattr(h, "dmvae_notes", False)]
         log.propagate = True
+
+
+def test_metric_lines_mark_each_event_at_its_step():
+    fig = viz.metric_lines({"dm": [{"step": s, "val_psnr": 20.0 + s / 100} for s in (0, 250, 500, 750)]},
+                           "val_psnr", log_y=False, events={"GAN on": 500})
+    lines = [s for s in fig.layout.shapes if s.type == "line"]
+    assert [(s.x0, s.x1) for s in lines] == [(500, 500)]
+    assert [a.text for a in fig.layout.annotations] == ["GAN on"]

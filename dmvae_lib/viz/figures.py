@@ -205,13 +205,16 @@ def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: T
 
 
 def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: str, floor: float | None = None,
-                 log_y: bool = True, title: str = "", match_ratio: float | None = None) -> go.Figure:
-    """One line per run of `key` against step, with an optional noise floor and "matched" level
-    (`match_ratio` × floor)."""
+                 log_y: bool = True, title: str = "", match_ratio: float | None = None,
+                 events: Mapping[str, float] | None = None) -> go.Figure:
+    """One line per run of `key` against step, with an optional noise floor, "matched" level
+    (`match_ratio` × floor) and `events` ({label: step}, e.g. where the GAN starts) as vertical lines."""
     fig = go.Figure()
     for name, hist in histories.items():
         fig.add_trace(go.Scatter(x=[h["step"] for h in hist], y=[h[key] for h in hist], mode="lines+markers",
                                  name=name))
+    for label, step in (events or {}).items():
+        fig.add_vline(x=step, line_dash="dash", line_color="gray", annotation_text=label)
     if floor is not None:
         fig.add_hline(y=floor, line_dash="dot", annotation_text="noise floor")
         if match_ratio is not None:
