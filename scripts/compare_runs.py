@@ -4,6 +4,8 @@ Compares, stage by stage (`<root>/<NN_notebook>/<name>/`): every numeric leaf of
 paths left out), every tensor in every checkpoint and artifact (`*.pt`, compared with torch.equal), and the
 SHA-256 of every `.npz` (the generator's samples). Prints each difference and exits 1 if there is any; this
 is how a refactor shows that behaviour and numbers did not change (the `cpu` runs are bit-reproducible).
+With `--allow-new`, summary numbers that only B has (a measurement added between the two commits) are listed
+as new but not counted; a number A has and B lacks, or one that differs, always counts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def compare_stage(a: Path, b: Path) -> list[str]:
+def compare_stage(a: Path, b: Path, allow_new: bool = False) -> list[str]:
     diffs = []
     sa, sb = (json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
               for d in (a, b))
@@ -55,6 +57,9 @@ def compare_stage(a: Path, b: Path) -> list[str]:
         return [f"{a.name}: summary.json missing in {'A' if sa is None else 'B'}"]
     na, nb = numbers(sa), numbers(sb)
     for k in sorted(set(na) | set(nb)):
+        if allow_new and k not in na:
+            print(f"    new in B: summary {k} = {nb[k]}")
+            continue
         if na.get(k) != nb.get(k) and not (na.get(k) != na.get(k) and nb.get(k) != nb.get(k)):  # NaN == NaN
             diffs.append(f"summary {k}: {na.get(k)} vs {nb.get(k)}")
     for fa in sorted(a.rglob("*.pt")):
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs_a", type=Path)
     ap.add_argument("runs_b", type=Path)
     ap.add_argument("--name", default="", help="the pipeline run name (default: every name found in A)")
+    ap.add_argument("--allow-new", action="store_true",
+                    help="list summary numbers only B has instead of counting them as differences")
     args = ap.parse_args(argv)
     stages = sorted(d for d in args.runs_a.glob("[0-9][0-9]_*/*") if d.is_dir()
                     and (not args.name or d.name == args.name))
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     total = 0
     for a in stages:
         b = args.runs_b / a.relative_to(args.runs_a)
-        diffs = compare_stage(a, b) if b.is_dir() else [f"{b} missing"]
+        diffs = compare_stage(a, b, args.allow_new) if b.is_dir() else [f"{b} missing"]
         total += len(diffs)
         print(f"{a.parent.name}/{a.name}: {'identical' if not diffs else f'{len(diffs)} difference(s)'}")
         for d in diffs[:20]:
