@@ -55,8 +55,9 @@ from dmvae_lib.data.pixels import to_float
 from dmvae_lib.metrics import evaluation
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import generation as generation_stage
+from dmvae_lib.stages import latents as latents_stage
 from dmvae_lib.stages import tokenizer as tokenizer_stage
-from dmvae_lib.train.artifacts import save_generator, upstream_tokenizer
+from dmvae_lib.train.artifacts import classifier, save_generator, upstream_tokenizer
 from dmvae_lib.viz import figures as viz
 from dmvae_lib.viz.tables import config_table
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
@@ -163,27 +164,31 @@ back, back_labels = evaluation.load_adm_npz(paths["npz"])
 assert back.dtype == torch.uint8 and back.shape == (cfg.sample.n, *data.val.shape[1:])
 assert torch.equal(back, images)
 assert back_labels is None or torch.equal(back_labels, labels)
-real, real_labels = data.val, data.val_labels
-fig = generation_stage.samples_figure(images, labels, cfg.metrics.grid_per_class, real, real_labels,
-                        title="generated (each row) and real val images (the row below) per class")
+names = latents_stage.class_names(tok_cfg.data.source, data)
+fig = generation_stage.samples_figure(images, labels, cfg.metrics.grid_per_class, data.val, data.val_labels,
+                                      title="generated (each row) and real val images (the row below) per class",
+                                      names=names)
 s.figures.save(fig, "samples")
 
 # %% [markdown]
-# ## 6 · Evaluate
+# ## 6 · Evaluate: Fréchet distances
 # * `fd_ssl`: Fréchet distance between SSL-encoder features of the samples and of real training images (at
 #   this scale the stand-in for gFID; it is *not* FID). Read it against `fd_ssl_floor` (val vs train images:
 #   two real sets, no generator) and `rfd_ssl` (val images vs their reconstructions: what the tokenizer
 #   loses).
+# * `fd_sup` (with its floor and rFD): the same in the supervised classifier's pooled features, a space the
+#   SSL encoder does not define.
 # * `inception`: FID, IS and precision/recall with torch-fidelity's Inception-v3, only from a local weights
 #   file (and an ADM reference batch for ImageNet's `mu`/`sigma`); otherwise a record that says what to fetch.
 #
 # Every record carries its protocol: N, sampler and steps, CFG scale and interval, EMA, seed, and the SHA-256
-# of the generator, the tokenizer, the scored `.npz`, and any weights or statistics file.
+# of the generator, the tokenizer, the scored `.npz`, and any weights or statistics file. The real images'
+# features are computed once here and serve every score below.
 
 # %%
 files = {"generator": s.run.path / "generator.pt", "tokenizer": tok_file, "samples": paths["npz"]}
-records = generation_stage.evaluate(cfg, images, tok, encoders, data, files, s.device)
-eval_file = generation_stage.save_evaluation(s.run, records)
+real = generation_stage.real_reference(cfg, tok, encoders, data, s.device)
+records = generation_stage.evaluate(cfg, images, real, files, s.device)
 by_name = {r["metric"]: r for r in records}
 print(by_name["inception"].get("reason", "Inception metrics computed"))
 generation_stage.metrics_table(records)
@@ -194,17 +199,65 @@ assert all(set(evaluation.PROTOCOL_FIELDS) <= set(r["protocol"]) for r in record
 assert by_name["fd_ssl"]["protocol"]["files"]["generator"]["sha256"], "the generator's hash is missing"
 fd, floor, rfd = (by_name[k]["value"] for k in ("fd_ssl", "fd_ssl_floor", "rfd_ssl"))
 print(f"SSL-space FD: samples {fd:.3f} | real-vs-real floor {floor:.3f} | reconstructions {rfd:.3f}")
+if "fd_sup" in by_name:
+    print(f"supervised-space FD: samples {by_name['fd_sup']['value']:.3f} | floor "
+          f"{by_name['fd_sup_floor']['value']:.3f} | reconstructions {by_name['rfd_sup']['value']:.3f}")
 assert fd > 0 and floor >= 0, "Fréchet distances are non-negative"
 
 # %% [markdown]
-# ## 7 · Save and summarise
+# ## 7 · Does a person recognise the samples? Class accuracy
+# A Fréchet distance says how far two clouds of features are; it does not say whether a sample *is* a star.
+# The embedded supervised classifier of notebook 20 (trained on real labelled images) is asked which class
+# each generated image shows:
+# $$\mathrm{acc} = \frac{1}{N}\sum_i \big[\arg\max_c f_c(x_i) = y_i\big],$$
+# with $y_i$ the class the image was generated for. Its accuracy on real held-out images is the ceiling. It is
+# not Inception and not IS: a classifier of *this* data set, labelled as such in every record.
+
+# %%
+classify = classifier(encoders)
+recog = None
+if classify is not None and labels is not None:
+    recog = generation_stage.recognisability(cfg, classify, images, labels, train_set.num_classes, real,
+                                             files, s.device)
+    records.append(recog)
+    s.figures.save(viz.class_accuracy_bars(
+        {"real val (ceiling)": recog["ceiling_per_class"],
+         f"generated, CFG {cfg.sample.cfg_scale:g}": recog["per_class"]}, names,
+        title="class accuracy per class (embedded supervised classifier)"), "class_accuracy")
+    print(f"class accuracy at CFG {cfg.sample.cfg_scale:g}: {recog['value']:.3f} "
+          f"(real val: {recog['ceiling']:.3f}, chance {1 / train_set.num_classes:.2f})")
+else:
+    print("no class accuracy: the tokenizer file carries no supervised classifier, or the generator is "
+          "unconditional")
+
+# %% [markdown]
+# ## 8 · The guidance scale: recognisability against distance
+# Classifier-free guidance trades diversity for fidelity: as the scale grows, samples become more typical of
+# their class (accuracy rises) while the set as a whole drifts from the real distribution (the FD eventually
+# rises). The sweep samples `metrics.sweep_n` images per scale from the same noise.
+
+# %%
+sweep = generation_stage.cfg_sweep(cfg, sampler_net, tok, classify, train_set.shape, train_set.num_classes,
+                                   real, s.device) if cfg.metrics.cfg_sweep else []
+if sweep and "accuracy" in sweep[0]:
+    s.figures.save(viz.cfg_sweep_panels(sweep, ceiling=recog["ceiling"], chance=1 / train_set.num_classes,
+                                        fd_floor=floor, title="CFG sweep"), "cfg_sweep")
+for row in sweep:
+    print(f"CFG {row['cfg_scale']:>4g}: accuracy {row.get('accuracy', float('nan')):.3f} | "
+          + " | ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("fd_")))
+at_one = recog if cfg.sample.cfg_scale == 1.0 else next((r for r in sweep if r["cfg_scale"] == 1.0), None)
+acc_cfg1 = None if at_one is None else at_one.get("value", at_one.get("accuracy"))
+
+# %% [markdown]
+# ## 9 · Save and summarise
 # `generator.pt` (EMA weights, the tokenizer's hash), `samples.npz`, the PNGs and `evaluation.json` (metrics
 # and protocols) stay in the run folder; the summary repeats the headline numbers.
 
 # %%
+eval_file = generation_stage.save_evaluation(s.run, records)
 summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer_file, "fit": fit_stats,
                     "latent_fit": fit, "latent_clustering": clusters, "sampling_seconds": sample_s,
-                    "curve": points,
+                    "curve": points, "cfg_sweep": sweep, "class_accuracy_cfg1": acc_cfg1,
                     "metrics": {r["metric"]: r for r in records},
                     "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
                     "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})

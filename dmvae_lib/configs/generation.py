@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .teacher import DiTConfig
+from .teacher import DiTConfig, validate_fit
 
 SAMPLERS = ("ode", "sde")
 
@@ -22,6 +22,11 @@ class GeneratorFitConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the EMA weights are what gets sampled unless sample.ema = False
+    lr_schedule: str = "constant"  # after the warm-up: "constant" | "cosine" (to 0 at fit.steps)
+    t_sampling: str = "uniform"  # training times: "uniform" | "logit_normal" (sigmoid of N(t_mean, t_std²))
+    t_mean: float = 0.0  # logit-normal location (< 0: more samples near noise, t = 0)
+    t_std: float = 1.0  # logit-normal scale
+    t_shift: float = 1.0  # SD3 shift of the noise level σ = 1 − t (> 1: more time at high noise)
     precision: str = "bf16"
     compile: bool = False  # torch.compile the net (GPU)
     log_every: int = 50
@@ -56,6 +61,9 @@ class MetricsConfig:
     png_limit: int = 500  # individual PNGs written (all N go into the .npz)
     grid_per_class: int = 8  # grid columns; one row per class (at most 10 rows)
     cluster_latents: int = 2000  # class-balanced cached latents behind the clustering score (kNN, silhouette)
+    cfg_sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)  # CFG scales scored by class accuracy and FD;
+                                                              # () = no sweep
+    sweep_n: int = 1000  # samples per CFG scale of the sweep (class-balanced; the `sample` settings otherwise)
 
 
 @dataclass(frozen=True)
@@ -95,15 +103,20 @@ class GenerationStageConfig:
         lo, hi = s.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
-        for key, value in (("fit.precision", self.fit.precision), ("sample.precision", s.precision)):
-            if value not in ("fp32", "bf16"):
-                raise ConfigError(f"{key} {value!r} unknown; use fp32 or bf16")
+        validate_fit(self.fit)
+        if s.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"sample.precision {s.precision!r} unknown; use fp32 or bf16")
         c = self.curve
         if list(c.steps) != sorted(set(c.steps)) or any(k < 1 or k > self.fit.steps for k in c.steps):
             raise ConfigError(f"curve.steps must increase within 1..fit.steps ({self.fit.steps}), "
                               f"got {c.steps}")
         if c.steps and (c.n < 2 or c.pixel_size < 1):
             raise ConfigError(f"curve.n must be >= 2 and curve.pixel_size >= 1, got {c.n}, {c.pixel_size}")
+        if any(x < 1.0 for x in self.metrics.cfg_sweep) or self.metrics.sweep_n < 2 or \
+                list(self.metrics.cfg_sweep) != sorted(set(self.metrics.cfg_sweep)):
+            raise ConfigError(f"metrics.cfg_sweep must increase from >= 1 (or be empty: no sweep) and "
+                              f"metrics.sweep_n be >= 2, got "
+                              f"{list(self.metrics.cfg_sweep)}, {self.metrics.sweep_n}")
         if s.n < 2:
             raise ConfigError(f"sample.n must be at least 2 (a Fréchet distance needs 2 samples), got {s.n}")
 

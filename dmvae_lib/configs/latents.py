@@ -22,6 +22,7 @@ class EmbedConfig:
     n_neighbors: int = 15  # UMAP (clamped below N)
     min_dist: float = 0.1  # UMAP
     threads: int = 1  # OpenMP threads for t-SNE/UMAP: 2 were 4–20× slower than 1 on 2 cores under other load
+    discriminant_points: int = 4000  # other images the class-discriminative (LDA) view is fitted on; 0 = off
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class LatentsStageConfig:
             raise ConfigError(f"embed.methods {e.methods} must be a non-empty subset of {EMBED_METHODS}")
         if e.points < 20:
             raise ConfigError(f"embed.points must be >= 20, got {e.points}")
+        if e.discriminant_points and e.discriminant_points < 20:
+            raise ConfigError(f"embed.discriminant_points must be 0 (off) or >= 20, got {e.discriminant_points}")
         if e.tsne_iters < 250:
             raise ConfigError(f"embed.tsne_iters must be >= 250 (sklearn's minimum), got {e.tsne_iters}")
         if e.perplexity <= 0 or e.n_neighbors < 2 or self.knn_k < 1 or e.threads < 1:
@@ -52,7 +55,7 @@ class LatentsStageConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "smoke": {"embed.points": 300},
+    "smoke": {"embed.points": 300, "embed.discriminant_points": 600},
     "cpu": {},
     "imagenet256": {"classes": (1, 94, 207, 279, 323, 417, 511, 717, 852, 980), "embed.points": 500,
                     "embed.tsne_iters": 1000, "encode_batch": 64},

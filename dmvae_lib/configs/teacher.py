@@ -38,6 +38,11 @@ class FitConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the EMA weights are the teacher
+    lr_schedule: str = "constant"  # after the warm-up: "constant" | "cosine" (to 0 at fit.steps)
+    t_sampling: str = "uniform"  # training times: "uniform" | "logit_normal" (sigmoid of N(t_mean, t_std²))
+    t_mean: float = 0.0  # logit-normal location (< 0: more samples near noise, t = 0)
+    t_std: float = 1.0  # logit-normal scale
+    t_shift: float = 1.0  # SD3 shift of the noise level σ = 1 − t (> 1: more time at high noise)
     precision: str = "bf16"
     compile: bool = False  # torch.compile the net (GPU)
     log_every: int = 50
@@ -63,8 +68,23 @@ class TeacherStageConfig:
                               f"{', '.join(REFERENCE_NAMES)}")
         if not 0.0 < self.reference.noise_t < 1.0:
             raise ConfigError(f"reference.noise_t must lie in (0, 1), got {self.reference.noise_t}")
-        if self.fit.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"fit.precision {self.fit.precision!r} unknown; use fp32 or bf16")
+        validate_fit(self.fit)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def validate_fit(f) -> None:
+    """The checks every velocity-net fit config shares (the teacher's and the generator's)."""
+    if f.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"fit.precision {f.precision!r} unknown; use fp32 or bf16")
+    if f.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"fit.lr_schedule {f.lr_schedule!r} unknown; use one of {', '.join(LR_SCHEDULES)}")
+    if f.t_sampling not in T_SAMPLINGS:
+        raise ConfigError(f"fit.t_sampling {f.t_sampling!r} unknown; use one of {', '.join(T_SAMPLINGS)}")
+    if f.t_std <= 0 or f.t_shift <= 0:
+        raise ConfigError(f"fit.t_std and fit.t_shift must be > 0, got {f.t_std}, {f.t_shift}")
 
 
 PRESETS: dict[str, dict] = {

@@ -138,15 +138,39 @@ def clustering_scores(x: Tensor | np.ndarray, labels: Tensor | None, *, k: int =
     return ClusterScores(*hd, knn_loo_accuracy(x_2d, labels, k), silhouette(x_2d, labels))
 
 
-def balanced_indices(labels: Tensor, n: int, *, seed: int = 0, classes: Sequence[int] = ()) -> Tensor:
+def balanced_indices(labels: Tensor, n: int, *, seed: int = 0, classes: Sequence[int] = (),
+                     exclude: Tensor | None = None) -> Tensor:
     """Sorted row indices of a class-balanced subset of about `n` rows (n // K per class, all of a smaller
-    class), drawn without replacement; `classes` restricts the classes (() = all present)."""
+    class), drawn without replacement; `classes` restricts the classes (() = all present); rows in `exclude`
+    are never drawn (a held-out set disjoint from a shown one)."""
     y = torch.as_tensor(labels).long().cpu()
     keep = [int(c) for c in (classes or torch.unique(y).tolist())]
     gen = torch.Generator().manual_seed(seed)
     per_class = max(1, n // len(keep))
+    allowed = torch.ones(len(y), dtype=torch.bool)
+    if exclude is not None:
+        allowed[torch.as_tensor(exclude).long()] = False
     picks = []
     for c in keep:
-        rows = (y == c).nonzero().flatten()
+        rows = ((y == c) & allowed).nonzero().flatten()
         picks.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
     return torch.cat(picks).sort().values
+
+
+def discriminant_view(fit_x: Tensor | np.ndarray, fit_labels: Tensor, x: Tensor | np.ndarray, *,
+                      dims: int = 2) -> tuple[Tensor, Tensor]:
+    """Fisher's linear discriminant (shrinkage LDA, Ledoit–Wolf) fitted on (fit_x, fit_labels), a set
+    *disjoint* from x, then applied to x (N, *D): its projection onto the `dims` most class-discriminative
+    directions (N, dims) and the discriminant's predicted labels (N,).
+
+    PCA, t-SNE and UMAP look for the directions of largest variance or the nearest neighbours; in a latent map
+    most variance is pose, position and colour, so classes a linear probe separates can look mixed. LDA
+    shows the directions that separate the classes. Fitted on the shown points themselves it would separate
+    classes in any high-dimensional set (D ≥ N/K), so it never sees them."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    fit_arr, arr = _as_2d_numpy(fit_x), _as_2d_numpy(x)
+    y = torch.as_tensor(fit_labels).long().cpu().numpy()
+    lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto", n_components=dims).fit(fit_arr, y)
+    proj = np.ascontiguousarray(lda.transform(arr)[:, :dims], dtype=np.float32)
+    return torch.from_numpy(proj), torch.from_numpy(lda.predict(arr).astype(np.int64))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from ..data.images import ImageData
 from ..data.latents import latents_for
 from ..data.pixels import to_float, to_uint8
 from ..data.references import TensorReference
-from ..metrics import embedding, evaluation, probes
+from ..metrics import embedding, evaluation, probes, recognition
 from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
@@ -84,9 +84,8 @@ def curve_evaluator(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, 
     decoder's error cancels), in the SSL space, in pixels and (when stage 1 trained it) in the
     supervised classifier's space; logged as tag "curve" (`curve_records`)."""
     c, m = cfg.curve, cfg.metrics
-    spaces = {"ssl": feature_fn(tok, encoders, device), "pix": pixel_space(c.pixel_size)}
-    if "supervised" in encoders:  # a space the SSL encoder does not define, semantic like Inception's
-        spaces["sup"] = (encoders["supervised"].to(device).eval(), SUPERVISED_SPACE)
+    semantic = feature_spaces(tok, encoders, device)
+    spaces = {"ssl": semantic.pop("ssl"), "pix": pixel_space(c.pixel_size), **semantic}
     real, _ = real_images(data, m.real_images, m.floor_images)
     recon = to_uint8(reconstruct(tok, real, device, m.feature_batch)[0])
 
@@ -199,23 +198,24 @@ def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, pr
     return torch.cat(out)
 
 
-def class_rows(images: Tensor, labels: Tensor | None, per_class: int,
-               max_rows: int = 10) -> dict[str, Tensor]:
-    """{"class c": uint8 images of class c} for the first `max_rows` classes, all rows of equal length
-    (`per_class`, or fewer when a class has fewer samples)."""
+def class_rows(images: Tensor, labels: Tensor | None, per_class: int, max_rows: int = 10,
+               names: Sequence[str] = ()) -> dict[str, Tensor]:
+    """{class name (or "class c"): uint8 images of that class} for the first `max_rows` classes, all rows of
+    equal length (`per_class`, or fewer when a class has fewer samples)."""
     if labels is None:
         k = min(per_class, len(images))
         return {f"row {r}": images[r * k:(r + 1) * k] for r in range(min(max_rows, len(images) // k))}
-    rows = {f"class {c}": images[labels == c] for c in labels.unique()[:max_rows].tolist()}
+    rows = {(names[c] if c < len(names) else f"class {c}"): images[labels == c]
+            for c in labels.unique()[:max_rows].tolist()}
     k = min(per_class, *(len(v) for v in rows.values()))
     return {name: imgs[:k] for name, imgs in rows.items()}
 
 
 def samples_figure(images: Tensor, labels: Tensor | None, per_class: int, real: Tensor | None = None,
-                   real_labels: Tensor | None = None, title: str = ""):
+                   real_labels: Tensor | None = None, title: str = "", names: Sequence[str] = ()):
     """Plotly grid: a row of generated samples per class, each followed by real images of that class."""
-    gen, rows = class_rows(images, labels, per_class), {}
-    ref = class_rows(real, real_labels, per_class) if real is not None else {}
+    gen, rows = class_rows(images, labels, per_class, names=names), {}
+    ref = class_rows(real, real_labels, per_class, names=names) if real is not None else {}
     for name, imgs in gen.items():
         rows[f"{name} generated"] = imgs
         if name in ref:
@@ -277,34 +277,111 @@ def feature_fn(tok: Tokenizer, encoders: dict, device) -> tuple[Callable[[Tensor
         "tokenizer-encoder features, mean-pooled (not Inception; not FID)"
 
 
-def evaluate(cfg: GenerationStageConfig, images: Tensor, tok: Tokenizer, encoders: dict, data: ImageData,
-             files: dict[str, Path | None], device) -> list[dict]:
-    """Every metric of the run as {"metric", "value", …, "protocol"}: FD in the SSL space (samples vs real),
-    its real-vs-real floor, the reconstruction FD, and the Inception metrics (or why they are not
-    available)."""
-    m, proto = cfg.metrics, sampling_protocol(cfg)
-    fn, space = feature_fn(tok, encoders, device)
+def feature_spaces(tok: Tokenizer, encoders: dict, device) -> dict[str, tuple[Callable[[Tensor], Tensor], str]]:
+    """{name: (features fn, what the space is)}: the SSL space, and the supervised classifier's when stage 1
+    trained it (a space the SSL encoder does not define, semantic like Inception's)."""
+    spaces = {"ssl": feature_fn(tok, encoders, device)}
+    if "supervised" in encoders:
+        spaces["sup"] = (encoders["supervised"].to(device).eval(), SUPERVISED_SPACE)
+    return spaces
 
-    def feats(u8):
+
+@dataclasses.dataclass
+class RealReference:
+    """Features of the real images every generated set is scored against, computed once per run: per space
+    the real set's, the held-out val images' (the floor) and their reconstructions' (the rFD)."""
+
+    spaces: dict[str, tuple[Callable[[Tensor], Tensor], str]]
+    real: dict[str, Tensor]
+    val: dict[str, Tensor]
+    recon: dict[str, Tensor]
+    real_u8: Tensor
+    val_u8: Tensor
+    val_labels: Tensor
+    real_desc: str
+    val_desc: str
+    batch: int
+    device: object
+
+    def features(self, space: str, images: Tensor) -> Tensor:
+        return probes.extract_features(self.spaces[space][0], images, batch=self.batch, device=self.device)
+
+
+def real_reference(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, data: ImageData,
+                   device) -> RealReference:
+    """The real side of every Fréchet distance and of the recognisability ceiling (see `RealReference`)."""
+    m = cfg.metrics
+    val, val_labels = data.val[-m.floor_images:], data.val_labels[-m.floor_images:]
+    real, real_desc = real_images(data, m.real_images, len(val))  # never the floor's images
+    recon = to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
+    spaces = feature_spaces(tok, encoders, device)
+
+    def feats(fn, u8):
         return probes.extract_features(fn, u8, batch=m.feature_batch, device=device)
 
-    val = data.val[-m.floor_images:]  # the floor's and the rFD's images; never in the real set
-    real, real_desc = real_images(data, m.real_images, len(val))
-    f_real, f_gen, f_val = feats(real), feats(images), feats(val)
-    recon = to_uint8(reconstruct(tok, val, device, m.feature_batch)[0])
-    val_desc = f"val[-{len(val)}:]"
-    rows = [("fd_ssl", evaluation.feature_fd(f_gen, f_real, space), {"real_set": real_desc}),
-            ("fd_ssl_floor", evaluation.feature_fd(f_val, f_real, space),
-             {"real_set": real_desc, "note": f"{val_desc} vs the real set: two real sets, no generator"}),
-            ("rfd_ssl", evaluation.feature_fd(f_val, feats(recon), space),
-             {"real_set": val_desc, "note": "reconstructions vs the same val images (rFD)"})]
-    out = []
-    for name, res, extra in rows:
-        fs = files if name == "fd_ssl" else {"tokenizer": files["tokenizer"]}
-        sampling = proto if name == "fd_ssl" else _no_sampling(proto, res["n_samples"])
-        out.append({"metric": name, **res, "protocol": evaluation.protocol_record(sampling, fs, **extra)})
-    out.append(_inception(cfg, images, real, real_desc, files, proto, device))
+    return RealReference(spaces, {k: feats(fn, real) for k, (fn, _) in spaces.items()},
+                         {k: feats(fn, val) for k, (fn, _) in spaces.items()},
+                         {k: feats(fn, recon) for k, (fn, _) in spaces.items()}, real, val, val_labels,
+                         real_desc, f"val[-{len(val)}:]", m.feature_batch, device)
+
+
+def evaluate(cfg: GenerationStageConfig, images: Tensor, ref: RealReference, files: dict[str, Path | None],
+             device) -> list[dict]:
+    """Every Fréchet metric of the run as {"metric", "value", …, "protocol"}: per feature space (ssl, and sup
+    when stage 1 trained the classifier) the FD of the samples to the real set, its real-vs-real floor and the
+    reconstruction FD; then the Inception metrics (or why they are not available)."""
+    proto, out = sampling_protocol(cfg), []
+    for key, (_, space) in ref.spaces.items():
+        rows = [(f"fd_{key}", evaluation.feature_fd(ref.features(key, images), ref.real[key], space),
+                 {"real_set": ref.real_desc}),
+                (f"fd_{key}_floor", evaluation.feature_fd(ref.val[key], ref.real[key], space),
+                 {"real_set": ref.real_desc, "note": f"{ref.val_desc} vs the real set: two real sets, no "
+                                                      "generator"}),
+                (f"rfd_{key}", evaluation.feature_fd(ref.val[key], ref.recon[key], space),
+                 {"real_set": ref.val_desc, "note": "reconstructions vs the same val images (rFD)"})]
+        for name, res, extra in rows:
+            generated = name == f"fd_{key}"
+            fs = files if generated else {"tokenizer": files["tokenizer"]}
+            sampling = proto if generated else _no_sampling(proto, res["n_samples"])
+            out.append({"metric": name, **res, "protocol": evaluation.protocol_record(sampling, fs, **extra)})
+    out.append(_inception(cfg, images, ref.real_u8, ref.real_desc, files, proto, device))
     return out
+
+
+def recognisability(cfg: GenerationStageConfig, classify: nn.Module, images: Tensor, labels: Tensor,
+                    num_classes: int, ref: RealReference, files: dict[str, Path | None], device) -> dict:
+    """The class accuracy of the generated images under the embedded supervised classifier, per class and
+    overall, with the same classifier's accuracy on the held-out real val images beside it (the ceiling)."""
+    m = cfg.metrics
+    acc = recognition.class_accuracy(classify, images, labels, num_classes, batch=m.feature_batch, device=device)
+    ceiling = recognition.class_accuracy(classify, ref.val_u8, ref.val_labels, num_classes,
+                                         batch=m.feature_batch, device=device)
+    return {"metric": "class_accuracy", **acc, "ceiling": ceiling["value"],
+            "ceiling_per_class": ceiling["per_class"],
+            "protocol": evaluation.protocol_record(sampling_protocol(cfg), files, real_set=ref.val_desc,
+                                                   note="ceiling: the classifier on these real val images")}
+
+
+def cfg_sweep(cfg: GenerationStageConfig, net: nn.Module, tok: Tokenizer, classify: nn.Module | None,
+              shape: tuple[int, ...], num_classes: int, ref: RealReference, device,
+              progress: bool = True) -> list[dict]:
+    """Per CFG scale of cfg.metrics.cfg_sweep: metrics.sweep_n class-balanced samples (the `sample` settings
+    otherwise, the same noise at every scale) scored by class accuracy (when a classifier exists) and by FD in
+    every feature space. Rows {"cfg_scale", "n", "accuracy", "per_class", "fd_<space>"}."""
+    m, rows = cfg.metrics, []
+    for scale in tqdm(m.cfg_sweep, desc="CFG sweep", disable=not progress, leave=False):
+        s = dataclasses.replace(cfg.sample, n=m.sweep_n, cfg_scale=float(scale))
+        latents, labels = sample_latents(net, shape, num_classes, s, cfg.seed, device, progress=False)
+        images = decode_latents(tok, latents, device, s.batch, s.precision, progress=False)
+        row = {"cfg_scale": float(scale), "n": m.sweep_n}
+        if classify is not None and labels is not None:
+            acc = recognition.class_accuracy(classify, images, labels, num_classes, batch=m.feature_batch,
+                                             device=device)
+            row.update(accuracy=acc["value"], per_class=acc["per_class"])
+        for key, (_, space) in ref.spaces.items():
+            row[f"fd_{key}"] = evaluation.feature_fd(ref.features(key, images), ref.real[key], space)["value"]
+        rows.append(row)
+    return rows
 
 
 def _no_sampling(proto: evaluation.SamplingProtocol, n: int) -> evaluation.SamplingProtocol:

@@ -41,12 +41,13 @@ from ..viz.explorer import Explorer
 
 @dataclass
 class PointSet:
-    """One embedded set: points (N, D), labels (N,) or
-    None, and the image row each point encodes (or None)."""
+    """One embedded set: points (N, D), labels (N,) or None, the image row each point encodes (or None), and
+    the rows of the reference bank it took (reference sets not aligned with the images; else None)."""
 
     points: Tensor
     labels: Tensor | None
     index: Tensor | None
+    bank_rows: Tensor | None = None
 
 
 def joint_upstreams(joint_dir: Path) -> tuple[Path, Path]:
@@ -90,30 +91,36 @@ def encode(tok: Tokenizer, images_u8: Tensor, device, *, batch: int = 500,
     return torch.cat(out)
 
 
-def reference_set(ref, n: int, seed: int, classes: Sequence[int], aligned_index: Tensor | None) -> PointSet:
-    """Reference points: bank rows (class-balanced, no repeats) when it has a labelled bank, else fresh
-    samples. `aligned_index`: the image rows to take when the bank is row-aligned with the images (reference
-    "ssl")."""
+def reference_set(ref, n: int, seed: int, classes: Sequence[int], aligned_index: Tensor | None,
+                  exclude: Tensor | None = None) -> PointSet:
+    """Reference points: bank rows (class-balanced, no repeats, none of `exclude`) when it has a labelled
+    bank, else fresh samples. `aligned_index`: the image rows to take when the bank is row-aligned with the
+    images (reference "ssl")."""
     bank, labels = getattr(ref, "bank", None), getattr(ref, "labels", None)
     if bank is not None and labels is not None:
-        idx = aligned_index if aligned_index is not None else embedding.balanced_indices(labels, n, seed=seed,
-                                                                                        classes=classes)
-        return PointSet(bank[idx].float().flatten(1), labels[idx], aligned_index)
-    x, y = ref.sample(n, torch.Generator().manual_seed(seed))
+        rows = aligned_index if aligned_index is not None else \
+            embedding.balanced_indices(labels, n, seed=seed, classes=classes, exclude=exclude)
+        return PointSet(bank[rows].float().flatten(1), labels[rows], aligned_index, rows)
+    x, y = ref.sample(n, torch.Generator().manual_seed(seed if exclude is None else seed + 1))
     return PointSet(x.float().flatten(1).cpu(), None if y is None else y.cpu(), None)
 
 
-def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device) -> tuple[dict[str, PointSet],
-                                                                                      Tensor]:
-    """The point sets to embed (see the module docstring) and the uint8 images (M, H, W, 3) they index."""
+def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device, *,
+                 held_out: Mapping[str, PointSet] | None = None,
+                 n: int | None = None) -> tuple[dict[str, PointSet], Tensor]:
+    """The point sets to embed (see the module docstring) and the uint8 images (M, H, W, 3) they index.
+    With `held_out` (sets returned before), `n` other images and bank rows: a disjoint set to fit on."""
     data, ref, stage1 = upstream.data, upstream.reference, upstream.tokenizer
     images, labels = (data.train[0], data.train_labels) if data.train is not None else (data.val,
                                                                                         data.val_labels)
-    idx = embedding.balanced_indices(labels, cfg.embed.points, seed=cfg.seed, classes=cfg.classes)
+    n = n or cfg.embed.points
+    shown = next(iter(held_out.values())) if held_out else None
+    idx = embedding.balanced_indices(labels, n, seed=cfg.seed, classes=cfg.classes,
+                                     exclude=None if held_out is None else _image_rows(held_out))
     x, y = images[idx], labels[idx]
     is_stage1 = ref.name == "ssl" and len(getattr(ref, "bank", ())) == len(images)
-    sets = {f"reference ({ref.name})": reference_set(ref, cfg.embed.points, cfg.seed, cfg.classes,
-                                                     idx if is_stage1 else None)}
+    sets = {f"reference ({ref.name})": reference_set(ref, n, cfg.seed, cfg.classes, idx if is_stage1 else None,
+                                                     exclude=None if shown is None else shown.bank_rows)}
     if cfg.stage1 and not is_stage1:
         sets["stage-1 latents"] = PointSet(encode(stage1, x, device, batch=cfg.encode_batch), y, idx)
     dm = load_tokenizer(Path(joint_dir) / "tokenizer.pt", device)[0]
@@ -125,6 +132,26 @@ def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device) -> 
         ctl = load_tokenizer(Path(joint_dir) / "control_tokenizer.pt", device)[0]
         sets["λ = 0 control"] = PointSet(encode(ctl, x, device, batch=cfg.encode_batch), y, idx)
     return sets, images
+
+
+def _image_rows(sets: Mapping[str, PointSet]) -> Tensor | None:
+    rows = [s.index for s in sets.values() if s.index is not None]
+    return torch.cat(rows).unique() if rows else None
+
+
+def discriminant_embeddings(sets: Mapping[str, PointSet],
+                            fits: Mapping[str, PointSet]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per set, the 2-D LDA view fitted on its disjoint twin in `fits` ({set: (N, 2)}) and the held-out
+    accuracy of that discriminant on the shown points (a linear probe; NaN and a PCA view without labels)."""
+    emb, acc = {}, {}
+    for name, s in sets.items():
+        f = fits.get(name)
+        if s.labels is None or f is None or f.labels is None:
+            emb[name], acc[name] = embedding.embed_2d(s.points, "pca"), math.nan
+            continue
+        emb[name], pred = embedding.discriminant_view(f.points, f.labels, s.points)
+        acc[name] = float((pred == s.labels).float().mean())
+    return emb, acc
 
 
 def class_gallery(images_u8: Tensor, labels: Tensor, names: Sequence[str], per_class: int = 8,

@@ -74,6 +74,7 @@ def reference_encoders(cfg: TokenizerStageConfig, data: ImageData, run: Optional
         sup = train_supervised(sup_cfg, data.train[:1], data.train_labels, device=device, run=run,
                                tag="supervised")
         out["supervised"] = sup.model[0].eval()  # the backbone of Sequential(backbone, head)
+        out["supervised_head"] = sup.model[1].eval()  # its linear head: with it, the classifier
         if not scores:
             return out
         logits = probes.extract_features(sup.model.eval(), data.val, device=device)

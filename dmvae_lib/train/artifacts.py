@@ -92,6 +92,13 @@ def build_tokenizer(cfg: TokenizerStageConfig, encoder: Optional[nn.Module]) -> 
 ENCODER_NAMES = ("ssl", "supervised", "random")  # the embedded backbones a tokenizer file can carry
 
 
+def classifier(encoders: dict) -> Optional[nn.Module]:
+    """The embedded supervised classifier, backbone then linear head, when stage 1 trained it (else None)."""
+    if "supervised" in encoders and "supervised_head" in encoders:
+        return nn.Sequential(encoders["supervised"], encoders["supervised_head"]).eval()
+    return None
+
+
 def tokenizer_backbone(cfg: TokenizerStageConfig, encoders: dict) -> Optional[nn.Module]:
     """The backbone `cfg.encoder.kind` builds the tokenizer around (None: a timm encoder); its own copy when
     stage 1 trains it (`train.train_encoder`), so the reference backbone in `encoders` stays as it was."""
@@ -111,7 +118,7 @@ def save_tokenizer(path: Path, cfg: TokenizerStageConfig, tok: Tokenizer, encode
     payload = {"kind": "tokenizer", "config": to_dict(cfg), "projector": tok.projector.state_dict(),
                "decoder": tok.decoder.state_dict(), "latent_mean": float(tok.latent_mean),
                "latent_scale": float(tok.latent_scale)}
-    for name in ENCODER_NAMES:
+    for name in (*ENCODER_NAMES, "supervised_head"):
         if name in encoders:
             payload[name] = encoders[name].state_dict()
     if trained_encoder:
@@ -132,6 +139,11 @@ def load_tokenizer(path: str | Path, device="cpu") -> tuple[Tokenizer, Tokenizer
             net = SmallResNet(cfg.encoder.ssl.width, cfg.encoder.ssl.arch)
             load_state_strict(net, ck[name], f"{path} [{name}]")
             encoders[name] = net.eval()
+    if "supervised_head" in ck:  # the supervised classifier's linear head (files before it lack one)
+        w = ck["supervised_head"]["weight"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        load_state_strict(head, ck["supervised_head"], f"{path} [supervised_head]")
+        encoders["supervised_head"] = head.eval()
     backbone = tokenizer_backbone(cfg, encoders)
     if "encoder" in ck and backbone is not None:  # trained jointly: its own copy; the references stay
         backbone = copy.deepcopy(backbone)

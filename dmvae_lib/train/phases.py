@@ -110,18 +110,21 @@ def flow_matching_step(
     *,
     y: Optional[Tensor] = None,
     t_range: tuple[float, float] = (0.0, 1.0),
+    t_shift: float = 1.0,
+    logit_normal: Optional[tuple[float, float]] = None,
     scheduler=None,
     grad_clip: float = 1.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ctx: Optional[DistContext] = None,
 ) -> dict[str, Tensor]:
-    """One flow-matching step of `net` on `data` (stop-gradient: data is detached).
+    """One flow-matching step of `net` on `data` (stop-gradient: data is detached); t is drawn by
+    `flow.sample_t` (uniform on `t_range`, or logit-normal, then shifted by `t_shift`).
 
     Under DDP (`net` wrapped, `ctx` given) the skip decision for a non-finite loss is taken by all ranks
     together (`update`), so all ranks keep the same weights."""
     data = data.detach()
-    t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], generator=generator,
-                      device=data.device)
+    t = flow.sample_t(data.shape[0], t_min=t_range[0], t_max=t_range[1], shift=t_shift,
+                      logit_normal=logit_normal, generator=generator, device=data.device)
     noise = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
     with autocast():
         loss = flow.flow_matching_loss(net, data, t, noise, y).float().mean()

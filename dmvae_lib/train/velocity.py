@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,6 +32,16 @@ from .phases import flow_matching_step
 Hook = Callable[[int, nn.Module], None]  # fn(step, ema_net), run between steps
 
 
+def lr_factor(step: int, f) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based): linear warm-up over f.warmup_steps,
+    then constant or a cosine down to 0 at f.steps."""
+    warm = min(1.0, (step + 1) / max(f.warmup_steps, 1))
+    if f.lr_schedule == "constant" or step < f.warmup_steps:
+        return warm
+    frac = (step - f.warmup_steps) / max(f.steps - f.warmup_steps, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
 def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
                      ctx: Optional[DistContext] = None, tag: str = "teacher",
                      hooks: Sequence[tuple[int, Hook]] = ()) -> tuple[nn.Module, dict]:
@@ -44,7 +55,7 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
     net = build_net(cfg, reference.shape, reference.num_classes).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=(0.9, 0.95), weight_decay=f.weight_decay,
                             fused=torch.device(device).type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(f.warmup_steps, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, f))
     ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
     model = wrap_ddp(net, ctx)
     model = torch.compile(model) if f.compile else model
@@ -54,6 +65,7 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
     on_cpu = torch.device(device).type == "cpu"
     noise_gen = gen if on_cpu else rank_generator(stream_seed(cfg.seed, "velocity.noise"), ctx, device)
     autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
+    logit_normal = (f.t_mean, f.t_std) if f.t_sampling == "logit_normal" else None
 
     def step(k: int) -> dict:
         x, y = reference.sample(batch, gen)
@@ -61,7 +73,8 @@ def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], 
         if y is not None:
             y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen)
             y = y.to(device, non_blocking=True)
-        stats = flow_matching_step(model, opt, x, noise_gen, y=y, scheduler=sched,
+        stats = flow_matching_step(model, opt, x, noise_gen, y=y, scheduler=sched, t_shift=f.t_shift,
+                                   logit_normal=logit_normal,
                                    grad_clip=f.grad_clip, autocast=autocast,
                                    ctx=ctx if ctx.distributed else None)
         ema.update(net, step=k + 1)

@@ -406,3 +406,35 @@ def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping
     fig.update_annotations(font_size=10)
     fig.update_layout(title=title, height=300 * rows + 80, width=size * cols + 140)
     return fig
+
+
+def cfg_sweep_panels(rows: Sequence[Mapping], ceiling: float, chance: float, fd_key: str = "fd_ssl",
+                     fd_floor: float | None = None, title: str = "") -> go.Figure:
+    """Two panels against the CFG scale: class accuracy of the generated images (with the classifier's
+    real-image ceiling and chance) and their FD (with the real-vs-real floor). rows: {"cfg_scale",
+    "accuracy", fd_key}."""
+    x = [r["cfg_scale"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["class accuracy of generated images",
+                                                        f"{fd_key} of generated images"])
+    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="generated", row=1, col=1)
+    fig.add_hline(y=ceiling, line_dash="dot", annotation_text="real val (ceiling)", row=1, col=1)
+    fig.add_hline(y=chance, line_dash="dash", line_color="gray", annotation_text="chance", row=1, col=1)
+    fig.add_scatter(x=x, y=[r[fd_key] for r in rows], mode="lines+markers", name=fd_key, row=1, col=2)
+    if fd_floor is not None:
+        fig.add_hline(y=fd_floor, line_dash="dot", annotation_text="real vs real", row=1, col=2)
+    fig.update_xaxes(title_text="CFG scale", tickvals=x)
+    fig.update_yaxes(range=[0, 1.02], title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="FD", row=1, col=2)
+    fig.update_layout(title=title, height=380, width=COLUMN_WIDTH, showlegend=False)
+    return fig
+
+
+def class_accuracy_bars(series: Mapping[str, Sequence[float]], names: Sequence[str],
+                        title: str = "") -> go.Figure:
+    """Grouped bars, one group per class: each series' accuracy on that class (e.g. real val, CFG 1, CFG s)."""
+    fig = go.Figure()
+    for (label, acc), color in zip(series.items(), class_colors(len(series))):
+        fig.add_bar(x=list(names)[:len(acc)], y=list(acc), name=label, marker_color=color)
+    fig.update_layout(barmode="group", title=title, yaxis=dict(range=[0, 1.02], title="accuracy"), height=380,
+                      width=COLUMN_WIDTH, legend=dict(orientation="h", y=-0.2))
+    return fig
