@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -122,9 +122,9 @@ if cfg.embed.discriminant_points:
                                          n=cfg.embed.discriminant_points)
     lda_emb, lda_acc = latents_stage.discriminant_embeddings(sets, fits)
     lda_scores = latents_stage.score_sets(sets, lda_emb, cfg.knn_k)
-    s.figures.save(latents_stage.panels_figure(sets, lda_emb, lda_scores, names,
-                                               title="class-discriminative view (LDA fitted on other images)"),
-                   "latents_lda")
+    fig = latents_stage.panels_figure(sets, lda_emb, lda_scores, names,
+                                      title="class-discriminative view (LDA fitted on other images)")
+    s.figures.save(fig, "latents_lda")
     table[("LDA 2-D", "kNN")] = [lda_scores[n].knn_2d for n in table.index]
     table[("LDA", "held-out acc")] = [lda_acc[n] for n in table.index]
     print("held-out linear accuracy: " + " | ".join(f"{n} {a:.2f}" for n, a in lda_acc.items()))

@@ -46,7 +46,8 @@ class LatentsStageConfig:
         if e.points < 20:
             raise ConfigError(f"embed.points must be >= 20, got {e.points}")
         if e.discriminant_points and e.discriminant_points < 20:
-            raise ConfigError(f"embed.discriminant_points must be 0 (off) or >= 20, got {e.discriminant_points}")
+            raise ConfigError(f"embed.discriminant_points must be 0 (off) or >= 20, got "
+                              f"{e.discriminant_points}")
         if e.tsne_iters < 250:
             raise ConfigError(f"embed.tsne_iters must be >= 250 (sklearn's minimum), got {e.tsne_iters}")
         if e.perplexity <= 0 or e.n_neighbors < 2 or self.knn_k < 1 or e.threads < 1:

@@ -65,7 +65,8 @@ CLAIM_V1_GENERATOR = {"net.size": "Micro", "net.patch_size": 4, "net.label_dropo
                       "fit.t_sampling": "uniform", "fit.t_shift": 1.0, "fit.precision": "bf16",
                       "fit.compile": False, "sample.sampler": "ode", "sample.steps": 50,
                       "sample.cfg_scale": 1.0, "sample.cfg_interval": [0.0, 1.0], "sample.shift": 1.0,
-                      "sample.ema": True, "sample.precision": "fp32", "metrics.cfg_sweep": []}
+                      "sample.ema": True, "sample.precision": "fp32", "fit.ckpt_every": 500,
+                      "metrics.cfg_sweep": [], "metrics.sweep_n": 1000}
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ PRESETS: dict[str, dict] = {
     "smoke": {"claim.seeds": [0], "claim.extra_weights": [],
               "claim.joint": {"train.steps": 20, "train.disc_start": 10, "train.eval_every": 10,
                               "train.eval_samples": 200, "train.log_every": 10, "train.ckpt_every": 10},
-              "claim.generation": {"metrics.cfg_sweep": [], "fit.steps": 40, "fit.log_every": 10, "fit.ckpt_every": 20,
+              "claim.generation": {"metrics.cfg_sweep": [], "fit.steps": 40, "fit.log_every": 10,
+                                   "fit.ckpt_every": 20,
                                    "curve.steps": [10, 20, 40], "curve.n": 100, "sample.n": 100,
                                    "sample.steps": 10, "metrics.real_images": 500,
                                    "metrics.floor_images": 100,
@@ -132,7 +134,8 @@ PRESETS: dict[str, dict] = {
     # point against 4000 real images. No extra λ: C1 at λ 1 costs ≈ 20 min more (its joint run 6 min, 3
     # generators 4.5 min each; measured), past the 2-h budget; add it with `claim.extra_weights: [1.0]`.
     "cpu": {"claim.extra_weights": [],
-            "claim.generation": {**CLAIM_V1_GENERATOR, "fit.steps": 800, "curve.steps": [100, 200, 400, 800], "curve.n": 2000,
+            "claim.generation": {**CLAIM_V1_GENERATOR, "fit.steps": 800, "curve.steps": [100, 200, 400, 800],
+                                 "curve.n": 2000,
                                  "sample.n": 500, "metrics.real_images": 4000, "metrics.floor_images": 1000,
                                  "metrics.png_limit": 50},
             "teacher": {"fit.steps": 800, "fit.eval_samples": 1000},

@@ -25,12 +25,13 @@ CLASSIFIER_LABEL = ("class accuracy under the embedded supervised classifier (tr
 
 
 @torch.no_grad()
-def class_accuracy(classifier: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, num_classes: int, *,
-                   batch: int = 500, device: torch.device | str = "cpu") -> dict:
+def class_accuracy(classifier: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, num_classes: int,
+                   *, batch: int = 500, device: torch.device | str = "cpu") -> dict:
     """{"value": overall accuracy, "per_class": [accuracy of class c] (NaN where no image has label c), "n",
     "classifier": what it is}; `images` uint8 (N, H, W, 3) or float (N, 3, H, W) in [−1, 1], `labels` (N,)."""
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images (≥ 1), got {len(images)} images, {len(labels)} labels")
+        raise ValueError(f"need as many labels as images (≥ 1), got {len(images)} images, "
+                         f"{len(labels)} labels")
     pred = extract_features(classifier, images, batch=batch, device=device).argmax(1)
     hit = (pred == labels.long().cpu()).float()
     per_class = [float(hit[labels == c].mean()) if bool((labels == c).any()) else math.nan

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .score_nets import timestep_embedding
@@ -118,6 +119,15 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v by SDPA. On the CPU in bf16 its math backend: the CPU flash kernel's bf16 backward
+    is 1.4–3.7× slower at 4–64 tokens (benchmarks/attention.py), the token counts of the CPU presets."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (B, N, D) -> (B, N, D) with optional QK-RMSNorm and RoPE."""
 
@@ -138,7 +148,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 

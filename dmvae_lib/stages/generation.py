@@ -277,7 +277,8 @@ def feature_fn(tok: Tokenizer, encoders: dict, device) -> tuple[Callable[[Tensor
         "tokenizer-encoder features, mean-pooled (not Inception; not FID)"
 
 
-def feature_spaces(tok: Tokenizer, encoders: dict, device) -> dict[str, tuple[Callable[[Tensor], Tensor], str]]:
+def feature_spaces(tok: Tokenizer, encoders: dict,
+                   device) -> dict[str, tuple[Callable[[Tensor], Tensor], str]]:
     """{name: (features fn, what the space is)}: the SSL space, and the supervised classifier's when stage 1
     trained it (a space the SSL encoder does not define, semantic like Inception's)."""
     spaces = {"ssl": feature_fn(tok, encoders, device)}
@@ -353,7 +354,8 @@ def recognisability(cfg: GenerationStageConfig, classify: nn.Module, images: Ten
     """The class accuracy of the generated images under the embedded supervised classifier, per class and
     overall, with the same classifier's accuracy on the held-out real val images beside it (the ceiling)."""
     m = cfg.metrics
-    acc = recognition.class_accuracy(classify, images, labels, num_classes, batch=m.feature_batch, device=device)
+    acc = recognition.class_accuracy(classify, images, labels, num_classes, batch=m.feature_batch,
+                                     device=device)
     ceiling = recognition.class_accuracy(classify, ref.val_u8, ref.val_labels, num_classes,
                                          batch=m.feature_batch, device=device)
     return {"metric": "class_accuracy", **acc, "ceiling": ceiling["value"],

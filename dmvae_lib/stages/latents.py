@@ -119,7 +119,8 @@ def collect_sets(cfg: LatentsStageConfig, upstream, joint_dir: Path, device, *,
                                      exclude=None if held_out is None else _image_rows(held_out))
     x, y = images[idx], labels[idx]
     is_stage1 = ref.name == "ssl" and len(getattr(ref, "bank", ())) == len(images)
-    sets = {f"reference ({ref.name})": reference_set(ref, n, cfg.seed, cfg.classes, idx if is_stage1 else None,
+    aligned = idx if is_stage1 else None
+    sets = {f"reference ({ref.name})": reference_set(ref, n, cfg.seed, cfg.classes, aligned,
                                                      exclude=None if shown is None else shown.bank_rows)}
     if cfg.stage1 and not is_stage1:
         sets["stage-1 latents"] = PointSet(encode(stage1, x, device, batch=cfg.encode_batch), y, idx)

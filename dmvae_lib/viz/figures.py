@@ -416,7 +416,8 @@ def cfg_sweep_panels(rows: Sequence[Mapping], ceiling: float, chance: float, fd_
     x = [r["cfg_scale"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["class accuracy of generated images",
                                                         f"{fd_key} of generated images"])
-    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="generated", row=1, col=1)
+    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="generated", row=1,
+                    col=1)
     fig.add_hline(y=ceiling, line_dash="dot", annotation_text="real val (ceiling)", row=1, col=1)
     fig.add_hline(y=chance, line_dash="dash", line_color="gray", annotation_text="chance", row=1, col=1)
     fig.add_scatter(x=x, y=[r[fd_key] for r in rows], mode="lines+markers", name=fd_key, row=1, col=2)
@@ -431,7 +432,7 @@ def cfg_sweep_panels(rows: Sequence[Mapping], ceiling: float, chance: float, fd_
 
 def class_accuracy_bars(series: Mapping[str, Sequence[float]], names: Sequence[str],
                         title: str = "") -> go.Figure:
-    """Grouped bars, one group per class: each series' accuracy on that class (e.g. real val, CFG 1, CFG s)."""
+    """Grouped bars, one group per class: each series' accuracy on that class (e.g. real val, CFG s)."""
     fig = go.Figure()
     for (label, acc), color in zip(series.items(), class_colors(len(series))):
         fig.add_bar(x=list(names)[:len(acc)], y=list(acc), name=label, marker_color=color)
