@@ -387,8 +387,6 @@ def cfg_sweep(cfg: GenerationStageConfig, net: nn.Module, tok: Tokenizer, classi
 
 
 def _no_sampling(proto: evaluation.SamplingProtocol, n: int) -> evaluation.SamplingProtocol:
-    import dataclasses
-
     return dataclasses.replace(proto, n_samples=n, sampler="none (real or reconstructed images)", steps=0,
                                cfg_scale=1.0, ema=False, label_sampling="n/a")
 
