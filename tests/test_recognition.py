@@ -83,6 +83,12 @@ def test_cfg_sweep_and_recognisability_on_the_tiny_tokenizer(tmp_path):
     rec = generation_stage.recognisability(cfg, clf, images, labels, train_set.num_classes, real,
                                            {"tokenizer": stage.run.path / "tokenizer.pt"}, "cpu")
     assert rec["metric"] == "class_accuracy" and 0 <= rec["ceiling"] <= 1 and rec["n"] == 20
+    # the decoder's ceiling is the classifier on the reconstructions of exactly the ceiling's val images
+    assert real.recon_u8.shape == real.val_u8.shape and not torch.equal(real.recon_u8, real.val_u8)
+    same = generation_stage.recognisability(cfg, clf, real.recon_u8, real.val_labels, train_set.num_classes,
+                                            real, {"tokenizer": stage.run.path / "tokenizer.pt"}, "cpu")
+    assert same["value"] == same["reconstruction_ceiling"] and \
+        same["per_class"] == same["reconstruction_ceiling_per_class"]
     records = generation_stage.evaluate(cfg, images, real, {"tokenizer": stage.run.path / "tokenizer.pt",
                                                             "generator": None, "samples": None}, "cpu")
     names = {r["metric"] for r in records}
@@ -92,8 +98,8 @@ def test_cfg_sweep_and_recognisability_on_the_tiny_tokenizer(tmp_path):
 
 def test_sweep_figures_build():
     rows = [{"cfg_scale": s, "accuracy": a, "fd_ssl": f} for s, a, f in ((1, 0.5, 2.0), (2, 0.8, 1.0))]
-    fig = viz.cfg_sweep_panels(rows, ceiling=0.97, chance=0.1, fd_floor=0.05)
-    assert len(fig.data) == 2
+    fig = viz.cfg_sweep_panels(rows, ceiling=0.97, chance=0.1, fd_floor=0.05, recon_ceiling=0.9)
+    assert len(fig.data) == 2 and any(s.y0 == 0.9 for s in fig.layout.shapes)
     bars = viz.class_accuracy_bars({"real": [1.0, 0.9], "gen": [0.5, 0.4]}, ["a", "b"])
     assert len(bars.data) == 2 and list(bars.data[0].x) == ["a", "b"]
 
@@ -161,6 +167,8 @@ def test_the_claim_study_v1_keeps_its_generator_whatever_notebook_60_defaults_to
     assert (gen.net.size, gen.net.patch_size, gen.fit.lr) == ("Micro", 4, 1e-3)
     assert gen.fit.lr_schedule == "constant"
     assert gen.metrics.cfg_sweep == ()
+    # its 800-step generators are not held to notebook 60's recognisability check (0.2 at cpu)
+    assert gen.metrics.min_class_accuracy == 0.0 < make_config("generation", "cpu").metrics.min_class_accuracy
     # every key the cpu preset sets is stated by the study (or is one of its own budget keys)
     own = set(study.claim.generation)
     assert set(generation_config.PRESETS["cpu"]) <= own
@@ -170,3 +178,9 @@ def dataclass_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_min_class_accuracy_outside_0_1_is_refused(value):
+    with pytest.raises(ConfigError, match="min_class_accuracy"):
+        make_config("generation", "smoke", {"metrics.min_class_accuracy": value})

@@ -58,7 +58,9 @@ CLAIM_FIXED = {"tokenizer": {"encoder.kind": "random", "train.train_encoder": Tr
 # The claim study v1's generator, fixed with its design: notebook 60's `cpu` recipe as it was when the study
 # was pre-registered (Micro/4, constant LR, uniform t, Euler ODE 50 steps, no CFG), stated in full so that a
 # new notebook-60 default cannot change the study under its verdict. A study with another generator is a new
-# version under a new name. No CFG sweep: the study reads its learning curves, not the sweep.
+# version under a new name. No CFG sweep: the study reads its learning curves, not the sweep. No
+# class-accuracy check: 800 steps of this generator draw blobs (0.15–0.18 at CFG 1, measured), which the
+# study reports as they are.
 CLAIM_V1_GENERATOR = {"net.size": "Micro", "net.patch_size": 4, "net.label_dropout": 0.1,
                       "fit.batch": 256, "fit.lr": 1e-3, "fit.warmup_steps": 100, "fit.weight_decay": 0.0,
                       "fit.grad_clip": 1.0, "fit.ema_decay": 0.999, "fit.lr_schedule": "constant",
@@ -66,7 +68,7 @@ CLAIM_V1_GENERATOR = {"net.size": "Micro", "net.patch_size": 4, "net.label_dropo
                       "fit.compile": False, "sample.sampler": "ode", "sample.steps": 50,
                       "sample.cfg_scale": 1.0, "sample.cfg_interval": [0.0, 1.0], "sample.shift": 1.0,
                       "sample.ema": True, "sample.precision": "fp32", "fit.ckpt_every": 500,
-                      "metrics.cfg_sweep": [], "metrics.sweep_n": 1000}
+                      "metrics.cfg_sweep": [], "metrics.sweep_n": 1000, "metrics.min_class_accuracy": 0.0}
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,8 @@ def feature_spaces(tok: Tokenizer, encoders: dict,
 @dataclasses.dataclass
 class RealReference:
     """Features of the real images every generated set is scored against, computed once per run: per space
-    the real set's, the held-out val images' (the floor) and their reconstructions' (the rFD)."""
+    the real set's, the held-out val images' (the floor) and their reconstructions' (the rFD). The
+    reconstructions themselves (`recon_u8`) are the decoder's limit on class accuracy."""
 
     spaces: dict[str, tuple[Callable[[Tensor], Tensor], str]]
     real: dict[str, Tensor]
@@ -298,6 +299,7 @@ class RealReference:
     recon: dict[str, Tensor]
     real_u8: Tensor
     val_u8: Tensor
+    recon_u8: Tensor
     val_labels: Tensor
     real_desc: str
     val_desc: str
@@ -322,7 +324,7 @@ def real_reference(cfg: GenerationStageConfig, tok: Tokenizer, encoders: dict, d
 
     return RealReference(spaces, {k: feats(fn, real) for k, (fn, _) in spaces.items()},
                          {k: feats(fn, val) for k, (fn, _) in spaces.items()},
-                         {k: feats(fn, recon) for k, (fn, _) in spaces.items()}, real, val, val_labels,
+                         {k: feats(fn, recon) for k, (fn, _) in spaces.items()}, real, val, recon, val_labels,
                          real_desc, f"val[-{len(val)}:]", m.feature_batch, device)
 
 
@@ -352,16 +354,22 @@ def evaluate(cfg: GenerationStageConfig, images: Tensor, ref: RealReference, fil
 def recognisability(cfg: GenerationStageConfig, classify: nn.Module, images: Tensor, labels: Tensor,
                     num_classes: int, ref: RealReference, files: dict[str, Path | None], device) -> dict:
     """The class accuracy of the generated images under the embedded supervised classifier, per class and
-    overall, with the same classifier's accuracy on the held-out real val images beside it (the ceiling)."""
+    overall, with two ceilings beside it: the same classifier on the held-out real val images, and on the
+    tokenizer's reconstructions of those images. A generator that matched the latent distribution exactly
+    would, at CFG 1, reach the second one: the decoder draws every generated image."""
     m = cfg.metrics
-    acc = recognition.class_accuracy(classify, images, labels, num_classes, batch=m.feature_batch,
-                                     device=device)
-    ceiling = recognition.class_accuracy(classify, ref.val_u8, ref.val_labels, num_classes,
-                                         batch=m.feature_batch, device=device)
+
+    def accuracy(u8: Tensor, y: Tensor) -> dict:
+        return recognition.class_accuracy(classify, u8, y, num_classes, batch=m.feature_batch, device=device)
+
+    acc, ceiling, recon = accuracy(images, labels), accuracy(ref.val_u8, ref.val_labels), \
+        accuracy(ref.recon_u8, ref.val_labels)
     return {"metric": "class_accuracy", **acc, "ceiling": ceiling["value"],
-            "ceiling_per_class": ceiling["per_class"],
+            "ceiling_per_class": ceiling["per_class"], "reconstruction_ceiling": recon["value"],
+            "reconstruction_ceiling_per_class": recon["per_class"],
             "protocol": evaluation.protocol_record(sampling_protocol(cfg), files, real_set=ref.val_desc,
-                                                   note="ceiling: the classifier on these real val images")}
+                                                   note="ceiling: the classifier on these real val images; "
+                                                        "reconstruction_ceiling: on their reconstructions")}
 
 
 def cfg_sweep(cfg: GenerationStageConfig, net: nn.Module, tok: Tokenizer, classify: nn.Module | None,

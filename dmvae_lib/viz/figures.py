@@ -409,16 +409,20 @@ def arm_curve_panels(bands: Mapping[str, Mapping[str, Mapping]], titles: Mapping
 
 
 def cfg_sweep_panels(rows: Sequence[Mapping], ceiling: float, chance: float, fd_key: str = "fd_ssl",
-                     fd_floor: float | None = None, title: str = "") -> go.Figure:
+                     fd_floor: float | None = None, title: str = "",
+                     recon_ceiling: float | None = None) -> go.Figure:
     """Two panels against the CFG scale: class accuracy of the generated images (with the classifier's
-    real-image ceiling and chance) and their FD (with the real-vs-real floor). rows: {"cfg_scale",
-    "accuracy", fd_key}."""
+    real-image ceiling, its accuracy on reconstructions when given, and chance) and their FD (with the
+    real-vs-real floor). rows: {"cfg_scale", "accuracy", fd_key}."""
     x = [r["cfg_scale"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["class accuracy of generated images",
                                                         f"{fd_key} of generated images"])
     fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="generated", row=1,
                     col=1)
     fig.add_hline(y=ceiling, line_dash="dot", annotation_text="real val (ceiling)", row=1, col=1)
+    if recon_ceiling is not None:
+        fig.add_hline(y=recon_ceiling, line_dash="dashdot", line_color="green",
+                      annotation_text="reconstructions", annotation_position="bottom right", row=1, col=1)
     fig.add_hline(y=chance, line_dash="dash", line_color="gray", annotation_text="chance", row=1, col=1)
     fig.add_scatter(x=x, y=[r[fd_key] for r in rows], mode="lines+markers", name=fd_key, row=1, col=2)
     if fd_floor is not None:
