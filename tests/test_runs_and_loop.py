@@ -126,6 +126,8 @@ def test_bf16_runs_only_where_the_hardware_has_it(monkeypatch, capsys):
     assert device.effective_precision(cpu, "bf16") == "bf16"
     with device.autocast_ctx(cpu, "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setenv("DMVAE_CPU_BF16", "0")  # off, whatever the hardware
+    assert device.effective_precision(cpu, "bf16") == "fp32"
     monkeypatch.delenv("DMVAE_CPU_BF16")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

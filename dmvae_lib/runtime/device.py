@@ -34,12 +34,14 @@ def resolve_device(name: str = "auto") -> torch.device:
 def bf16_native(device: torch.device) -> bool:
     """Whether `device` computes bf16 in hardware. A CPU without AVX512-BF16 or AMX emulates it, 5–60× slower
     than fp32 (measured on an AVX2 machine); `DMVAE_CPU_BF16=1` forces bf16 there anyway (e.g. to reproduce a
-    bf16 run bit for bit)."""
+    bf16 run bit for bit), and `DMVAE_CPU_BF16=0` turns it off on a CPU that has it (fp32 everywhere, e.g. to
+    compare runs across machines)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        if os.environ.get("DMVAE_CPU_BF16") == "1":
-            return True
+        forced = os.environ.get("DMVAE_CPU_BF16")
+        if forced in ("0", "1"):
+            return forced == "1"
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return True  # mps and others: as the backend's autocast decides
@@ -80,6 +82,9 @@ def compile_in_place(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
 def _warn_emulated(device: torch.device) -> None:
     """A note, once per process and device, on stdout: the fallback is the expected behaviour of a CPU
     without bf16 (this workbook's presets ask for bf16), not a fault to flag in a notebook's stderr."""
+    if os.environ.get("DMVAE_CPU_BF16") == "0":
+        print(f"note: precision 'bf16' requested, DMVAE_CPU_BF16=0: running fp32 on {device}", flush=True)
+        return
     print(f"note: precision 'bf16' requested, but {device} has no native bf16: running fp32 (set "
           "DMVAE_CPU_BF16=1 to emulate bf16 anyway)", flush=True)
 
