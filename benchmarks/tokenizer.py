@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dmvae_lib.configs import make_config
+from dmvae_lib.configs import PRESETS, make_config
 from dmvae_lib.models.recon_losses import PatchDiscriminator
 from dmvae_lib.models.ssl_encoder import SmallResNet
 from dmvae_lib.runtime.device import autocast_ctx
@@ -50,11 +50,12 @@ def time_steps(cfg, tok, batch: int, precision: str, gan: bool, repeats: int) ->
         start = time.perf_counter()
         with autocast():
             feats = tok.encode_features(images)
-        _, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, l1=t.l1, l2=t.l2,
-                                  perceptual=None, lpips_weight=0.0, disc=disc if gan else None,
-                                  disc_weight=t.disc_weight, grad_clip=t.grad_clip, autocast=autocast)
+        rec = {"l1": t.l1, "l2": t.l2, "perceptual": None, "lpips_weight": 0.0}
+        _, decoded = tokenizer_step(tok, opt, params, images, feats.float(), gen, rec=rec,
+                                    disc=disc if gan else None, disc_weight=t.disc_weight,
+                                    grad_clip=t.grad_clip, autocast=autocast)
         if gan:
-            disc_step(disc, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
+            disc_step(disc, dopt, images, decoded, gen, bcr=t.bcr, grad_clip=t.grad_clip, autocast=autocast)
         if i:  # the first step is a warm-up
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -62,7 +63,7 @@ def time_steps(cfg, tok, batch: int, precision: str, gan: bool, repeats: int) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["smoke", "cpu", "imagenet256"])
+    p.add_argument("--presets", nargs="+", default=list(PRESETS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--big-batch", type=int, default=2, help="batch for imagenet256 on a CPU")

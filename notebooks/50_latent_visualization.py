@@ -41,14 +41,17 @@ joint_run: str = ""  # a notebook-40 run folder; "" -> the run named run_name, e
 overrides: dict = {}  # dotted config keys, e.g. {"embed.points": 1000, "embed.methods": ["tsne"]}
 
 # %%
-import json
 import math
 
+from IPython.display import Markdown, display
+
+from dmvae_lib.runtime.runs import read_summary
 from dmvae_lib.stages import joint as joint_stage
 from dmvae_lib.stages import latents as latents_stage
 from dmvae_lib.viz.tables import config_table, styled
 from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
+# %%
 joint_dir = upstream_run("40_joint_dm_training", "tokenizer.pt", path=joint_run, run_name=run_name,
                          run_root=run_root, preset=preset)
 tok_dir, teacher_dir = latents_stage.joint_upstreams(joint_dir)
@@ -69,6 +72,8 @@ config_table(cfg)
 u = joint_stage.load_upstream(tok_dir, teacher_dir, s.device, resolve_run_root(run_root) / "_cache")
 sets, images = latents_stage.collect_sets(cfg, u, joint_dir, s.device)
 names = latents_stage.class_names(u.tokenizer_cfg.data.source, u.data)
+
+# %%
 for name, ps in sets.items():
     print(f"{name:>22}: {tuple(ps.points.shape)}, {'labelled' if ps.labels is not None else 'no labels'}")
 assert all(ps.points.ndim == 2 and ps.points.isfinite().all() for ps in sets.values())
@@ -77,13 +82,27 @@ assert all(ps.points.ndim == 2 and ps.points.isfinite().all() for ps in sets.val
 labels = u.data.train_labels if u.data.train is not None else u.data.val_labels
 s.figures.save(latents_stage.class_gallery(images, labels, names, classes=cfg.classes), "class_gallery")
 
+# %%
+n_shown = len(cfg.classes) or len(names)
+display(Markdown(
+    f"**What to look for.** One row per class ({n_shown} shown): the classes that colour every panel below. "
+    "Point sets: " + "; ".join(f"{name}, {len(ps.points)} points in {ps.points.shape[1]} dims"
+                               for name, ps in sets.items())
+    + f". With balanced classes a score that ignores them scores chance, 1/{n_shown} = {1 / n_shown:.2f} "
+    "for the kNN accuracy and about 0 for the silhouette."))
+
 # %% [markdown]
 # ## 2 · Embeddings, coloured by class
 # t-SNE (perplexity `embed.perplexity`) and UMAP (`embed.n_neighbors` neighbours) after PCA to
-# `embed.pca_dims` dims, with fixed seeds. Scores (labels are used only here): **kNN** = leave-one-out
-# accuracy of a `knn_k`-nearest-neighbour vote (chance = 1/K for K balanced classes), **silhouette** ∈ [−1,
-# 1]. The D-dim numbers do not depend on the embedding; the 2-D ones do (t-SNE and UMAP tend to exaggerate
-# clusters). Hover shows the class and the image index; a legend entry toggles a class in every panel.
+# `embed.pca_dims` dims, with fixed seeds. Scores (labels are used only here; `metrics.embedding`):
+# **kNN** = leave-one-out accuracy of a `knn_k`-nearest-neighbour majority vote (Euclidean),
+# $\frac1N \sum_i \big[\operatorname{vote}_k(i) = y_i\big]$ with point i left out of its own neighbours
+# (chance = 1/K for K balanced classes); **silhouette** ∈ [−1, 1], the mean over points of
+# $$s_i = \frac{b_i - a_i}{\max(a_i, b_i)},$$
+# with $a_i$ the mean distance from point i to the other points of its class and $b_i$ the smallest mean
+# distance to the points of another class. The D-dim numbers do not depend on the embedding; the 2-D ones do
+# (t-SNE and UMAP tend to exaggerate clusters). Hover shows the class and the image index; a legend entry
+# toggles a class in every panel.
 
 # %%
 cache, scores = {}, {}
@@ -94,6 +113,15 @@ for method in cfg.embed.methods:
                                       title=f"{latents_stage.METHOD_LABELS[method]} by class")
     s.figures.save(fig, f"latents_{method}")
 
+# %%
+labelled = [n for n in sets if sets[n].labels is not None]
+display(Markdown(
+    "**What to look for.** kNN accuracy in the 2-D picture against the original space, per method: "
+    + "; ".join(f"{latents_stage.METHOD_LABELS[m]}: " + ", ".join(
+        f"{n} {sc[n].knn_2d:.2f} (D-dim {sc[n].knn:.2f})" for n in labelled) for m, sc in scores.items())
+    + f". Chance is {1 / n_shown:.2f}. A 2-D score above the D-dim one is the embedding exaggerating "
+    "clusters: compare the sets by their D-dim numbers, which no embedding changes."))
+
 # %% [markdown]
 # Read the D-dim kNN against chance (1/K) and against the SSL encoder's own kNN on its pooled features
 # (notebook 20): flattened latent *maps* keep pose, position and colour for the decoder, so their Euclidean
@@ -101,10 +129,20 @@ for method in cfg.embed.methods:
 # 0.18 against the encoder's ≈ 0.95). What DM changes is read across the rows, at equal footing.
 
 # %%
-ssl_knn = json.loads((tok_dir / "summary.json").read_text()).get("encoders", {}).get("ssl", {}).get("knn_acc")
+ssl_knn = read_summary(tok_dir).get("encoders", {}).get("ssl", {}).get("knn_acc")
 print(f"SSL encoder kNN on pooled features (notebook 20): {ssl_knn}")
 table = latents_stage.score_table(sets, scores)
 styled(table)
+
+# %%
+knn_hd = table[("D-dim", "kNN")].dropna()
+display(Markdown(
+    f"**What to look for.** In the original space the highest kNN is {knn_hd.idxmax()}'s "
+    f"({knn_hd.max():.2f}) and the lowest {knn_hd.idxmin()}'s ({knn_hd.min():.2f}), against chance "
+    f"{1 / n_shown:.2f}"
+    + ("" if ssl_knn is None else f" and the SSL encoder's kNN on its pooled features ({ssl_knn:.2f})")
+    + ". A set whose kNN sits far above chance keeps the classes as neighbourhoods; DM's row against the "
+    "control's is what λ·L_DM changed."))
 
 # %% [markdown]
 # ## 3 · The class-discriminative view
@@ -122,17 +160,29 @@ if cfg.embed.discriminant_points:
                                          n=cfg.embed.discriminant_points)
     lda_emb, lda_acc = latents_stage.discriminant_embeddings(sets, fits)
     lda_scores = latents_stage.score_sets(sets, lda_emb, cfg.knn_k)
+
+# %%
+if cfg.embed.discriminant_points:
     fig = latents_stage.panels_figure(sets, lda_emb, lda_scores, names,
                                       title="class-discriminative view (LDA fitted on other images)")
     s.figures.save(fig, "latents_lda")
+
+# %%
+if cfg.embed.discriminant_points:
     table[("LDA 2-D", "kNN")] = [lda_scores[n].knn_2d for n in table.index]
     table[("LDA", "held-out acc")] = [lda_acc[n] for n in table.index]
     print("held-out linear accuracy: " + " | ".join(f"{n} {a:.2f}" for n, a in lda_acc.items()))
-    styled(table)
+    display(styled(table))
 
-# %% [markdown]
-# Read the held-out accuracy across the rows: it is the class information a linear map can read off each set,
-# the number the t-SNE picture hides. The LDA panels show it.
+# %%
+acc = {n: a for n, a in lda_acc.items() if not math.isnan(a)} if cfg.embed.discriminant_points else {}
+if acc:
+    display(Markdown(
+        "**What to look for.** Read the held-out accuracy across the rows: it is the class information a "
+        "linear map can read off each set, the number the t-SNE picture hides (the LDA panels show it): "
+        + ", ".join(f"{n} {a:.2f}" for n, a in acc.items()) + f", chance {1 / n_shown:.2f}. The highest is "
+        f"{max(acc, key=acc.get)}'s. Where this ranking differs from the kNN ranking above, the classes are "
+        "linearly separable without being neighbourhoods, or the reverse."))
 
 # %% [markdown]
 # ## 4 · Explorer

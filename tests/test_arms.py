@@ -330,7 +330,7 @@ def test_the_pipeline_report_leads_with_the_claim_verdict(tmp_path):
                                    [("20_tokenizer_pretraining", "ran", a_dir), ("70_reference_study", "ran",
                                                                                  study_dir)])
     text = report.read_text()
-    assert text.index("Headline") < text.index("## 20_tokenizer_pretraining")
+    assert text.index("Headline") < text.index("## 20 · Tokenizer pretraining")
     assert "SUPPORTED" in text and "Reduced study: one generator seed" in text and "| C1 |" in text
 
 

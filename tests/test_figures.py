@@ -130,3 +130,12 @@ def test_metric_lines_mark_each_event_at_its_step():
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert [(s.x0, s.x1) for s in lines] == [(500, 500)]
     assert [a.text for a in fig.layout.annotations] == ["GAN on"]
+
+
+def test_loss_curves_plot_only_the_tagged_records_that_hold_each_key():
+    records = [{"tag": "teacher", "step": 10, "fm_loss": 1.0}, {"tag": "joint", "step": 10, "fm_loss": 9.0},
+               {"tag": "teacher", "step": 20, "fm_loss": 0.5, "lr": 1e-3}]
+    fig = viz.loss_curves(records, "teacher", ("fm_loss", "lr"))
+    assert [t.name for t in fig.data] == ["fm_loss", "lr"]
+    assert list(fig.data[0].x) == [10, 20] and list(fig.data[0].y) == [1.0, 0.5]
+    assert list(fig.data[1].x) == [20] and fig.layout.title.text == "teacher losses"

@@ -23,7 +23,7 @@ import yaml
 from dmvae_lib.configs import ConfigError, from_dict, make_config
 from dmvae_lib.runtime.runs import RunDir, RunError, RunLockedError, load_checkpoint
 from dmvae_lib.train.loop import NonFiniteError, train
-from dmvae_lib.train.phases import apply_update, disc_step, flow_matching_step
+from dmvae_lib.train.phases import apply_update, disc_step, flow_matching_step, update
 from dmvae_lib.workflow import pipeline, run_notebook
 from dmvae_lib.workflow.session import config_record, resolve_config
 
@@ -269,10 +269,10 @@ def test_a_nonfinite_gradient_is_a_nonfinite_step_in_the_loop(tmp_path):
     holder = torch.nn.Module()
     holder.w = w
 
-    def step(k):  # like tokenizer_step: reports the norm, not the overflow
+    def step(k):  # a finite loss at every step; `update` reports the overflow as the step's count
         loss = ((w - 1).pow(2).sum() if k != 3
                 else (w - w.detach()).sqrt().sum())  # 0, with an infinite gradient
-        return {"loss": float(loss.detach()), "grad_norm": apply_update(loss, opt, [w], 1.0), "nonfinite": 0}
+        return {"loss": loss.detach(), **update(loss, opt, [w], grad_clip=1.0)}
 
     state = {"w": holder, "opt": opt}
     with pytest.raises(NonFiniteError,

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from . import generation, joint, latents, study, teacher, tokenizer, toy
 from .errors import ConfigError
 
+PRESETS = ("smoke", "cpu", "imagenet256")  # every stage's presets carry exactly these names
 STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "toy": (toy.ToyConfig, toy.PRESETS),
     "tokenizer": (tokenizer.TokenizerStageConfig, tokenizer.PRESETS),

@@ -1,4 +1,4 @@
-"""Configuration of stage 4: the final generator on the DM tokenizer's latents, sampling and evaluation
+"""Configuration of notebook 60: the final generator on the DM tokenizer's latents, sampling and evaluation
 (notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2, §5.4, §6)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration of stage 3: joint distribution-matching training of the tokenizer (notebook 40; paper §3.2,
+"""Configuration of notebook 40: joint distribution-matching training of the tokenizer (paper §3.2,
 App. A.3; docs/authors-code.md §5.3, with its bugs fixed (§8))."""
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ class JointStageConfig:
 PRESETS: dict[str, dict] = {
     "smoke": {"train.steps": 100, "train.batch": 64, "train.disc_start": 50, "train.log_every": 10,
               "train.ckpt_every": 50, "train.eval_every": 50, "train.eval_samples": 500},
-    # cpu: DM without CFG, chosen when the stage-1 latents barely clustered by class (kNN ≈ 0.18) and the
-    # teacher's class-conditional scores were mostly noise that guidance ×5 would amplify. Since the semantic
-    # alignment (latent kNN ≈ 0.63) this has not been re-measured. The encoder trains, as in the authors' DM
-    # stage (paper §3.1): this run is then also the claim study's C1 with its C0 control (notebook 70).
+    # cpu: DM without CFG, so that guidance ×5 does not amplify the noise of a small teacher's
+    # class-conditional scores (a choice made on weakly clustered latents, not a measured optimum).
+    # The encoder trains, as in the authors' DM stage (paper §3.1): this run is then also the claim study's
+    # C1 with its C0 control (notebook 70).
     "cpu": {"train.cfg_scale": 1.0, "train.train_encoder": True},
     "imagenet256": {"train.steps": 500000, "train.disc_init": "fresh", "train.batch": 128, "train.lr": 2e-5,
                     "train.fake_lr": 2e-5, "train.disc_lr": 2e-5, "train.warmup_steps": 1000,

@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
             "generation": {"fit.steps": 600, "sample.n": 1000, "metrics.real_images": 4000,
                            "metrics.floor_images": 1000, "metrics.png_limit": 50}},
     # The paper's Tab. 1 protocol at full scale is hundreds of GPU-days per cell; these are the per-stage
-    # presets unchanged, one seed (run the cells you need with `references`/`seeds`).
+    # presets as they are, one seed (run the cells you need with `references`/`seeds`).
     "imagenet256": {"claim.seeds": [0], "claim.extra_weights": [], "seeds": [0],
                     "claim.generation": {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000},
                     "joint": {"train.control": False}},

@@ -1,4 +1,4 @@
-"""Configuration of stage 2: the reference distribution and the real (teacher) velocity net (notebook 30;
+"""Configuration of notebook 30: the reference distribution and the real (teacher) velocity net (notebook 30;
 paper §4, App. A.2; docs/authors-code.md §3, §5.2)."""
 
 from __future__ import annotations

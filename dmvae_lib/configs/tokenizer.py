@@ -1,4 +1,4 @@
-"""Configuration of stage 1: reference encoders and tokenizer pretraining (notebook 20; paper App. A.1)."""
+"""Configuration of notebook 20: reference encoders and stage-1 tokenizer pretraining (paper App. A.1)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ class NetConfig:
     dec_res_blocks: int = 0  # + 1 ResBlock per level (2 at full scale)
     dec_attn: bool = False  # single-head attention in the decoder's mid block
     dec_groups: int = 16  # GroupNorm groups
+
+
+def gan_start(train) -> int | None:
+    """The step from which the adversarial term and the discriminator's updates run (`train.disc_start`), or
+    None when `train.disc_weight` is 0; `train` is a stage-1 or joint training config."""
+    return train.disc_start if train.disc_weight > 0 else None
+
+
+def gan_on(train, step: int) -> bool:
+    """Whether the GAN is on at global step `step` (0-based): the only place this rule is written."""
+    start = gan_start(train)
+    return start is not None and step >= start
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Latents for stage 2 and 3: the cached training latents of a tokenizer, and the reference built on them."""
+"""Latents for notebooks 30 and 40: a tokenizer's cached training latents and the reference built on them."""
 
 from __future__ import annotations
 

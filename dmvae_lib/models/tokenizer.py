@@ -297,6 +297,17 @@ class Tokenizer(nn.Module):
         z = self.encode(x)
         return self.decode(z), z
 
+    def trainable_parameters(self, train_encoder: bool) -> list[nn.Parameter]:
+        """The parameters a training stage updates, in the optimizer's order: the encoder's (made trainable)
+        when `train_encoder`, then the projector's and the decoder's."""
+        if not train_encoder:
+            return [*self.projector.parameters(), *self.decoder.parameters()]
+        if not hasattr(self.encoder, "set_trainable"):
+            name = type(self.encoder).__name__
+            raise ValueError(f"train.train_encoder=True: the {name} encoder cannot train")
+        self.encoder.set_trainable(True)
+        return [*self.encoder.parameters(), *self.projector.parameters(), *self.decoder.parameters()]
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of z."""

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import random
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -61,6 +61,12 @@ def autocast_ctx(device: torch.device, precision: str = "fp32"):
             _warn_emulated(device)
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def autocaster(device: torch.device | str,
+               precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """`autocast_ctx(device, precision)` as a zero-argument callable, the `autocast` of every step."""
+    return functools.partial(autocast_ctx, torch.device(device), precision)
 
 
 def fused_adamw(device: torch.device | str) -> Optional[bool]:

@@ -39,6 +39,18 @@ from typing import Any, Mapping
 
 import torch
 
+SUMMARY = "summary.json"  # written last by a run: its presence is what "finished" means
+
+
+def is_finished(folder: str | os.PathLike) -> bool:
+    """Whether the run in `folder` finished: the one place this rule is written."""
+    return (Path(folder) / SUMMARY).is_file()
+
+
+def read_summary(folder: str | os.PathLike) -> dict:
+    """A finished run's summary.json, {} for an unfinished one."""
+    return json.loads((Path(folder) / SUMMARY).read_text()) if is_finished(folder) else {}
+
 
 class RunError(RuntimeError):
     """A run directory or checkpoint that cannot be used as asked."""
@@ -276,7 +288,7 @@ class RunDir:
         return [json.loads(line) for line in file.read_text().splitlines() if line] if file.exists() else []
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        file = self.path / "summary.json"
+        file = self.path / SUMMARY
         atomic_write_bytes(file, lambda f: f.write(json.dumps(dict(summary), indent=2).encode()))
         return file
 

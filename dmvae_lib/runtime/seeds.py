@@ -21,7 +21,7 @@ OFFSETS: dict[str, int] = {
     "data.shapes_val": 7919,  # the validation split of the shapes dataset
     # SSL and supervised encoders (the seed of their SSLConfig)
     "ssl.batches": 1,  # batches and augmentations (the model's initialisation uses the seed itself)
-    # stage 1 (notebook 20, tokenizer)
+    # notebook 20 (stage-1 tokenizer)
     "tokenizer.supervised": 1,  # the supervised classifier's SSLConfig seed (its init; batches at +1 more)
     "tokenizer.init": 5,  # the projector's and decoder's initialisation (global RNG)
     "tokenizer.disc_init": 6,  # the patch discriminator's initialisation (global RNG)
@@ -31,9 +31,9 @@ OFFSETS: dict[str, int] = {
     # velocity-net fitting (the teacher of notebook 30, the generator of notebook 60)
     "velocity.batches": 23,  # reference batches, and t and noise on the CPU (rank 0: one-process stream)
     "velocity.noise": 29,  # t and noise on a non-CPU device
-    # stage 2 (notebook 30, teacher evaluation)
+    # notebook 30 (teacher evaluation)
     "teacher.eval": 5,  # the two reference draws the samples and the noise floor are scored against
-    # stage 3 (joint DM training)
+    # notebook 40 (joint DM training)
     "joint.head_init": 3,  # the projection head's initialisation (global RNG)
     "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: one-process stream)
     "joint.fake_fm": 37,  # the fake net's t and noise on a non-CPU device

@@ -1,4 +1,4 @@
-"""Stage 4 orchestration: the final generator (notebook 60; paper §5, Tab. 3; docs/authors-code.md §5.2,
+"""Notebook 60, the final generator ( paper §5, Tab. 3; docs/authors-code.md §5.2,
 §5.4, §6).
 
     latent cache of the DM tokenizer → LightningDiT fitted by flow matching (fit_velocity_net, the same

@@ -1,14 +1,14 @@
-"""Stage 3 (notebook 40; paper §3.2, App. A.3): joint distribution-matching training of the tokenizer.
+"""Notebook 40 (paper §3.2, App. A.3): joint distribution-matching training of the tokenizer.
 
-Global step k, as `train_joint`'s `step` spells it out:
-  * tokenizer turn (k % tokenizer_every == 0): features → (z, x̂); target = head(normalize(z));
-    L = L_rec + w·L_GAN (adaptive w, from disc_start) + λ·L_DM(target), with CFG on both nets when the
-    reference is conditional; one update; then the discriminator's step.
+Global step k (`joint_step`, over a `JointState` built once by `joint_state`):
+  * tokenizer turn (`tokenizer_turn`, k % tokenizer_every == 0): features → (z, decoded);
+    latents = head(normalize(z)); L = L_rec + w·L_GAN (adaptive w, from disc_start) + λ·L_DM(latents),
+    with CFG on both nets when the reference is conditional; one update; then the discriminator's step.
     Gradient routing: decoder ← L_rec, L_GAN (never L_DM); head ← L_DM; projector (+ encoder) ← both.
-  * every step: the fake net takes a flow-matching step on sg(target) with label dropout (on a tokenizer turn
-    it reuses that turn's latents: no extra encoder pass).
+  * every step (`fake_turn`): the fake net takes a flow-matching step on sg(latents) with label dropout (on a
+    tokenizer turn it reuses that turn's latents: no extra encoder pass).
 The teacher is loaded strictly; DM timesteps stay in [t_min, t_max] (optionally annealed toward t → 1); the
-λ = 0 control runs the same function with no fake net and no DM forward pass. The authors' step and what
+λ = 0 control runs the same step with no fake net and no DM forward pass. The authors' step and what
 we do differently: docs/authors-code.md §5.3 and §8.
 """
 
@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..configs import from_dict
-from ..configs.joint import JointStageConfig
+from ..configs.joint import JointStageConfig, JointTrainConfig
 from ..configs.teacher import TeacherStageConfig
+from ..configs.tokenizer import gan_on
 from ..core import dmd, flow
 from ..core.samplers import guided
 from ..data.images import ImageData, batches, load_data
@@ -38,7 +40,7 @@ from ..models.lightning_dit import drop_labels
 from ..models.projection_heads import make_head
 from ..models.recon_losses import PatchDiscriminator, perceptual_loss
 from ..models.tokenizer import Tokenizer
-from ..runtime.device import autocast_ctx, fused_adamw
+from ..runtime.device import autocaster, fused_adamw
 from ..runtime.distributed import (
     DistContext,
     main_only_run,
@@ -96,12 +98,12 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
     return out
 
 
-def dm_loss(target: Tensor, y: Optional[Tensor], real, fake: nn.Module, t: Tensor, noise: Tensor,
+def dm_loss(latents: Tensor, y: Optional[Tensor], real, fake: nn.Module, t: Tensor, noise: Tensor,
             autocast=contextlib.nullcontext, fake_velocity=None):
-    """L_DM on the latents `target` (paper Eq. 9): gradient (x̂_fake − x̂_real)/N on `target` only, the real and
-    fake nets (`real`, `fake_velocity`, default `fake`; e.g. their CFG callables) never differentiated."""
+    """L_DM on `latents` (paper Eq. 9): gradient (x̂_fake − x̂_real)/N on `latents` only, the real and fake
+    nets (`real`, `fake_velocity`, default `fake`; e.g. their CFG callables) never differentiated."""
     with frozen(fake), autocast():
-        return dmd.dm(target, real, fake if fake_velocity is None else fake_velocity, t, noise, y)
+        return dmd.dm(latents, real, fake if fake_velocity is None else fake_velocity, t, noise, y)
 
 
 def dm_mechanism(cfg: JointStageConfig, tok: Tokenizer, teacher: nn.Module, reference, images_u8: Tensor,
@@ -111,34 +113,215 @@ def dm_mechanism(cfg: JointStageConfig, tok: Tokenizer, teacher: nn.Module, refe
     returns g per sample, |g|, t, and the gradient norm λ·L_DM puts on each tokenizer part."""
     c, gen = cfg.train, torch.Generator().manual_seed(seed)
     tok = copy.deepcopy(tok).to(device).train()
-    if c.train_encoder and hasattr(tok.encoder, "set_trainable"):
-        tok.encoder.set_trainable(True)
+    tok.trainable_parameters(c.train_encoder)  # makes a trainable encoder's parameters require gradients
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = make_head(tok.latent_shape, tuple(reference.shape)).to(device)
-    images, k = to_float(images_u8).to(device), reference.num_classes
-    y = labels.to(device) if k else None
+    images, classes = to_float(images_u8).to(device), reference.num_classes
+    y = labels.to(device) if classes else None
     with torch.no_grad():
-        target0 = head(tok.normalize(tok.encode(images).float()))
+        latents0 = head(tok.normalize(tok.encode(images).float()))
     fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
     fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95))
     for _ in range(fake_steps):
-        flow_matching_step(fake, fopt, target0, gen, y=y, grad_clip=c.grad_clip)
-    real_v, fake_v = dm_nets(teacher.to(device).eval(), fake, k, c.cfg_scale)
-    target = head(tok.normalize(tok.encode(images).float()))
-    target.retain_grad()
-    t = flow.sample_t(len(target), t_min=c.t_min, t_max=c.t_max, generator=gen).to(device)
-    noise = torch.randn(target.shape, generator=gen).to(device)
-    loss, st = dm_loss(target, y, real_v, fake, t, noise, fake_velocity=fake_v)
+        flow_matching_step(fake, fopt, latents0, gen, y=y, grad_clip=c.grad_clip)
+    real_v, fake_v = dm_nets(teacher.to(device).eval(), fake, classes, c.cfg_scale)
+    latents = head(tok.normalize(tok.encode(images).float()))
+    latents.retain_grad()
+    t = flow.sample_t(len(latents), t_min=c.t_min, t_max=c.t_max, generator=gen).to(device)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    loss, st = dm_loss(latents, y, real_v, fake, t, noise, fake_velocity=fake_v)
     lam = c.dm_weight or 1.0  # the λ = 0 control still shows the direction it leaves out
     (lam * loss).backward()
-    g = target.grad * target.numel() / lam  # ∂L_DM/∂target = g/N (the surrogate's design)
+    g = latents.grad * latents.numel() / lam  # ∂L_DM/∂latents = g/N (the surrogate's design)
     parts = {"encoder": tok.encoder, "projector": tok.projector, "decoder": tok.decoder, "head": head}
     reach = {name: float(torch.linalg.vector_norm(torch.stack(
         [q.grad.norm() for q in m.parameters() if q.grad is not None] or [torch.zeros(())]))) for name, m in
         parts.items()}
     return {"g": g.detach().cpu(), "g_norm": g.flatten(1).norm(dim=1).cpu(), "t": t.cpu(), "grad_norm": reach,
             "nonfinite": int(st.nonfinite)}
+
+
+@dataclass
+class JointState:
+    """Everything the joint stage's step reads and changes, built once by `joint_state`.
+
+    `encoder`, `parts` (projector + decoder), `head_model`, `disc_model` and `fake_model` are the modules the
+    step calls: DDP-wrapped under a multi-process `ctx`, else `tok.encoder`, …, `fake` themselves. Without
+    DM (`dm_weight == 0`, the control) the fake net and its optimizer are None.
+    """
+
+    train: JointTrainConfig
+    dm_weight: float
+    tok: Tokenizer
+    head: nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: object
+    disc: nn.Module
+    dopt: torch.optim.Optimizer
+    real_velocity: Optional[Callable]
+    fake: Optional[nn.Module]
+    fake_velocity: Optional[Callable]
+    fopt: Optional[torch.optim.Optimizer]
+    fsched: object
+    num_classes: int
+    perceptual: Optional[nn.Module]
+    batches: Iterator[tuple[Tensor, Tensor]]
+    gen: torch.Generator  # batches, GAN augmentation, DM draws, label dropout
+    fm_gen: torch.Generator  # the fake net's t and noise: `gen` on CPU, a device generator elsewhere
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    ctx: DistContext
+    device: torch.device
+    encoder: nn.Module
+    parts: nn.Module
+    head_model: nn.Module
+    disc_model: nn.Module
+    fake_model: Optional[nn.Module]
+
+    @property
+    def use_dm(self) -> bool:
+        return self.dm_weight > 0
+
+    def checkpointed(self) -> dict:
+        """What must survive an interruption (the loop's `state`)."""
+        tok = self.tok
+        parts = {"projector": tok.projector, "decoder": tok.decoder, "encoder": tok.encoder}
+        state = {"tokenizer": nn.ModuleDict(parts), "head": self.head, "opt": self.opt, "sched": self.sched,
+                 "disc": self.disc, "dopt": self.dopt, "gen": self.gen}
+        if self.use_dm:
+            state.update(fake=self.fake, fopt=self.fopt, fsched=self.fsched)
+        if self.fm_gen is not self.gen:
+            state["fm_gen"] = self.fm_gen
+        return state
+
+
+def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
+                device, *, dm_weight: float, disc_state: Optional[dict], disc_arch: tuple[int, int],
+                ctx: DistContext) -> JointState:
+    """A copy of the stage-1 tokenizer, the projection head, the discriminator (stage 1's `disc_state` or
+    fresh), the frozen real net and the fake net (a copy of the teacher), their optimizers and generators."""
+    c, dev = cfg.train, torch.device(device)
+    tok = copy.deepcopy(tokenizer).to(device).train()
+    with torch.random.fork_rng(devices=[]):  # the head and a fresh discriminator depend on cfg.seed only
+        torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))
+        head = make_head(tok.latent_shape, tuple(reference.shape)).to(device)
+        disc = PatchDiscriminator(3, *disc_arch)
+    if disc_state is not None:
+        load_state_strict(disc, disc_state, "stage-1 discriminator")
+    disc = disc.to(device)
+    params = [*tok.trainable_parameters(c.train_encoder), *head.parameters()]
+    fused = fused_adamw(dev)  # True on CUDA; None (torch's default) keeps the CPU numbers
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay, fused=fused)
+    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4,
+                             fused=fused)
+    real = teacher.to(device).eval().requires_grad_(False)
+    fake = fopt = fsched = None
+    if dm_weight > 0:
+        fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True)
+        fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95),
+                                 weight_decay=c.weight_decay, fused=fused)
+        fsched = _warmup(fopt, c.warmup_steps)
+    real_v, fake_v = dm_nets(real, fake, reference.num_classes, c.cfg_scale) if fake else (None, None)
+    gen = rank_generator(stream_seed(cfg.seed, "joint.batches"), ctx)  # rank 0: the single-process stream
+    # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
+    fm_gen = gen if dev.type == "cpu" else rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev)
+    head_trains = fake is not None and any(q.requires_grad for q in head.parameters())
+    return JointState(
+        train=c, dm_weight=dm_weight, tok=tok, head=head, params=params, opt=opt,
+        sched=_warmup(opt, c.warmup_steps), disc=disc, dopt=dopt, real_velocity=real_v, fake=fake,
+        fake_velocity=fake_v, fopt=fopt, fsched=fsched, num_classes=reference.num_classes,
+        perceptual=perceptual_loss(c.lpips),
+        batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, 0), gen=gen, fm_gen=fm_gen,
+        autocast=autocaster(dev, c.precision), ctx=ctx, device=dev,
+        encoder=wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder,
+        parts=wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx),
+        head_model=wrap_ddp(head, ctx) if head_trains else head, disc_model=wrap_ddp(disc, ctx),
+        fake_model=wrap_ddp(fake, ctx) if fake is not None else None)
+
+
+def dm_term(s: JointState, latents: Tensor, y: Tensor, k: int):
+    """λ's loss at step k: t in the (annealed) DM range and noise from the batch stream, both nets under CFG
+    when the reference is conditional. Returns (L_DM, its DMStats)."""
+    lo, hi = _t_range(s.train, k)
+    # CPU draws, copied without waiting for the device (a blocking copy is a sync)
+    t = flow.sample_t(len(latents), t_min=lo, t_max=hi, generator=s.gen).to(s.device, non_blocking=True)
+    noise = torch.randn(latents.shape, generator=s.gen).to(s.device, non_blocking=True)
+    y = y if s.num_classes else None
+    return dm_loss(latents, y, s.real_velocity, s.fake, t, noise, s.autocast, fake_velocity=s.fake_velocity)
+
+
+def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[dict, Optional[Tensor]]:
+    """One update of the tokenizer on L = L_rec + w·L_GAN + λ·L_DM (paper Eq. 9, App. A.3), then the
+    discriminator's step. Returns (stats, the latents the reference is matched on, or None without DM).
+
+    Gradient routing: the decoder gets L_rec and L_GAN (never L_DM), the head L_DM, the projector (and a
+    trainable encoder) both."""
+    c = s.train
+    with s.autocast(), torch.set_grad_enabled(c.train_encoder):
+        features = s.encoder(images)
+    with s.autocast():
+        z, decoded, _ = s.parts(features.float())
+    decoded = decoded.float()
+    l_rec, stats = reconstruction_loss(decoded, images, l1=c.l1, perceptual=s.perceptual,
+                                       lpips_weight=c.lpips_weight)
+    loss, dm_nonfinite, gan, latents = l_rec, 0, gan_on(c, k), None
+    if gan:
+        l_gan = generator_gan_loss(s.disc, decoded, s.gen, s.autocast)
+        w = gan_weight(l_rec, l_gan, s.tok.decoder.get_last_layer(), s.ctx)
+        loss = loss + c.disc_weight * w * l_gan
+        stats.update(g_loss=l_gan.detach(), gan_weight=w)
+    if s.use_dm:
+        latents = s.head_model(s.tok.normalize(z.float()))
+        l_dm, dm = dm_term(s, latents, y, k)
+        loss, dm_nonfinite = loss + s.dm_weight * l_dm, dm.nonfinite
+        stats.update(dm_loss=l_dm.detach(), dm_grad_norm=dm.direction_norm)
+    stats["rec_loss"] = l_rec.detach()
+    stats.update(update(loss, s.opt, s.params, grad_clip=c.grad_clip, scheduler=s.sched,
+                        nonfinite=dm_nonfinite, ctx=s.ctx))
+    if gan:
+        d = disc_step(s.disc_model, s.dopt, images, decoded.detach(), s.gen, bcr=c.bcr, grad_clip=c.grad_clip,
+                      autocast=s.autocast, ctx=s.ctx)
+        stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
+    return stats, latents
+
+
+@torch.no_grad()
+def current_latents(s: JointState, images: Tensor) -> Tensor:
+    """head(normalize(E(images))) under the current weights, without gradients: the fake net's data on the
+    steps without a tokenizer turn."""
+    with s.autocast():
+        return s.head(s.tok.normalize(s.tok.encode(images).float())).float()
+
+
+def fake_turn(s: JointState, latents: Tensor, y_cpu: Tensor) -> dict:
+    """The fake net tracks the current latents: one flow-matching step on sg(latents), labels dropped at
+    `label_dropout` for CFG (drawn on the CPU copy: reading labels back from the device is a sync)."""
+    c = s.train
+    y = (drop_labels(y_cpu, c.label_dropout, s.num_classes, s.gen).to(s.device, non_blocking=True)
+         if s.num_classes else None)
+    f = flow_matching_step(s.fake_model, s.fopt, latents.detach(), s.fm_gen, y=y, scheduler=s.fsched,
+                           grad_clip=c.grad_clip, autocast=s.autocast,
+                           ctx=s.ctx if s.ctx.distributed else None)
+    return {"fake_fm_loss": f["fm_loss"], "nonfinite": f["nonfinite"]}
+
+
+def joint_step(s: JointState, k: int) -> dict:
+    """Global step k: a tokenizer turn every `tokenizer_every` steps, a fake-net turn every step (with DM).
+
+    A step without a tokenizer turn reports only the fake net's numbers (the loop carries the others); the
+    control (no DM) still draws its batch, so both runs see the same images at the same steps."""
+    images_cpu, y_cpu = next(s.batches)
+    images, y = (b.to(s.device, non_blocking=True) for b in (images_cpu, y_cpu))
+    stats, latents = {"nonfinite": 0}, None
+    if k % s.train.tokenizer_every == 0:
+        stats, latents = tokenizer_turn(s, images, y, k)
+    elif s.use_dm:
+        latents = current_latents(s, images)
+    if s.use_dm:
+        f = fake_turn(s, latents, y_cpu)
+        stats = {**stats, "fake_fm_loss": f["fake_fm_loss"], "nonfinite": stats["nonfinite"] + f["nonfinite"]}
+    return reduce_stats(stats, s.ctx)
 
 
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
@@ -150,124 +333,30 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
 
     The discriminator starts from `disc_state` (stage 1's) or fresh with `disc_arch` = (ndf, layers);
     a multi-process `ctx` shards train.batch over ranks (runtime/distributed.py)."""
-    c, dev, ctx = cfg.train, torch.device(device), ctx or DistContext()
-    tok = copy.deepcopy(tokenizer).to(device).train()
-    torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))
-    head = make_head(tok.latent_shape, tuple(reference.shape)).to(device)
-    if c.train_encoder:
-        if not hasattr(tok.encoder, "set_trainable"):
-            name = type(tok.encoder).__name__
-            raise ValueError(f"train.train_encoder=True: the {name} encoder cannot train")
-        tok.encoder.set_trainable(True)
-    enc_params = list(tok.encoder.parameters()) if c.train_encoder else []
-    params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(), *head.parameters()]
-    fused = fused_adamw(dev)  # True on CUDA; None (torch's default) keeps the CPU numbers
-    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay, fused=fused)
-    sched = _warmup(opt, c.warmup_steps)
-    disc = PatchDiscriminator(3, *disc_arch)  # initialised under the seed above
-    if disc_state is not None:
-        load_state_strict(disc, disc_state, "stage-1 discriminator")
-    disc = disc.to(device)
-    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4,
-                             fused=fused)
-    use_dm = dm_weight > 0
-    real = teacher.to(device).eval().requires_grad_(False)
-    fake = copy.deepcopy(teacher).to(device).train().requires_grad_(True) if use_dm else None
-    fopt = torch.optim.AdamW(fake.parameters(), lr=c.fake_lr, betas=(0.9, 0.95),
-                             weight_decay=c.weight_decay, fused=fused) if use_dm else None
-    fsched = _warmup(fopt, c.warmup_steps) if use_dm else None
-    k_classes = reference.num_classes
-    real_v, fake_v = dm_nets(real, fake, k_classes, c.cfg_scale) if use_dm else (None, None)
-    perceptual = perceptual_loss(c.lpips)
-    gen = rank_generator(stream_seed(cfg.seed, "joint.batches"), ctx)  # rank 0: the single-process stream
-    # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
-    fm_gen = gen if dev.type == "cpu" else rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev)
-    stream = batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, 0)
-    parts, disc_model = wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx), wrap_ddp(disc, ctx)
-    encoder = wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder
-    head_model = wrap_ddp(head, ctx) if use_dm and any(p.requires_grad for p in head.parameters()) else head
-    fake_model = wrap_ddp(fake, ctx) if use_dm else None
-    autocast = lambda: autocast_ctx(dev, c.precision)  # noqa: E731
-    last_turn: dict = {}  # the latest tokenizer turn's numbers, carried by the records in between
-
-    def dm_term(target: Tensor, y: Tensor, k: int) -> tuple[Tensor, dict]:
-        lo, hi = _t_range(c, k)
-        # CPU draws, copied without waiting for the device (a blocking copy is a sync)
-        t = flow.sample_t(len(target), t_min=lo, t_max=hi, generator=gen).to(device, non_blocking=True)
-        noise = torch.randn(target.shape, generator=gen).to(device, non_blocking=True)
-        y = y if k_classes else None
-        return dm_loss(target, y, real_v, fake, t, noise, autocast, fake_velocity=fake_v)
-
-    def step(k: int) -> dict:
-        images_cpu, y_cpu = next(stream)
-        images, y = (b.to(device, non_blocking=True) for b in (images_cpu, y_cpu))
-        if k % c.tokenizer_every == 0:  # tokenizer turn: encode, decode, L = L_rec + w·L_GAN + λ·L_DM
-            with autocast(), torch.set_grad_enabled(c.train_encoder):
-                features = encoder(images)
-            with autocast():
-                z, x_hat, _ = parts(features.float())
-            x_hat = x_hat.float()
-            l_rec, stats = reconstruction_loss(x_hat, images, l1=c.l1, perceptual=perceptual,
-                                               lpips_weight=c.lpips_weight)
-            loss, dm_bad, gan_on = l_rec, 0, k >= c.disc_start and c.disc_weight > 0
-            if gan_on:
-                l_gan = generator_gan_loss(disc, x_hat, gen, autocast)
-                w = gan_weight(l_rec, l_gan, tok.decoder.get_last_layer(), ctx)
-                loss = loss + c.disc_weight * w * l_gan
-                stats.update(g_loss=l_gan.detach(), gan_weight=w)
-            if use_dm:
-                target = head_model(tok.normalize(z.float()))  # the latents the reference is matched on
-                l_dm, st = dm_term(target, y, k)
-                loss, dm_bad = loss + dm_weight * l_dm, st.nonfinite
-                stats.update(dm_loss=l_dm.detach(), dm_grad_norm=st.direction_norm)
-            stats["rec_loss"] = l_rec.detach()
-            stats.update(update(loss, opt, params, grad_clip=c.grad_clip, scheduler=sched, nonfinite=dm_bad,
-                                ctx=ctx))
-            if gan_on:
-                d = disc_step(disc_model, dopt, images, x_hat.detach(), gen, bcr=c.bcr, grad_clip=c.grad_clip,
-                              autocast=autocast, ctx=ctx)
-                stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
-            last_turn.clear()
-            last_turn.update({key: v for key, v in stats.items() if key != "nonfinite"})
-            stats = {**last_turn, **stats}
-        elif use_dm:  # a fake-net-only step still needs the current latents
-            with torch.no_grad(), autocast():
-                target = head(tok.normalize(tok.encode(images).float())).float()
-            stats = dict(last_turn)
-        else:
-            return reduce_stats({**last_turn, "nonfinite": 0}, ctx)
-        if use_dm:  # the fake net tracks the current latents: flow matching on sg(target)
-            yy = (drop_labels(y_cpu, c.label_dropout, k_classes, gen).to(device, non_blocking=True)
-                  if k_classes else None)  # on the CPU copy: reading y back from the device is a sync
-            f = flow_matching_step(fake_model, fopt, target.detach(), fm_gen, y=yy, scheduler=fsched,
-                                   grad_clip=c.grad_clip, autocast=autocast,
-                                   ctx=ctx if ctx.distributed else None)
-            stats.update(fake_fm_loss=f["fm_loss"], nonfinite=stats.get("nonfinite", 0) + f["nonfinite"])
-        return reduce_stats(stats, ctx)
-
-    images_u8 = data.train[0] if data.train is not None else data.val
+    c, ctx = cfg.train, ctx or DistContext()
+    s = joint_state(cfg, tokenizer, teacher, reference, data, device, dm_weight=dm_weight,
+                    disc_state=disc_state, disc_arch=disc_arch, ctx=ctx)
     hooks, run = [], main_only_run(run, ctx)
     if c.eval_every and ctx.is_main:
-        def diag(done: int) -> None:
-            tok.eval()
-            rec = latent_diagnostics(tok, head, images_u8, reference, device, n=c.eval_samples, seed=cfg.seed,
-                                     val_u8=data.val[:500])
-            tok.train()
-            if run is not None:
-                run.log_metrics({"tag": f"{tag}_eval", "step": done, **rec})
-        hooks.append((c.eval_every, diag))
-    parts_dict = {"projector": tok.projector, "decoder": tok.decoder, "encoder": tok.encoder}
-    state = {"tokenizer": nn.ModuleDict(parts_dict),
-             "head": head, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "gen": gen}
-    if use_dm:
-        state.update(fake=fake, fopt=fopt, fsched=fsched)
-    if fm_gen is not gen:
-        state["fm_gen"] = fm_gen
-    stats = train(step, max_steps=c.steps, state=state, run=run, tag=tag, log_every=c.log_every,
-                  ckpt_every=c.ckpt_every, hooks=hooks, progress=progress and ctx.is_main, ctx=ctx)
+        hooks.append((c.eval_every, functools.partial(_log_diagnostics, s, cfg, reference, data, run, tag)))
+    stats = train(functools.partial(joint_step, s), max_steps=c.steps, state=s.checkpointed(), run=run,
+                  tag=tag, log_every=c.log_every, ckpt_every=c.ckpt_every, hooks=hooks, carry=True,
+                  progress=progress and ctx.is_main, ctx=ctx)
     if c.refine_steps:
-        refine_decoder(cfg, tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
-    return tok.eval(), head.eval(), stats
+        refine_decoder(cfg, s.tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
+    return s.tok.eval(), s.head.eval(), stats
+
+
+def _log_diagnostics(s: JointState, cfg: JointStageConfig, reference, data: ImageData, run: Optional[RunDir],
+                     tag: str, done: int) -> None:
+    """`latent_diagnostics` of the current tokenizer, logged as a `<tag>_eval` record (an eval-mode pass)."""
+    images_u8 = data.train[0] if data.train is not None else data.val
+    s.tok.eval()
+    rec = latent_diagnostics(s.tok, s.head, images_u8, reference, s.device, n=s.train.eval_samples,
+                             seed=cfg.seed, val_u8=data.val[:500])
+    s.tok.train()
+    if run is not None:
+        run.log_metrics({"tag": f"{tag}_eval", "step": done, **rec})
 
 
 def _t_range(c, k: int) -> tuple[float, float]:
@@ -280,31 +369,50 @@ def _t_range(c, k: int) -> tuple[float, float]:
 def refine_decoder(cfg: JointStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device, *,
                    tag: str, progress: bool = True, ctx: Optional[DistContext] = None) -> dict:
     """Decoder-only refinement, encoder and projector frozen (reconstruction loss; DDP as in train_joint)."""
-    t, ctx = cfg.train, ctx or DistContext()
+    c, ctx = cfg.train, ctx or DistContext()
     params = list(tok.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay,
                             fused=fused_adamw(device))
     gen = rank_generator(stream_seed(cfg.seed, "joint.refine"), ctx)
-    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, 0)
-    decoder = wrap_ddp(tok.decoder, ctx)
-    perceptual = perceptual_loss(t.lpips)
-    autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
+    s = RefineState(tok=tok, decoder=wrap_ddp(tok.decoder, ctx), params=params, opt=opt, l1=c.l1,
+                    lpips_weight=c.lpips_weight, perceptual=perceptual_loss(c.lpips), grad_clip=c.grad_clip,
+                    batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, 0),
+                    autocast=autocaster(device, c.precision), device=torch.device(device), ctx=ctx)
+    return train(functools.partial(refine_step, s), max_steps=c.refine_steps,
+                 state={"decoder": tok.decoder, "opt": opt, "gen": gen}, run=main_only_run(run, ctx), tag=tag,
+                 log_every=c.log_every, ckpt_every=c.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
 
-    def step(k: int) -> dict:
-        images = next(stream)[0].to(device)
-        with torch.no_grad(), autocast():
-            z = tok.project(tok.encode_features(images)).float()
-        with autocast():
-            x_hat = decoder(z).float()
-        loss = t.l1 * (x_hat - images).abs().mean()
-        if perceptual is not None:
-            loss = loss + t.lpips_weight * perceptual(x_hat, images).mean()
-        stats = update(loss, opt, params, grad_clip=t.grad_clip, ctx=ctx)  # the ranks skip together
-        return reduce_stats({"l1": loss.detach(), **stats}, ctx)
 
-    return train(step, max_steps=t.refine_steps, state={"decoder": tok.decoder, "opt": opt, "gen": gen},
-                 run=main_only_run(run, ctx), tag=tag, log_every=t.log_every, ckpt_every=t.ckpt_every,
-                 progress=progress and ctx.is_main, ctx=ctx)
+@dataclass
+class RefineState:
+    """The decoder refinement's step state (`refine_decoder`)."""
+
+    tok: Tokenizer
+    decoder: nn.Module  # tok.decoder, DDP-wrapped under a multi-process ctx
+    params: list
+    opt: torch.optim.Optimizer
+    l1: float
+    lpips_weight: float
+    perceptual: Optional[nn.Module]
+    grad_clip: float
+    batches: Iterator[tuple[Tensor, Tensor]]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    ctx: DistContext
+
+
+def refine_step(s: RefineState, k: int) -> dict:
+    """L = l1·|D(z) − x| (+ lpips_weight·LPIPS) with z = P(E(x)) frozen; one decoder update."""
+    images = next(s.batches)[0].to(s.device)
+    with torch.no_grad(), s.autocast():
+        z = s.tok.project(s.tok.encode_features(images)).float()
+    with s.autocast():
+        decoded = s.decoder(z).float()
+    loss = s.l1 * (decoded - images).abs().mean()
+    if s.perceptual is not None:
+        loss = loss + s.lpips_weight * s.perceptual(decoded, images).mean()
+    stats = update(loss, s.opt, s.params, grad_clip=s.grad_clip, ctx=s.ctx)  # the ranks skip together
+    return reduce_stats({"l1": loss.detach(), **stats}, s.ctx)
 
 
 def eval_history(run: RunDir, tag: str) -> list[dict]:
@@ -313,7 +421,7 @@ def eval_history(run: RunDir, tag: str) -> list[dict]:
 
 @dataclass
 class Upstream:
-    """What stage 3 loads from stages 1 and 2."""
+    """What notebook 40 loads from notebooks 20 and 30."""
 
     tokenizer: Tokenizer
     tokenizer_cfg: object
@@ -338,7 +446,7 @@ class Upstream:
 
 def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Path) -> Upstream:
     """Stage-1 tokenizer, the teacher (strict; it must have been fitted on this tokenizer's latents) and the
-    reference it was fitted on, rebuilt from stage 2's latent cache."""
+    reference it was fitted on, rebuilt from notebook 30's latent cache."""
     tok, tok_cfg, encoders, tok_file = upstream_tokenizer(tokenizer_dir, device)
     teacher, ck = load_teacher(teacher_dir / "teacher.pt", device)
     if ck["tokenizer"]["digest"] != file_digest(tok_file):

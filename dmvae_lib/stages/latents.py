@@ -33,7 +33,7 @@ from ..data.pixels import to_float
 from ..data.shapes_dataset import CLASS_NAMES
 from ..metrics import embedding
 from ..models.tokenizer import Tokenizer
-from ..runtime.runs import RunError
+from ..runtime.runs import SUMMARY, RunError
 from ..train.artifacts import load_head, load_tokenizer
 from ..viz import figures as viz
 from ..viz.explorer import Explorer
@@ -54,7 +54,7 @@ def joint_upstreams(joint_dir: Path) -> tuple[Path, Path]:
     """The notebook-20 and notebook-30 run folders a
     notebook-40 run was trained from (its summary, else config)."""
     joint_dir = Path(joint_dir)
-    for file, keys in (("summary.json", ()), ("config.json", ("config",))):
+    for file, keys in ((SUMMARY, ()), ("config.json", ("config",))):
         rec = json.loads((joint_dir / file).read_text()) if (joint_dir / file).is_file() else {}
         for key in keys:
             rec = rec.get(key, {})

@@ -1,9 +1,9 @@
-"""Stage 2 orchestration (notebook 30; paper §4, App. A.2): latent cache → reference distribution → teacher.
+"""Notebook 30 (paper §4, App. A.2): latent cache → reference distribution → teacher.
 
 The stage-1 tokenizer encodes the training images once into a latent cache inside this stage's run folder
 (normalised with the tokenizer's stored mean/scale). The reference distribution is built from it by name
 (`references.make_reference`), and the real (teacher) velocity net, a LightningDiT, is fitted on reference
-samples by flow matching with label dropout; its EMA weights are the teacher that stage 3 loads.
+samples by flow matching with label dropout; its EMA weights are the teacher that notebook 40 loads.
 A teacher checkpoint records the reference it was fitted on, so loading it against another reference, a
 missing file, or a foreign checkpoint is an error (the authors' script silently trains against a random
 teacher, docs/authors-code.md §5.3).

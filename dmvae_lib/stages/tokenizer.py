@@ -1,4 +1,4 @@
-"""Stage 1 orchestration (notebook 20; paper App. A.1): data → reference encoders → tokenizer pretraining.
+"""Notebook 20 (paper App. A.1): data → reference encoders → stage-1 tokenizer pretraining.
 
 One code path for every preset: the embedded shapes data or CIFAR-10 in memory (uint8), or an ImageFolder
 streamed through a DataLoader (ImageNet-256 with the ADM centre crop). The frozen encoder runs on the fly
@@ -9,15 +9,18 @@ scale measured on validation latents and stored in the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 from timm.utils import ModelEmaV3
-from torch import nn
+from torch import Tensor, nn
 
-from ..configs.tokenizer import TokenizerStageConfig
+from ..configs.tokenizer import TokenizerStageConfig, TrainConfig, gan_on
 from ..data.images import ImageData, batches
 from ..data.pixels import to_float
 from ..metrics import image_metrics, probes
@@ -26,7 +29,7 @@ from ..models.alignment import SemanticAlignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
 from ..models.ssl_encoder import SmallResNet, calibrate_batchnorm
 from ..models.tokenizer import Tokenizer
-from ..runtime.device import autocast_ctx, compile_in_place, fused_adamw
+from ..runtime.device import autocaster, compile_in_place, fused_adamw
 from ..runtime.distributed import (
     DistContext,
     main_only_run,
@@ -100,15 +103,65 @@ def random_encoder(cfg: TokenizerStageConfig, data: ImageData, device, calibrati
 
 def semantic_alignment(cfg: TokenizerStageConfig, tok: Tokenizer) -> Optional[SemanticAlignment]:
     """The VF-loss module for `tok` (None when both alignment weights are 0); seeded by cfg.seed alone."""
-    t = cfg.train
-    if t.align_token <= 0 and t.align_global <= 0:
+    c = cfg.train
+    if c.align_token <= 0 and c.align_global <= 0:
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.seed, "tokenizer.align_init"))
         align = SemanticAlignment(cfg.net.z_channels, tok.decoder.latent_size, tok.encoder.semantic_channels,
-                                  token_weight=t.align_token, global_weight=t.align_global,
-                                  margin_cos=t.align_margin_cos, margin_dist=t.align_margin_dist)
+                                  token_weight=c.align_token, global_weight=c.align_global,
+                                  margin_cos=c.align_margin_cos, margin_dist=c.align_margin_dist)
     return align.to(tok.latent_mean.device)
+
+
+@dataclass
+class TokenizerState:
+    """What stage 1's step reads and changes (`train_tokenizer`). `model` (projector + decoder + alignment),
+    `encoder` and `disc_model` are DDP-wrapped under a multi-process `ctx`; `trainable` is what the EMA
+    averages."""
+
+    tok: Tokenizer
+    model: nn.Module
+    encoder: nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: object
+    disc: nn.Module
+    disc_model: nn.Module
+    dopt: torch.optim.Optimizer
+    trainable: nn.Module
+    ema: ModelEmaV3
+    rec: dict  # reconstruction_loss's keywords
+    train: TrainConfig
+    batches: Iterator[tuple[Tensor, Tensor]]
+    gen: torch.Generator  # batches and GAN augmentation
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    ctx: DistContext
+
+
+def tokenizer_stage_step(s: TokenizerState, k: int) -> dict:
+    """Step k of stage 1: L_rec (+ w·L_GAN once the GAN is on), the discriminator's step, the EMA."""
+    c = s.train
+    images = next(s.batches)[0].to(s.device, non_blocking=s.device.type == "cuda")
+    with s.autocast(), torch.set_grad_enabled(c.train_encoder):
+        feats = s.encoder(images)
+    gan = s.disc if gan_on(c, k) else None
+    stats, decoded = tokenizer_step(s.tok, s.opt, s.params, images, feats.float(), s.gen, rec=s.rec, disc=gan,
+                                    disc_weight=c.disc_weight, scheduler=s.sched, grad_clip=c.grad_clip,
+                                    autocast=s.autocast, model=s.model, ctx=s.ctx)
+    if gan is not None:
+        d = disc_step(s.disc_model, s.dopt, images, decoded, s.gen, bcr=c.bcr, grad_clip=c.grad_clip,
+                      autocast=s.autocast, ctx=s.ctx)
+        stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
+    s.ema.update(s.trainable, step=k + 1)
+    return reduce_stats(stats, s.ctx)
+
+
+def _cosine_with_warmup(steps: int, warmup: int, s: int) -> float:
+    """The tokenizer's LR multiplier at optimizer step s: linear warm-up times a cosine to 0 at `steps`."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))
+    return min(1.0, (s + 1) / max(warmup, 1)) * cosine
 
 
 def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, run: Optional[RunDir], device,
@@ -116,67 +169,45 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     """Projector + decoder (+ the encoder with `train.train_encoder`) on L1 (+LPIPS) + adaptive hinge GAN from
     `disc_start`; returns (EMA tokenizer, stats). With a multi-process `ctx` every trained part and the
     discriminator train under DDP, as in runtime/distributed.py."""
-    t, tok, ctx = cfg.train, tok.to(device), ctx or DistContext()
+    c, tok, ctx, dev = cfg.train, tok.to(device), ctx or DistContext(), torch.device(device)
     align = semantic_alignment(cfg, tok)
-    if t.train_encoder:
-        tok.encoder.set_trainable(True)
-    enc_params = list(tok.encoder.parameters()) if t.train_encoder else []
-    params = [*enc_params, *tok.projector.parameters(), *tok.decoder.parameters(),
-              *(align.parameters() if align else [])]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
+    params = [*tok.trainable_parameters(c.train_encoder), *(align.parameters() if align else [])]
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay,
                             fused=fused_adamw(device))
-
-    def warm(s: int) -> float:
-        cosine = 0.5 * (1 + math.cos(math.pi * min(s / t.steps, 1)))
-        return min(1.0, (s + 1) / max(t.warmup_steps, 1)) * cosine
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_cosine_with_warmup, c.steps,
+                                                                     c.warmup_steps))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(cfg.seed, "tokenizer.disc_init"))
-        disc = PatchDiscriminator(3, t.disc_ndf, t.disc_layers).to(device)
-    if t.channels_last:  # NHWC convolutions (GPU, bf16); opt-in, the CPU presets keep NCHW
+        disc = PatchDiscriminator(3, c.disc_ndf, c.disc_layers).to(device)
+    if c.channels_last:  # NHWC convolutions (GPU, bf16); opt-in, the CPU presets keep NCHW
         tok.decoder.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
-    dopt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr, betas=(0.9, 0.95), weight_decay=0.0,
+    dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=0.0,
                              fused=fused_adamw(device))
     parts = TokenizerParts(tok.projector, tok.decoder, align)
     model, disc_model = wrap_ddp(parts, ctx), wrap_ddp(disc, ctx)
-    encoder = wrap_ddp(tok.encoder, ctx) if t.train_encoder else tok.encoder
+    encoder = wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder
     # what the EMA averages and the checkpoint holds: the trained parts (and the encoder when it trains)
-    trainable = nn.ModuleDict({"parts": parts, "encoder": tok.encoder}) if t.train_encoder else parts
+    trainable = nn.ModuleDict({"parts": parts, "encoder": tok.encoder}) if c.train_encoder else parts
     # EMA with warm-up (decay 1 − (1 + step)^(−2/3), capped at ema_decay): a short run's EMA is not its init.
-    ema = ModelEmaV3(trainable, decay=t.ema_decay, use_warmup=True)
-    compile_in_place(tok.decoder, t.compile)  # after the EMA's deep copy, which stays uncompiled
-    perceptual = perceptual_loss(t.lpips)
-    rec = {"l1": t.l1, "l2": t.l2, "perceptual": perceptual, "lpips_weight": t.lpips_weight}
-    # rank 0 (or one process): the single-process stream
-    gen = rank_generator(stream_seed(cfg.seed, "tokenizer.batches"), ctx)
-    on_cuda = torch.device(device).type == "cuda"
-    stream = batches(data, shard_batch(t.batch, ctx, "train.batch"), gen, cfg.data.workers,
-                     pin_memory=on_cuda)
-    autocast = lambda: autocast_ctx(torch.device(device), t.precision)  # noqa: E731
-
-    def step(k: int) -> dict:
-        images = next(stream)[0].to(device, non_blocking=on_cuda)
-        with autocast(), torch.set_grad_enabled(t.train_encoder):
-            feats = encoder(images)
-        gan = disc if k >= t.disc_start and t.disc_weight > 0 else None
-        stats, x_hat = tokenizer_step(tok, opt, params, images, feats.float(), gen, rec=rec, disc=gan,
-                                      disc_weight=t.disc_weight, scheduler=sched, grad_clip=t.grad_clip,
-                                      autocast=autocast, model=model, ctx=ctx)
-        if gan is not None:
-            d = disc_step(disc_model, dopt, images, x_hat, gen, bcr=t.bcr, grad_clip=t.grad_clip,
-                          autocast=autocast, ctx=ctx)
-            stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
-        ema.update(trainable, step=k + 1)
-        return reduce_stats(stats, ctx)
-
+    ema = ModelEmaV3(trainable, decay=c.ema_decay, use_warmup=True)
+    compile_in_place(tok.decoder, c.compile)  # after the EMA's deep copy, which stays uncompiled
+    perceptual = perceptual_loss(c.lpips)
+    gen = rank_generator(stream_seed(cfg.seed, "tokenizer.batches"), ctx)  # rank 0: the one-process stream
+    s = TokenizerState(
+        tok=tok, model=model, encoder=encoder, params=params, opt=opt, sched=sched, disc=disc,
+        disc_model=disc_model, dopt=dopt,
+        trainable=trainable, ema=ema, train=c, gen=gen, autocast=autocaster(dev, c.precision), device=dev,
+        rec={"l1": c.l1, "l2": c.l2, "perceptual": perceptual, "lpips_weight": c.lpips_weight}, ctx=ctx,
+        batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, cfg.data.workers,
+                        pin_memory=dev.type == "cuda"))
     state = {"trainable": trainable, "opt": opt, "sched": sched, "disc": disc, "dopt": dopt, "ema": ema,
              "gen": gen}
-    stats = train(step, max_steps=t.steps, state=state, run=main_only_run(run, ctx), tag="tokenizer",
-                  log_every=t.log_every, ckpt_every=t.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
+    stats = train(functools.partial(tokenizer_stage_step, s), max_steps=c.steps, state=state,
+                  run=main_only_run(run, ctx), tag="tokenizer", log_every=c.log_every,
+                  ckpt_every=c.ckpt_every, progress=progress and ctx.is_main, ctx=ctx)
     trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights (align is dropped)
-    if t.train_encoder:
+    if c.train_encoder:
         tok.encoder.set_trainable(False)
     return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
 
@@ -234,14 +265,3 @@ def encoder_table(encoders: dict):
     import pandas as pd
 
     return pd.DataFrame(encoder_scores(encoders)).T
-
-
-def loss_curves(run: RunDir, tag: str, keys: tuple[str, ...]):
-    """Plotly lines of `keys` against step from the run's metrics.jsonl (records of `tag`)."""
-    import plotly.graph_objects as go
-
-    recs = [r for r in run.read_metrics() if r.get("tag") == tag]
-    fig = go.Figure([go.Scatter(x=[r["step"] for r in recs if k in r], y=[r[k] for r in recs if k in r],
-                                mode="lines+markers", name=k) for k in keys])
-    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800)
-    return fig

@@ -10,6 +10,7 @@ against the sampling noise floor, per-axis spread, and k-NN coverage of the refe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,14 +59,16 @@ def fit_real_net(cfg: ToyConfig, run: Optional[RunDir], device: torch.device, pr
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.fit.lr, total_steps=cfg.fit.steps,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
-
-    def step(_: int) -> dict:
-        data = sample(cfg.fit.batch, gen).to(device)
-        return flow_matching_step(net, opt, data, gen, scheduler=sched, grad_clip=cfg.fit.grad_clip)
-
+    step = functools.partial(_fit_step, cfg, sample, net, opt, sched, gen, device)
     stats = train(step, max_steps=cfg.fit.steps, state={"net": net, "opt": opt, "sched": sched, "gen": gen},
                   run=run, tag="fit", log_every=max(cfg.fit.steps // 20, 1), progress=progress)
     return net.eval().requires_grad_(False), stats
+
+
+def _fit_step(cfg: ToyConfig, sample, net, opt, sched, gen: torch.Generator, device, k: int) -> dict:
+    """One flow-matching step of the real net on a fresh batch of the reference."""
+    data = sample(cfg.fit.batch, gen).to(device)
+    return flow_matching_step(net, opt, data, gen, scheduler=sched, grad_clip=cfg.fit.grad_clip)
 
 
 def evaluate_points(points: Tensor, cfg: ToyConfig, repeats: Optional[int] = None) -> dict:
@@ -106,32 +109,56 @@ def align(name: str, cfg: ToyConfig, real_net: torch.nn.Module, run: Optional[Ru
         res.fake_states.append((0, _half(fake.state_dict())))
     res.history.append({"step": 0, "sw2": evaluate_points(points.detach(), cfg, repeats=2)["sw2"]})
 
-    def step(k: int) -> dict:
-        lo, hi = flow.annealed_t_range(k, a.anneal_steps, (a.t_min, a.t_max), (a.anneal_t_min, a.t_max)) \
-            if a.anneal_steps else (a.t_min, a.t_max)
-        obj = objective_step(points, popt, info.fn, real_net, fake, gen, t_range=(lo, hi)) \
-            if k % a.points_every == 0 else {}
-        fm = {}
-        if info.uses_fake:
-            idx = torch.randperm(a.n_points, generator=gen)[: a.fake_batch].to(device)
-            fm = flow_matching_step(fake, fopt, points.detach()[idx], gen, grad_clip=1.0)
-        return {**obj, **fm, "nonfinite": obj.get("nonfinite", 0) + fm.get("nonfinite", 0)}
-
-    def snapshot(k: int) -> None:
-        res.snapshots.append((k, points.detach().cpu().clone()))
-        if info.uses_fake:
-            res.fake_states.append((k, _half(fake.state_dict())))
-        res.history.append({"step": k, "sw2": evaluate_points(points.detach(), cfg, repeats=2)["sw2"]})
-
+    s = _AlignState(cfg, info, points, popt, real_net, fake, fopt, gen, device, res)
     start = time.perf_counter()
     state = {"points": _ParamHolder(points), "popt": popt, "fake": fake, "fopt": fopt, "gen": gen,
              "snapshots": res.snapshots, "fake_states": res.fake_states, "history": res.history}
-    train(step, max_steps=a.steps, state=state, run=run, tag=f"align/{name}", log_every=max(a.steps // 10, 1),
-          hooks=[(a.snapshot_every, snapshot)], on_nonfinite="skip", progress=progress)
+    train(functools.partial(_align_step, s), max_steps=a.steps, state=state, run=run, tag=f"align/{name}",
+          log_every=max(a.steps // 10, 1), hooks=[(a.snapshot_every, functools.partial(_snapshot, s))],
+          on_nonfinite="skip", progress=progress)
     seconds = time.perf_counter() - start  # includes the snapshot evaluations (2 SW2 draws each)
     res.points = points.detach().cpu()
     res.metrics = {**evaluate_points(res.points, cfg), "seconds": seconds}
     return res
+
+
+@dataclass
+class _AlignState:
+    """What one objective's alignment step reads and changes (`align`)."""
+
+    cfg: ToyConfig
+    info: object  # the objective's ObjectiveInfo
+    points: torch.nn.Parameter
+    popt: torch.optim.Optimizer
+    real_net: torch.nn.Module
+    fake: torch.nn.Module
+    fopt: torch.optim.Optimizer
+    gen: torch.Generator
+    device: torch.device
+    res: AlignResult
+
+
+def _align_step(s: _AlignState, k: int) -> dict:
+    """The points move every `points_every` steps (t in the annealed range); the fake net, when the objective
+    uses it, takes a flow-matching step on a random subset of sg(points) every step."""
+    a = s.cfg.align
+    lo, hi = (flow.annealed_t_range(k, a.anneal_steps, (a.t_min, a.t_max), (a.anneal_t_min, a.t_max))
+              if a.anneal_steps else (a.t_min, a.t_max))
+    obj = (objective_step(s.points, s.popt, s.info.fn, s.real_net, s.fake, s.gen, t_range=(lo, hi))
+           if k % a.points_every == 0 else {})
+    fm = {}
+    if s.info.uses_fake:
+        idx = torch.randperm(a.n_points, generator=s.gen)[: a.fake_batch].to(s.device)
+        fm = flow_matching_step(s.fake, s.fopt, s.points.detach()[idx], s.gen, grad_clip=1.0)
+    return {**obj, **fm, "nonfinite": obj.get("nonfinite", 0) + fm.get("nonfinite", 0)}
+
+
+def _snapshot(s: _AlignState, k: int) -> None:
+    """The points (and the fake net's weights) at step k, and their SW2 to the reference."""
+    s.res.snapshots.append((k, s.points.detach().cpu().clone()))
+    if s.info.uses_fake:
+        s.res.fake_states.append((k, _half(s.fake.state_dict())))
+    s.res.history.append({"step": k, "sw2": evaluate_points(s.points.detach(), s.cfg, repeats=2)["sw2"]})
 
 
 def fake_net_at(res: AlignResult, step: int, real_net: torch.nn.Module) -> torch.nn.Module:

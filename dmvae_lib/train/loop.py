@@ -5,19 +5,21 @@
 `step_fn(step) -> dict[str, float | Tensor]` does one optimisation step (fetching its own batch) and returns
 its numbers. The loop owns everything around it: resume from `ckpt/<tag>/last.pt`, progress bar, metrics to
 `metrics.jsonl`, periodic and final checkpoints (atomic), hooks (snapshots, evaluation), and the policy for
-non-finite steps: a step function reports `nonfinite > 0` (and applies no update); the loop then raises
-with the step and the last good checkpoint named, or counts the skip when `on_nonfinite="skip"`. A non-finite
-gradient (finite loss, inf/nan grad norm: `phases.update` skips the update) is such a step too, whether
-or not the step function reports it: `update` tells the loop (`note_nonfinite_gradient`).
+non-finite steps: a step function reports `nonfinite > 0` (and applies no update; `phases.update` counts a
+non-finite loss and an overflowing gradient alike and returns that count); the loop then raises with the
+step and the last good checkpoint named, or counts the skip when `on_nonfinite="skip"`. The step's returned
+dict is the only channel from a step to the loop. With `carry=True` a step may return only the numbers it
+computed; a logged record keeps the latest value of every other number (e.g. the joint stage's
+reconstruction loss on the steps where only the fake net trains).
 
 No host-device sync per step. The step functions return 0-dim tensors (their `nonfinite` count included)
 and the loop reads them on the host only where it needs numbers: when it logs, runs a hook, checkpoints or
 finishes (`to_host`, one transfer per device). Until then the steps' counts wait in a short queue; the
 loop settles them in order, so `on_nonfinite="raise"` names the first non-finite step and the checkpoint
 before it, and never writes a checkpoint after it. A count already on the host (a CPU run, a plain number)
-is settled at its own step, which is free: on CPU the loop stops exactly where it always did. On a GPU a
-non-finite step is found up to `log_every` steps late; those steps still ran (the skipped update left the
-weights alone), and the run stops before its next log, hook or checkpoint.
+is settled at its own step, which is free. On a GPU a non-finite step is found up to `log_every` steps
+late; those steps still ran (the skipped update left the weights alone), and the run stops before its next
+log, hook or checkpoint.
 
 `state` maps names to what must survive an interruption: modules, optimizers, schedulers, EMA models,
 `torch.Generator`s and plain picklable lists/dicts (restored in place).
@@ -29,6 +31,7 @@ state is rank 0's. A finished checkpoint loads under any world size (how a noteb
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -50,15 +53,7 @@ class NonFiniteError(RuntimeError):
     """A training step produced non-finite values."""
 
 
-_nonfinite_gradients: list = [0]  # updates skipped for a non-finite gradient norm in the step in progress
 _MAX_PENDING = 1000  # steps whose counts may wait on the device before the loop reads them anyway
-
-
-def note_nonfinite_gradient(count: int | Tensor = 1) -> None:
-    """Called by `phases.update` when it drops an update for a non-finite gradient norm (`count`: 0 or 1, a
-    device tensor, so no sync): the step that `train` is running counts as non-finite (raise, or skip and
-    count), like a non-finite loss."""
-    _nonfinite_gradients[0] = _nonfinite_gradients[0] + count
 
 
 def to_host(stats: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,16 +74,6 @@ def to_host(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 def _on_host(value: Any) -> bool:
     return not torch.is_tensor(value) or value.device.type == "cpu"
-
-
-def _step_nonfinite(reported: int | Tensor, gradients: int | Tensor) -> int | Tensor:
-    """The step's count: what the step function reported, else the updates `phases.update` dropped for a
-    non-finite gradient (a step function that did not report it); on the device when either is a tensor."""
-    if not torch.is_tensor(reported):
-        return gradients if not reported else reported
-    if not torch.is_tensor(gradients) and not gradients:
-        return reported
-    return reported + gradients * (reported == 0)  # counts are ≥ 0; arithmetic mixes CPU and GPU scalars
 
 
 def _capture(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,6 +140,56 @@ def _resume_point(run: RunDir | None, tag: str, ctx: DistContext, max_steps: int
     return saved, file
 
 
+@dataclass
+class _Ledger:
+    """What the loop knows about past steps: those whose non-finite counts are not read yet, the skips
+    counted, and the last checkpoint written (named when a run stops)."""
+
+    tag: str
+    on_nonfinite: str
+    last_ckpt: Optional[Path] = None
+    skipped: int = 0
+    pending: list = field(default_factory=list)  # (step, its stats)
+
+    def settle(self) -> None:
+        """Read the waiting steps' counts (one transfer), in order: raise at the first non-finite step, or
+        count the skips."""
+        counts = to_host({str(i): s.get("nonfinite", 0) for i, (_, s) in enumerate(self.pending)})
+        for (step, step_stats), count in zip(self.pending, counts.values()):
+            if count > 0:
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteError(f"{self.tag}: non-finite values at step {step} "
+                                         f"({to_host(step_stats)}); last good checkpoint: "
+                                         f"{self.last_ckpt or 'none'}")
+                self.skipped += 1
+        self.pending.clear()
+
+
+def _agreed_count(count: int | Tensor, ctx: DistContext) -> int | Tensor:
+    """The step's non-finite count, one decision for all ranks (a rank may be the only one to report)."""
+    if not ctx.distributed:
+        return count
+    return all_reduce_tensor_max(count, ctx) if torch.is_tensor(count) else int(all_reduce_max(count, ctx))
+
+
+def _save(run: Optional[RunDir], tag: str, state: Mapping[str, Any], step: int, stats: Mapping[str, Any],
+          ctx: DistContext, keep_every: int) -> None:
+    """Rank 0 writes `ckpt/<tag>/last.pt` (and a kept copy every `keep_every` steps). Under DDP a collective:
+    every rank's generators are gathered into rank 0's checkpoint."""
+    generators = None
+    if ctx.distributed:
+        mine = {k: v.get_state() for k, v in state.items() if isinstance(v, torch.Generator)}
+        generators = gather_objects(mine, ctx)
+    if run is None:
+        return
+    payload = {"step": step, "tag": tag, "state": _capture(state), "stats": to_host(stats)}
+    if generators is not None:
+        payload["rank_generators"] = generators
+    save_checkpoint(run.ckpt_path(tag), payload)
+    if keep_every and step % keep_every == 0:
+        save_checkpoint(run.ckpt_path(tag, step), payload)
+
+
 def train(
     step_fn: Callable[[int], Mapping[str, float | Tensor]],
     *,
@@ -167,81 +202,47 @@ def train(
     keep_every: int = 0,
     hooks: Sequence[tuple[int, Callable[[int], None]]] = (),
     on_nonfinite: str = "raise",
+    carry: bool = False,
     progress: bool = True,
     ctx: DistContext | None = None,
 ) -> dict[str, float]:
     """Run `step_fn` from the last checkpoint (or 0) to `max_steps`; return the last step's numbers."""
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    ctx = ctx or DistContext()
-    start, last_ckpt, skipped, stats = 0, None, 0, {}
-    pending: list[tuple[int, Mapping[str, Any]]] = []  # (step, its stats) whose count is not read yet
+    ctx, book, start, stats = ctx or DistContext(), _Ledger(tag, on_nonfinite), 0, {}
     saved, ckpt_file = _resume_point(run, tag, ctx, max_steps)
     if saved is not None:
-        last_ckpt = ckpt_file
-        _restore(state, saved["state"], str(last_ckpt))
+        book.last_ckpt = ckpt_file
+        _restore(state, saved["state"], str(ckpt_file))
         if ctx.distributed and "rank_generators" in saved:
             for name, gen_state in saved["rank_generators"][ctx.rank].items():
                 state[name].set_state(gen_state)
         start, stats = saved["step"], saved.get("stats", {})
-
-    def settle() -> None:
-        """Read the waiting steps' counts (one transfer), in order: raise at the first non-finite step, or
-        count the skips."""
-        nonlocal skipped
-        counts = to_host({str(i): s.get("nonfinite", 0) for i, (_, s) in enumerate(pending)})
-        for (step, step_stats), count in zip(pending, counts.values()):
-            if count > 0:
-                if on_nonfinite == "raise":
-                    raise NonFiniteError(f"{tag}: non-finite values at step {step} ({to_host(step_stats)}); "
-                                         f"last good checkpoint: {last_ckpt or 'none'}")
-                skipped += 1
-        pending.clear()
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_ckpt
-        generators = None
-        if ctx.distributed:  # a collective: every rank takes part, rank 0 writes
-            mine = {k: v.get_state() for k, v in state.items() if isinstance(v, torch.Generator)}
-            generators = gather_objects(mine, ctx)
-        last_ckpt = ckpt_file
-        if run is None:
-            return
-        payload = {"step": step, "tag": tag, "state": _capture(state), "stats": to_host(stats)}
-        if generators is not None:
-            payload["rank_generators"] = generators
-        save_checkpoint(run.ckpt_path(tag), payload)
-        if keep_every and step % keep_every == 0:
-            save_checkpoint(run.ckpt_path(tag, step), payload)
-
     bar = tqdm(range(start, max_steps), desc=tag, disable=not progress, leave=False, initial=start,
                total=max_steps)
     for step in bar:
-        _nonfinite_gradients[0] = 0
-        stats = dict(step_fn(step))
-        count = _step_nonfinite(stats.get("nonfinite", 0), _nonfinite_gradients[0])
-        if ctx.distributed:  # one decision for all ranks (a rank may be the only one to report)
-            count = (all_reduce_tensor_max(count, ctx) if torch.is_tensor(count)
-                     else int(all_reduce_max(count, ctx)))
-        if "nonfinite" in stats or ctx.distributed or torch.is_tensor(count) or count:
+        new = dict(step_fn(step))
+        count = _agreed_count(new.get("nonfinite", 0), ctx)
+        stats = {**{k: v for k, v in stats.items() if k != "nonfinite"}, **new} if carry else new
+        if "nonfinite" in new or ctx.distributed:
             stats["nonfinite"] = count
-        pending.append((step, stats))
+        book.pending.append((step, stats))
         done = step + 1
         log = done % log_every == 0 or done == max_steps
         due = [hook for every, hook in hooks if done % every == 0 or done == max_steps]
         save = ckpt_every and done % ckpt_every == 0 and done != max_steps
-        if log or due or save or _on_host(count) or len(pending) >= _MAX_PENDING:
-            settle()  # before anything reads the weights or writes: a raise names the last good checkpoint
+        if log or due or save or _on_host(count) or len(book.pending) >= _MAX_PENDING:
+            book.settle()  # before anything reads the weights or writes: a raise names the last checkpoint
         if log:
             stats = to_host(stats)
-            record = {"tag": tag, "step": done, "skipped": skipped, **stats}
             if run is not None:
-                run.log_metrics(record)
+                run.log_metrics({"tag": tag, "step": done, "skipped": book.skipped, **stats})
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)}, refresh=False)
         for hook in due:
             hook(done)
         if save:
-            checkpoint(done)
+            _save(run, tag, state, done, stats, ctx, keep_every)
+            book.last_ckpt = ckpt_file
     if start < max_steps:
-        checkpoint(max_steps)
+        _save(run, tag, state, max_steps, stats, ctx, keep_every)
     return to_host(stats)

@@ -22,7 +22,6 @@ from ..core.dmd import Objective
 from ..models import recon_losses
 from ..models.recon_losses import adaptive_gan_weight, bcr_loss, d_hinge_loss, g_loss
 from ..runtime.distributed import DistContext, all_reduce_tensor_max, all_reduce_tensor_mean, average_buffers
-from .loop import note_nonfinite_gradient
 
 
 @contextlib.contextmanager
@@ -74,10 +73,9 @@ def _update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Ten
     """zero_grad → backward → clip → step unless non-finite; (grad norm, the step's non-finite count).
 
     No update when `nonfinite` (this rank's count, reported) or the loss is non-finite (the norm is then nan),
-    nor when the gradient norm is (an overflow with a finite loss: count 1, and `loop.note_nonfinite_gradient`
-    is told, so a step function that does not report it still stops or counts). Backward runs on every rank
+    nor when the gradient norm is (an overflow with a finite loss: count 1). A step function returns that
+    count as its `nonfinite`, the loop's only signal to stop or count the step. Backward runs on every rank
     whatever the loss; under DDP one all-reduce (max) on the device then makes every rank skip together.
-    The finite path is unchanged (no extra draws, same op order).
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # also for a non-finite loss: deciding not to would read the flag on the host
@@ -90,7 +88,6 @@ def _update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Ten
             torch.stack([count, no_grad.long(), overflow.long()]), ctx).unbind()
         no_grad, overflow = no_grad > 0, overflow > 0
     _step_unless(no_grad | overflow, optimizer, scheduler)
-    note_nonfinite_gradient(overflow.long())
     norm = torch.where(no_grad, float("nan"), norm)
     return norm, torch.where(count > 0, count, (~torch.isfinite(norm)).long())
 
@@ -155,24 +152,26 @@ def objective_step(
             "nonfinite": bad}
 
 
-def reconstruction_loss(x_hat: Tensor, images: Tensor, *, l1: float, l2: float = 0.0,
+def reconstruction_loss(decoded: Tensor, images: Tensor, *, l1: float, l2: float = 0.0,
                         perceptual: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                         lpips_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_rec = l1·|x̂ − x| + l2·(x̂ − x)² (+ lpips_weight·LPIPS), batch means; returns (L_rec, its parts)."""
-    err = x_hat - images
+    """L_rec = l1·|decoded − x| + l2·(decoded − x)² (+ lpips_weight·LPIPS), batch means; returns (L_rec, its
+    parts)."""
+    err = decoded - images
     rec = l1 * err.abs().mean() + l2 * (err ** 2).mean()
     stats = {"l1": err.abs().mean().detach()}
     if perceptual is not None and lpips_weight > 0:
-        lp = perceptual(x_hat, images).mean()
+        lp = perceptual(decoded, images).mean()
         rec, stats["lpips"] = rec + lpips_weight * lp, lp.detach()
     return rec, stats
 
 
-def generator_gan_loss(disc: nn.Module, x_hat: Tensor, generator: torch.Generator,
+def generator_gan_loss(disc: nn.Module, decoded: Tensor, generator: torch.Generator,
                        autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> Tensor:
-    """L_GAN = hinge generator loss on DiffAug(x̂); the discriminator is frozen, only x̂ gets gradients."""
+    """L_GAN = hinge generator loss on DiffAug(decoded); the discriminator is frozen, only `decoded` gets
+    gradients."""
     with frozen(disc), autocast():
-        return g_loss(disc(recon_losses.diff_augment(x_hat, generator)).float())
+        return g_loss(disc(recon_losses.diff_augment(decoded, generator)).float())
 
 
 def gan_weight(rec: Tensor, gan: Tensor, last_layer: Tensor, ctx: Optional[DistContext] = None) -> Tensor:
@@ -191,7 +190,7 @@ def update(loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tens
 
 
 class TokenizerParts(nn.Module):
-    """The tokenizer's trainable parts, encoder features → (z, x̂, alignment), as the one module DDP wraps.
+    """The tokenizer's trainable parts, features → (z, decoded, alignment), as the one module DDP wraps.
 
     Its state_dict keys are `projector.*` and `decoder.*` (those of nn.ModuleDict(projector=…, decoder=…)),
     plus `align.*` with a semantic-alignment module (`models.alignment.SemanticAlignment`, trained with the
@@ -216,15 +215,15 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
     """Stage 1: one projector + decoder update on L_rec (+ adaptive-weighted L_GAN when `disc` is given).
 
     `rec` holds `reconstruction_loss`'s keywords; `model` is the DDP-wrapped `TokenizerParts` under `ctx`.
-    Returns (stats, sg(x̂))."""
+    Returns (stats, sg(decoded))."""
     model = TokenizerParts(tokenizer.projector, tokenizer.decoder) if model is None else model
     with autocast():
-        _, x_hat, aligned = model(features)
-    x_hat = x_hat.float()
-    l_rec, stats = reconstruction_loss(x_hat, images, **rec)
+        _, decoded, aligned = model(features)
+    decoded = decoded.float()
+    l_rec, stats = reconstruction_loss(decoded, images, **rec)
     loss = l_rec
     if disc is not None:
-        l_gan = generator_gan_loss(disc, x_hat, generator, autocast)
+        l_gan = generator_gan_loss(disc, decoded, generator, autocast)
         w = gan_weight(l_rec, l_gan, tokenizer.decoder.get_last_layer(), ctx)
         loss = l_rec + disc_weight * w * l_gan
         stats.update(g_loss=l_gan.detach(), gan_weight=w)
@@ -234,7 +233,7 @@ def tokenizer_step(tokenizer: nn.Module, optimizer: torch.optim.Optimizer, param
         stats.update(align_stats, align_loss=l_align.detach())
     stats["rec_loss"] = l_rec.detach()
     stats.update(update(loss, optimizer, params, grad_clip=grad_clip, scheduler=scheduler, ctx=ctx))
-    return stats, x_hat.detach()
+    return stats, decoded.detach()
 
 
 def disc_step(disc: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, fakes: Tensor,

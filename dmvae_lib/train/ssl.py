@@ -4,9 +4,11 @@ encoder (NT-Xent on paired views) and the supervised one."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from ..configs.ssl import SSLConfig
 from ..data.views import augment, batch_images, renders_tensor, sample_views
 from ..models.ssl_encoder import OBJECTIVES, SmallResNet, projector
-from ..runtime.device import autocast_ctx, fused_adamw
+from ..runtime.device import autocaster, fused_adamw
 from ..runtime.runs import RunDir
 from ..runtime.seeds import stream
 from . import loop
@@ -68,33 +70,65 @@ def _aug(cfg: SSLConfig) -> dict:
             "color_strength": cfg.color_strength, "hue": cfg.hue, "gray_p": cfg.gray_p}
 
 
-def _fit(cfg: SSLConfig, modules: dict, params: list, update: Callable, *, device, **loop_kwargs) -> dict:
-    """AdamW, linear warm-up then cosine over `cfg.steps` or `cfg.max_seconds` (whichever ends first), run
-    by `loop.train`; `update(gen, step, optimizer, autocast)` does one step. All state resumes on restart."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(device))
-    gen = stream(cfg.seed, "ssl.batches")
-    # step seconds so far (evaluation hooks excluded; survives resume); last stats. On a GPU a step is timed
-    # as queued (no sync): the clock trails the device by the few steps in flight, a bounded lag.
-    clock, last = [0.0], {}
+@dataclass
+class _TimedSteps:
+    """The SSL fits' step function: AdamW's LR by linear warm-up then a cosine over `cfg.steps` or
+    `cfg.max_seconds` of step time (whichever ends first), then `one_step(gen, step, optimizer, autocast)`.
+    `clock` = [step seconds so far] is checkpointed (evaluation hooks excluded); once the time budget is
+    spent the remaining steps are no-ops that report the last step's numbers (`last`). On a GPU a step is
+    timed as queued (no sync): the clock trails the device by the few steps in flight, a bounded lag."""
 
-    def step_fn(step: int) -> dict:
-        nonlocal last
-        if cfg.max_seconds > 0 and clock[0] >= cfg.max_seconds:
-            return {**last, "idle": 1.0}  # time budget spent: the remaining steps are no-ops
+    cfg: SSLConfig
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    one_step: Callable
+    autocast: Callable
+    clock: list = field(default_factory=lambda: [0.0])
+    last: dict = field(default_factory=dict)
+
+    def __call__(self, step: int) -> dict:
+        cfg = self.cfg
+        if cfg.max_seconds > 0 and self.clock[0] >= cfg.max_seconds:
+            return {**self.last, "idle": 1.0}
         start = time.perf_counter()
-        done = max(step / cfg.steps, clock[0] / cfg.max_seconds if cfg.max_seconds > 0 else 0.0)
+        done = max(step / cfg.steps, self.clock[0] / cfg.max_seconds if cfg.max_seconds > 0 else 0.0)
         warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        for group in opt.param_groups:
+        for group in self.opt.param_groups:
             group["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-        stats = update(gen, step, opt, lambda: autocast_ctx(torch.device(device), cfg.precision))
-        clock[0] += time.perf_counter() - start
-        last = {**stats, "lr": opt.param_groups[0]["lr"], "seconds": clock[0], "idle": 0.0}
-        return last
+        stats = self.one_step(self.gen, step, self.opt, self.autocast)
+        self.clock[0] += time.perf_counter() - start
+        self.last = {**stats, "lr": self.opt.param_groups[0]["lr"], "seconds": self.clock[0], "idle": 0.0}
+        return self.last
 
+
+def _fit(cfg: SSLConfig, modules: dict, params: list, one_step: Callable, *, device, **loop_kwargs) -> dict:
+    """`_TimedSteps` run by `loop.train` with a fresh AdamW; all state resumes on restart."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(device))
+    autocast = autocaster(device, cfg.precision)
+    steps = _TimedSteps(cfg, opt, stream(cfg.seed, "ssl.batches"), one_step, autocast)
     for m in modules.values():
         m.to(device).train()
-    state = {**modules, "opt": opt, "gen": gen, "clock": clock}
-    return loop.train(step_fn, max_steps=cfg.steps, state=state, **loop_kwargs)
+    state = {**modules, "opt": opt, "gen": steps.gen, "clock": steps.clock}
+    return loop.train(steps, max_steps=cfg.steps, state=state, **loop_kwargs)
+
+
+def _ssl_update(cfg: SSLConfig, data: Tensor, encoder: nn.Module, proj: nn.Module, device, gen, step: int,
+                opt, autocast) -> dict:
+    """One SSL step on two views of a batch (the paired fraction ramped over `paired_ramp_steps`)."""
+    ramp = min(1.0, step / cfg.paired_ramp_steps) if cfg.paired_ramp_steps else 1.0
+    x1, x2, paired = sample_views(data, gen, cfg.batch, cfg.paired_frac * ramp, _aug(cfg), device)
+    stats = ssl_step(encoder, proj, opt, x1, x2, objective=cfg.objective, temperature=cfg.temperature,
+                     grad_clip=cfg.grad_clip, autocast=autocast, channels_last=cfg.channels_last)
+    return {**stats, "paired_frac": paired.float().mean()}
+
+
+def _supervised_update(cfg: SSLConfig, data: Tensor, y_all: Tensor, model: nn.Module, device, gen, step: int,
+                       opt, autocast) -> dict:
+    """One cross-entropy step on an augmented batch."""
+    idx = torch.randint(data.shape[1], (cfg.batch,), generator=gen)
+    x = augment(batch_images(data, torch.zeros_like(idx), idx, device), gen, **_aug(cfg))
+    return supervised_step(model, opt, x, y_all[idx].to(device), grad_clip=cfg.grad_clip,
+                           autocast=autocast, channels_last=cfg.channels_last)
 
 
 def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", run: RunDir | None = None,
@@ -109,16 +143,9 @@ def train_ssl(cfg: SSLConfig, renders, *, device: str | torch.device = "cpu", ru
         encoder = SmallResNet(cfg.width, cfg.arch)
         proj = projector(encoder.out_channels, cfg.proj_hidden, cfg.proj_out)
     encoder = encoder.to(memory_format=torch.channels_last) if cfg.channels_last else encoder
-
-    def update(gen, step, opt, autocast):
-        ramp = min(1.0, step / cfg.paired_ramp_steps) if cfg.paired_ramp_steps else 1.0
-        x1, x2, paired = sample_views(data, gen, cfg.batch, cfg.paired_frac * ramp, _aug(cfg), device)
-        stats = ssl_step(encoder, proj, opt, x1, x2, objective=cfg.objective, temperature=cfg.temperature,
-                         grad_clip=cfg.grad_clip, autocast=autocast, channels_last=cfg.channels_last)
-        return {**stats, "paired_frac": paired.float().mean()}
-
+    one_step = functools.partial(_ssl_update, cfg, data, encoder, proj, device)
     stats = _fit(cfg, {"encoder": encoder, "projector": proj}, [*encoder.parameters(), *proj.parameters()],
-                 update, device=device, run=run, tag=tag, progress=progress, hooks=_bind(hooks, encoder),
+                 one_step, device=device, run=run, tag=tag, progress=progress, hooks=_bind(hooks, encoder),
                  log_every=log_every, ckpt_every=ckpt_every)
     return Trained(encoder.eval(), stats)
 
@@ -135,13 +162,7 @@ def train_supervised(cfg: SSLConfig, images, labels, *, device: str | torch.devi
         encoder = SmallResNet(cfg.width, cfg.arch)
         model = nn.Sequential(encoder, nn.Linear(encoder.out_channels, int(y_all.max()) + 1))
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-
-    def update(gen, step, opt, autocast):
-        idx = torch.randint(data.shape[1], (cfg.batch,), generator=gen)
-        x = augment(batch_images(data, torch.zeros_like(idx), idx, device), gen, **_aug(cfg))
-        return supervised_step(model, opt, x, y_all[idx].to(device), grad_clip=cfg.grad_clip,
-                               autocast=autocast, channels_last=cfg.channels_last)
-
-    stats = _fit(cfg, {"model": model}, list(model.parameters()), update, device=device, run=run, tag=tag,
+    one_step = functools.partial(_supervised_update, cfg, data, y_all, model, device)
+    stats = _fit(cfg, {"model": model}, list(model.parameters()), one_step, device=device, run=run, tag=tag,
                  progress=progress, hooks=_bind(hooks, model), log_every=log_every, ckpt_every=ckpt_every)
     return Trained(model.eval(), stats)

@@ -1,9 +1,12 @@
 """Fitting and sampling a velocity net on a reference distribution
-(the teacher of stage 2, the generator of stage 6)."""
+(notebook 30's teacher, notebook 60's generator)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -14,7 +17,7 @@ from ..configs.teacher import TeacherStageConfig
 from ..core import flow
 from ..core.samplers import euler_ode, guided
 from ..models.lightning_dit import drop_labels
-from ..runtime.device import autocast_ctx
+from ..runtime.device import autocaster
 from ..runtime.distributed import (
     DistContext,
     main_only_run,
@@ -42,53 +45,81 @@ def lr_factor(step: int, f) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
+@dataclass
+class VelocityState:
+    """What a flow-matching fit's step reads and changes (`fit_velocity_net`). `model` is the net as the
+    step calls it (DDP-wrapped and/or compiled); `net` the plain module the EMA tracks."""
+
+    net: nn.Module
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    ema: ModelEmaV3
+    reference: object
+    batch: int  # this rank's share of fit.batch
+    label_dropout: float
+    fit: object  # the stage's FitConfig
+    gen: torch.Generator  # reference samples and label dropout
+    noise_gen: torch.Generator  # t and noise: `gen` on CPU, a device generator elsewhere
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    ctx: DistContext
+
+
+def velocity_step(s: VelocityState, k: int) -> dict:
+    """One flow-matching step on fresh reference samples (labels dropped to the null class for CFG), then
+    the EMA."""
+    f = s.fit
+    x, y = s.reference.sample(s.batch, s.gen)
+    x = x.to(s.device, non_blocking=True)  # a blocking copy would wait for the device: a sync
+    if y is not None:
+        y = drop_labels(y, s.label_dropout, s.reference.num_classes, s.gen).to(s.device, non_blocking=True)
+    logit_normal = (f.t_mean, f.t_std) if f.t_sampling == "logit_normal" else None
+    stats = flow_matching_step(s.model, s.opt, x, s.noise_gen, y=y, scheduler=s.sched, t_shift=f.t_shift,
+                               logit_normal=logit_normal, grad_clip=f.grad_clip, autocast=s.autocast,
+                               ctx=s.ctx if s.ctx.distributed else None)
+    s.ema.update(s.net, step=k + 1)
+    if s.ctx.distributed:  # the rank mean, as a tensor on the device (no sync)
+        stats.update(reduce_stats({"fm_loss": stats["fm_loss"]}, s.ctx))
+    return stats
+
+
 def fit_velocity_net(cfg: TeacherStageConfig, reference, run: Optional[RunDir], device, progress: bool = True,
                      ctx: Optional[DistContext] = None, tag: str = "teacher",
                      hooks: Sequence[tuple[int, Hook]] = ()) -> tuple[nn.Module, dict]:
     """Flow matching on fresh reference samples (label dropout → null label for CFG); returns (EMA net,
     stats). Also fits notebook 60's generator (`tag="generator"`). `hooks` [(every, fn(step, ema_net))]
     see the EMA net between steps. With a multi-process `ctx`, DDP as in runtime/distributed.py."""
-    f = cfg.fit
-    ctx = ctx or DistContext()
-    batch = shard_batch(f.batch, ctx, "fit.batch")
-    torch.manual_seed(cfg.seed)  # the net's initialisation (the same on every rank)
-    net = build_net(cfg, reference.shape, reference.num_classes).to(device)
+    f, ctx, dev = cfg.fit, ctx or DistContext(), torch.device(device)
+    with torch.random.fork_rng(devices=[]):  # the initialisation depends on cfg.seed only (every rank alike)
+        torch.manual_seed(cfg.seed)
+        net = build_net(cfg, reference.shape, reference.num_classes).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=(0.9, 0.95), weight_decay=f.weight_decay,
-                            fused=torch.device(device).type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, f))
+                            fused=dev.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, f=f))
     ema = ModelEmaV3(net, decay=f.ema_decay, use_warmup=True)  # tracks the unwrapped net
     model = wrap_ddp(net, ctx)
-    model = torch.compile(model) if f.compile else model
-    # rank 0 (or one process): the single-process stream
-    gen = rank_generator(stream_seed(cfg.seed, "velocity.batches"), ctx)
+    gen = rank_generator(stream_seed(cfg.seed, "velocity.batches"), ctx)  # rank 0: the one-process stream
     # t and noise are drawn on the training device: a CPU generator cannot draw CUDA tensors.
-    on_cpu = torch.device(device).type == "cpu"
-    noise_gen = gen if on_cpu else rank_generator(stream_seed(cfg.seed, "velocity.noise"), ctx, device)
-    autocast = lambda: autocast_ctx(torch.device(device), f.precision)  # noqa: E731
-    logit_normal = (f.t_mean, f.t_std) if f.t_sampling == "logit_normal" else None
-
-    def step(k: int) -> dict:
-        x, y = reference.sample(batch, gen)
-        x = x.to(device, non_blocking=True)  # a blocking copy would wait for the device: a sync
-        if y is not None:
-            y = drop_labels(y, cfg.net.label_dropout, reference.num_classes, gen)
-            y = y.to(device, non_blocking=True)
-        stats = flow_matching_step(model, opt, x, noise_gen, y=y, scheduler=sched, t_shift=f.t_shift,
-                                   logit_normal=logit_normal,
-                                   grad_clip=f.grad_clip, autocast=autocast,
-                                   ctx=ctx if ctx.distributed else None)
-        ema.update(net, step=k + 1)
-        if ctx.distributed:  # the rank mean, as a tensor on the device (no sync)
-            stats.update(reduce_stats({"fm_loss": stats["fm_loss"]}, ctx))
-        return stats
-
+    noise_gen = (gen if dev.type == "cpu"
+                 else rank_generator(stream_seed(cfg.seed, "velocity.noise"), ctx, dev))
+    s = VelocityState(net=net, model=torch.compile(model) if f.compile else model, opt=opt, sched=sched,
+                      ema=ema,
+                      reference=reference, batch=shard_batch(f.batch, ctx, "fit.batch"),
+                      label_dropout=cfg.net.label_dropout, fit=f, gen=gen, noise_gen=noise_gen,
+                      autocast=autocaster(dev, f.precision), device=dev, ctx=ctx)
     state = {"net": net, "opt": opt, "sched": sched, "ema": ema, "gen": gen}
-    if not on_cpu:
+    if dev.type != "cpu":
         state["noise_gen"] = noise_gen
-    stats = train(step, max_steps=f.steps, state=state, run=main_only_run(run, ctx), tag=tag,
-                  log_every=f.log_every, ckpt_every=f.ckpt_every, progress=progress and ctx.is_main, ctx=ctx,
-                  hooks=[(every, lambda done, fn=fn: fn(done, ema.module)) for every, fn in hooks])
+    stats = train(functools.partial(velocity_step, s), max_steps=f.steps, state=state,
+                  run=main_only_run(run, ctx), tag=tag, log_every=f.log_every, ckpt_every=f.ckpt_every,
+                  progress=progress and ctx.is_main, ctx=ctx,
+                  hooks=[(every, functools.partial(_with_ema, fn, ema)) for every, fn in hooks])
     return ema.module.eval().requires_grad_(False), stats
+
+
+def _with_ema(fn: Hook, ema: ModelEmaV3, done: int) -> None:
+    fn(done, ema.module)
 
 
 @torch.no_grad()
@@ -112,9 +143,9 @@ def sample(net: nn.Module, reference, n: int, steps: int, device, *, cfg_scale: 
            batch: int = 500) -> tuple[Tensor, Optional[Tensor]]:
     """n Euler-ODE samples (class-balanced labels when the reference is conditional)."""
     gen = torch.Generator().manual_seed(seed)
-    k = reference.num_classes
-    y_all = torch.arange(n) % k if k else None
-    velocity = guided(net, cfg_scale, null_label=k) if k else net
+    classes = reference.num_classes
+    y_all = torch.arange(n) % classes if classes else None
+    velocity = guided(net, cfg_scale, null_label=classes) if classes else net
     outs = []
     for s in range(0, n, batch):
         m = min(batch, n - s)

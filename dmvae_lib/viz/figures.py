@@ -225,6 +225,16 @@ def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: st
     return fig
 
 
+def loss_curves(records: Sequence[Mapping], tag: str, keys: Sequence[str]) -> go.Figure:
+    """Lines of `keys` against step from a run's metrics records (`RunDir.read_metrics()`) tagged `tag`:
+    any training loop's losses (tokenizer, teacher, joint, generator)."""
+    recs = [r for r in records if r.get("tag") == tag]
+    fig = go.Figure([go.Scatter(x=[r["step"] for r in recs if k in r], y=[r[k] for r in recs if k in r],
+                                mode="lines+markers", name=k) for k in keys])
+    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800)
+    return fig
+
+
 def image_grid(rows: Mapping[str, Tensor], scale: float = 3, title: str = "") -> go.Figure:
     """Rows of images (N, 3, H, W) in [−1, 1], one labelled row per entry, as one RGB picture, magnified
     `scale` times (less when a row would be wider than the column)."""

@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..configs import ConfigError, make_config
 from ..configs.study import CLAIM_FIXED, StudyConfig
-from ..runtime.runs import RunError
+from ..runtime.runs import RunError, is_finished, read_summary
 from . import claim, pipeline
 
 PRIMARY = ("AE", "A", "C0", "C1")  # the arms the verdict reads
@@ -51,7 +51,12 @@ NOTEBOOKS = {"20": "20_tokenizer_pretraining", "30": "30_teacher_fitting", "40":
 def arms(cfg: StudyConfig) -> list[str]:
     """Every arm the study generates from: the primary four, C1 at the extra λ, and R when asked."""
     c = cfg.claim
-    return [*PRIMARY, *(f"C1 λ={w:g}" for w in c.extra_weights), *(["R"] if c.random_arm else [])]
+    return [*PRIMARY, *(weighted_c1(w) for w in c.extra_weights), *(["R"] if c.random_arm else [])]
+
+
+def weighted_c1(weight: float) -> str:
+    """The name of C1 at another λ (the study's extra weights), e.g. "C1 λ=3"."""
+    return f"C1 λ={weight:g}"
 
 
 def slug(arm: str) -> str:
@@ -98,7 +103,7 @@ def _sources(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path,
     out = {"AE": (joint / f"{prefix}-AE", "tokenizer.pt"), "A": (tokenizer_dir, "tokenizer.pt"),
            "C0": (c1, "control_tokenizer.pt"), "C1": (c1, "tokenizer.pt")}
     for w in cfg.claim.extra_weights:
-        out[f"C1 λ={w:g}"] = (joint / f"{prefix}-{slug(f'C1 λ={w:g}')}", "tokenizer.pt")
+        out[weighted_c1(w)] = (joint / f"{prefix}-{slug(weighted_c1(w))}", "tokenizer.pt")
     out["R"] = (run_root / NOTEBOOKS["20"] / f"{prefix}-R", "tokenizer.pt")
     return out
 
@@ -134,7 +139,7 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
                  needs=(ae1,))]
     joint = {**c.joint, **CLAIM_FIXED["joint"]}
     t_dir = {k: root / NOTEBOOKS["30"] / v for k, v in teacher.items()}
-    c1_name, c1s = "", [("C1", c.dm_weight, True), *((f"C1 λ={w:g}", w, False) for w in c.extra_weights)]
+    c1_name, c1s = "", [("C1", c.dm_weight, True), *((weighted_c1(w), w, False) for w in c.extra_weights)]
     for arm, lam, control in c1s:  # C0 is the λ = 0 control of the C1 run
         over = {**joint, "train.dm_weight": lam, "train.control": control}
         p = params("", tokenizer_run=str(tokenizer_dir), teacher_run=str(t_dir["ssl"]), overrides=over)
@@ -162,7 +167,7 @@ def _reused(notebook: str, root: Path, prefix: str, own: str, params: dict) -> s
     """`prefix` when the run of that name is finished with exactly this config (and no `<prefix>-<own>` run
     exists), else `<prefix>-<own>`."""
     folder = root / NOTEBOOKS[notebook] / prefix
-    if (root / NOTEBOOKS[notebook] / f"{prefix}-{own}").exists() or not (folder / "summary.json").exists():
+    if (root / NOTEBOOKS[notebook] / f"{prefix}-{own}").exists() or not is_finished(folder):
         return f"{prefix}-{own}"
     try:
         same = pipeline.recorded_differences(_notebook(notebook), folder, params) == []
@@ -259,8 +264,7 @@ def failures(outcomes: Sequence[Outcome]) -> list[str]:
 
 
 def _summary(folder: Path) -> dict:
-    f = Path(folder) / "summary.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    return read_summary(folder)
 
 
 @dataclass

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-ARMS = ("AE", "A", "C0", "C1")
 OUTCOMES = ("gate failed", "supported", "refuted", "unresolved")
 
 

@@ -134,8 +134,7 @@ class Check:
         self.tcfg = make_config("tokenizer", "imagenet256", {
             **size.tokenizer, **over, "train.disc_start": 0, "train.log_every": NEVER, "train.ckpt_every": 0,
             "train.precision": precision, "train.batch": self.batch["tokenizer"]})
-        torch.manual_seed(0)
-        self.tok = build_tokenizer(self.tcfg, None).eval()
+        self.tok = build_tokenizer(self.tcfg, None).eval()  # initialised under the config's seed
         res = self.tcfg.data.resolution
         self.shape = self.tok.latent_shape
         n = max(self.batch.values()) * 2

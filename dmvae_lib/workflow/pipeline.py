@@ -10,9 +10,10 @@ from its checkpoints (the notebooks reopen a run with the same config); a stage 
 config, or that another process holds (`runs.FolderLock`), is refused up front. A run name is tied to its
 preset and parameters (`runs/pipeline/<name>/pipeline.json`): reusing it with others is an error, never a
 silent overwrite, and one pipeline at a time holds the lock of `runs/pipeline/<name>/`. Parameters come from
-the command line or a YAML file (`--params`). A Markdown report (each stage's status and headline numbers,
-metrics with their protocol records, figures; the claim study's verdict first) is written to
-`runs/pipeline/<name>/report.md` and its path printed. The whole pipeline runs notebook 70 reduced.
+the command line or a YAML file (`--params`). A Markdown report (the stages' status, the claim study's
+verdict, then per stage its headline numbers with what they mean and its key figure; every number and the
+metrics' protocol records in an appendix) is written to `runs/pipeline/<name>/report.md` and its path
+printed. The whole pipeline runs notebook 70 reduced.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import ast
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..configs import ConfigError, make_config
+from ..configs import PRESETS, ConfigError, make_config
 from ..configs.study import CLAIM_FIXED
-from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes
+from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes, is_finished, read_summary
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -166,7 +168,7 @@ def check_stage_folder(nb: Path, out_dir: Path, params: dict) -> bool:
     (a new or interrupted run of this config). Raises RunError for a folder that holds another config and
     RunLockedError for one that another process holds; nothing is written either way."""
     diffs = recorded_differences(nb, out_dir, params)
-    finished = (out_dir / "summary.json").exists()
+    finished = is_finished(out_dir)
     if finished and diffs is None:
         raise RunError(f"{out_dir} holds a summary.json but no config.json, so what made it is unknown; "
                        f"delete {out_dir} or choose another run name")
@@ -308,7 +310,7 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
         rows = []
         for nb in stages:
             out_dir = run_root / nb.stem / name
-            mark = "skip" if (out_dir / "summary.json").exists() else "run "
+            mark = "skip" if is_finished(out_dir) else "run "
             print(f"[{mark}] {nb.stem} -> {out_dir}", flush=True)
             rows.append((nb.stem, execute(nb, out_dir, params[nb]), out_dir))
         return write_report(record.parent / "report.md", name, preset, rows)
@@ -365,6 +367,24 @@ def _protocol_rows(out_dir: Path) -> list[str]:
     return rows + ([""] + notes if notes else [])
 
 
+def _protocol_line(out_dir: Path) -> str:
+    """One line on a stage's evaluation.json: the metrics it records, how the generated samples were drawn,
+    and what was not computed ('' without the file)."""
+    file = out_dir / "evaluation.json"
+    if not file.exists():
+        return ""
+    records = json.loads(file.read_text())
+    done = [str(r.get("metric")) for r in records if r.get("value") is not None]
+    missing = [str(r.get("metric")) for r in records if r.get("value") is None]
+    gen = next((r.get("protocol", {}) for r in records
+                if (r.get("protocol", {}).get("files") or {}).get("generator")), None)
+    line = f"Protocol records (`evaluation.json`, in full in the appendix): {', '.join(done) or 'none'}"
+    if gen:
+        line += (f"; samples: N {gen.get('n_samples')}, {gen.get('sampler')} × {gen.get('steps')} steps, "
+                 f"CFG {gen.get('cfg_scale')}, EMA {gen.get('ema')}, seed {gen.get('seed')}")
+    return line + (f"; not computed: {', '.join(missing)}." if missing else ".")
+
+
 def _earlier_run(out_dir: Path) -> str:
     """'; ran 236 s, ended 2026-11-30 04:46 UTC' from
     papermill's record in executed.ipynb ('' when unreadable)."""
@@ -405,48 +425,275 @@ def _cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def _fmt(v) -> str:
+    """A number at 4 significant digits (a whole number in full, below a million), anything else as text."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int) or (v.is_integer() and abs(v) < 1e6):
+        return str(int(v))
+    return f"{v:.4g}"
+
+
+class Headline(NamedTuple):
+    """One headline number of a stage's summary.json, for the report.
+
+    `path`: dotted keys into the summary; a segment `#i` is the i-th key (or list item), one `*` takes every
+    key or item (one line for all, each item named by its key or by the `each` template). `fmt`: how the
+    value prints, `{}` receiving it at 4 significant digits. `meaning`: one sentence on what the value says,
+    or alternatives, the first whose fields all resolve; a field is `{path}`, or `{path OP path:spec}` with
+    OP one of / - + * (e.g. `{dm.ref_fd / dm.ref_fd_floor:.2f}`), read from the same summary. A number whose
+    path is absent is left out; a meaning whose fields are absent is left out."""
+    path: str
+    label: str
+    fmt: str
+    meaning: str | tuple[str, ...]
+    each: str = ""  # for a `*` path: how one item prints, its fields read from the item
+
+
+_APPENDIX_ROWS = 60  # numbers per stage in the report's appendix; the rest stay in its summary.json
+# Per notebook prefix: its title, its key figure (a figure's stem; else its first PNG), its headline numbers.
+# Every number and every floor or ceiling beside it is read from the stage's own summary.json.
+REPORT_STAGES: dict[str, tuple[str, str, tuple[Headline, ...]]] = {
+    "10": ("Toy gradient fields", "fig3_point_clouds", (
+        Headline("objectives.dm.sw2", "DM objective: SW2 to the reference", "{}",
+                 "{objectives.dm.sw2 / noise_floor:.2f}× the noise floor {noise_floor} (independent samples "
+                 "of the reference: 1× is what a perfect fit scores); measured *{verdicts.dm.measured}*, the "
+                 "paper: *{verdicts.dm.paper}*"),
+        Headline("objectives.real_fm_target.sw2", "Real-score maximisation (real_fm_target): SW2", "{}",
+                 "{objectives.real_fm_target.sw2 / noise_floor:.1f}× the floor, coverage "
+                 "{objectives.real_fm_target.coverage} against DM's {objectives.dm.coverage}: measured "
+                 "*{verdicts.real_fm_target.measured}*, the paper: *{verdicts.real_fm_target.paper}*"),
+        Headline("objectives.fake_fm_target.sw2", "Fake-score maximisation (fake_fm_target): SW2", "{}",
+                 "spread {objectives.fake_fm_target.spread_ratio}× the reference's: measured "
+                 "*{verdicts.fake_fm_target.measured}*, the paper: *{verdicts.fake_fm_target.paper}*"),
+    )),
+    "20": ("Tokenizer pretraining", "reconstructions", (
+        Headline("tokenizer.psnr", "Val PSNR", "{} dB",
+                 ("the stage-1 tokenizer's reconstructions of held-out images; SSIM {tokenizer.ssim}, LPIPS "
+                  "{tokenizer.lpips}, {tokenizer.lpips_label}",
+                  "the stage-1 tokenizer's reconstructions of held-out images")),
+        Headline("tokenizer.fd", "rFD", "{}",
+                 "reconstructions against the same {tokenizer.fd_n} held-out images in {tokenizer.fd_label}: "
+                 "what the stage-1 tokenizer loses, a floor for any generator that decodes through it"),
+        Headline("encoders.ssl.knn_acc", "SSL encoder kNN accuracy", "{}",
+                 "linear probe {encoders.ssl.linear_acc}; the supervised classifier reaches "
+                 "{encoders.supervised.val_acc} on val: the class information the reference encoders carry"),
+        Headline("latent_probe.linear_acc", "Latent linear probe", "{}",
+                 "kNN {latent_probe.knn_acc} on the tokenizer's {latent_probe.dim}-dim latents "
+                 "({latent_probe.n_val} held-out images): the class structure that survives into the "
+                 "latents"),
+    )),
+    "30": ("Teacher fitting", "samples_vs_reference", (
+        Headline("evaluation.samples_vs_reference.fd", "FD of the teacher's samples to the reference", "{}",
+                 "{evaluation.fd_ratio:.2f}× the floor {evaluation.noise_floor.fd} of two reference draws of "
+                 "{evaluation.noise_floor.n} (1× is a perfect fit), in "
+                 "{evaluation.samples_vs_reference.fd_label}; the DM term of notebook 40 pulls the latents "
+                 "toward this model, so it bounds how close they get"),
+        Headline("evaluation.samples_vs_reference.sw2", "SW2 of the teacher's samples", "{}",
+                 "{evaluation.sw2_ratio:.2f}× the floor {evaluation.noise_floor.sw2}"),
+    )),
+    "40": ("Joint DM training", "joint_ref_fd", (
+        Headline("dm.ref_fd", "DM latents' FD to the reference", "{}",
+                 ("{dm.ref_fd / dm.ref_fd_floor:.2f}× the floor {dm.ref_fd_floor} after {dm.step} steps "
+                  "({start.ref_fd} at the start); the λ = 0 control, without the DM loss, ends at "
+                  "{control.ref_fd}, {control.ref_fd / control.ref_fd_floor:.2f}× the floor",
+                  "{dm.ref_fd / dm.ref_fd_floor:.2f}× the floor {dm.ref_fd_floor} after {dm.step} steps")),
+        Headline("dm.val_psnr", "DM tokenizer's val PSNR", "{} dB",
+                 ("{dm.val_psnr - control.val_psnr:+.2f} dB against the λ = 0 control's {control.val_psnr} "
+                  "dB, {start.val_psnr} dB before joint training: the reconstruction the DM loss costs or "
+                  "keeps",
+                  "{start.val_psnr} dB before joint training")),
+    )),
+    "50": ("Latent visualisation", "latents_tsne", (
+        Headline("scores.#0.*.knn", "kNN accuracy per latent set (full dimension)", "{}",
+                 "leave-one-out kNN on the class labels; chance {chance_knn}"),
+        Headline("discriminant.held_out_accuracy.*", "Held-out linear (LDA) accuracy per latent set", "{}",
+                 "a linear discriminant fit on {discriminant.fit_points} other points: the class "
+                 "information a linear read-out finds; chance {chance_knn}"),
+    )),
+    "60": ("Generation", "samples", (
+        Headline("metrics.fd_ssl.value", "FD of the samples, SSL space", "{}",
+                 "{metrics.fd_ssl.value / metrics.fd_ssl_floor.value:.1f}× the real-vs-real floor "
+                 "{metrics.fd_ssl_floor.value} and {metrics.fd_ssl.value / metrics.rfd_ssl.value:.1f}× the "
+                 "reconstructions' rFD {metrics.rfd_ssl.value}: the FD above rFD is what the generator adds, "
+                 "in {metrics.fd_ssl.feature_space}"),
+        Headline("metrics.fd_sup.value", "FD of the samples, supervised space", "{}",
+                 "{metrics.fd_sup.value / metrics.fd_sup_floor.value:.1f}× its floor "
+                 "{metrics.fd_sup_floor.value}, rFD {metrics.rfd_sup.value}, in "
+                 "{metrics.fd_sup.feature_space}"),
+        Headline("metrics.class_accuracy.value", "Class accuracy of the generated images", "{}",
+                 ("at CFG {metrics.class_accuracy.protocol.cfg_scale}, under the embedded classifier: real "
+                  "images reach {metrics.class_accuracy.ceiling}, the tokenizer's reconstructions "
+                  "{metrics.class_accuracy.reconstruction_ceiling} (the decoder's ceiling)",
+                  "under the embedded classifier: real images reach {metrics.class_accuracy.ceiling}")),
+        Headline("cfg_sweep.*", "CFG sweep", "{}",
+                 ("{cfg_sweep.#0.n} samples per scale from the same noise; the numbers above use CFG "
+                  "{metrics.fd_ssl.protocol.cfg_scale}",
+                  "{cfg_sweep.#0.n} samples per scale from the same noise"),
+                 each="CFG {cfg_scale}: accuracy {accuracy}, SSL FD {fd_ssl}"),
+    )),
+    "70": ("Reference study", "claim_curves", (
+        Headline("claim.outcome", "Verdict", "{}",
+                 "in {claim.space}, FD to real images; the gates and the per-arm table lead this report"),
+        Headline("claim.other_spaces.*.outcome", "The same rule in the other feature spaces", "{}",
+                 "a verdict that changes with the space is not robust"),
+    )),
+}
+
+
+class _Missing(Exception):
+    """A key path that the summary does not hold."""
+
+
+def _at(d, path: str):
+    """The value at a dotted key path (`#i`: the i-th key or item); _Missing when absent or null."""
+    try:
+        for k in path.split(".") if path else []:
+            if k.startswith("#") and isinstance(d, (dict, list)):
+                i = int(k[1:])
+                d = d[list(d)[i]] if isinstance(d, dict) else d[i]
+            elif isinstance(d, dict):
+                d = d[k]
+            else:
+                raise _Missing(path)
+    except (KeyError, IndexError, ValueError) as e:
+        raise _Missing(path) from e
+    if d is None:
+        raise _Missing(path)
+    return d
+
+
+_OPS = {"/": lambda a, b: a / b, "-": lambda a, b: a - b, "+": lambda a, b: a + b, "*": lambda a, b: a * b}
+
+
+def _fill(template: str, d) -> str:
+    """`template` with each `{path}` or `{path OP path:spec}` field read from `d`; _Missing if one is absent
+    (or not a number where arithmetic or a number format needs one)."""
+    def field(m: re.Match) -> str:
+        expr, spec = m.group(1).strip(), m.group(2)
+        parts = re.split(r" ([-+*/]) ", expr)
+        try:
+            v = _at(d, parts[0])
+            for op, operand in zip(parts[1::2], parts[2::2]):
+                v = _OPS[op](v, _at(d, operand))
+            return format(v, spec) if spec else _fmt(v)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise _Missing(expr) from e
+    return re.sub(r"\{([^{}:]*)(?::([^{}]*))?\}", field, template)
+
+
+def _headline_line(summary: dict, h: Headline) -> str:
+    """`- label: **value** — meaning.` for one Headline ('' when its value is absent)."""
+    try:
+        if "*" in h.path.split("."):
+            head, _, tail = h.path.partition("*")
+            found = _at(summary, head.rstrip("."))
+            items = found.items() if isinstance(found, dict) else enumerate(found)
+            shown = []
+            for k, item in items:
+                try:
+                    shown.append(_fill(h.each, item) if h.each else
+                                 f"{k} {h.fmt.format(_fmt(_at(item, tail.lstrip('.'))))}")
+                except _Missing:
+                    continue
+            if not shown:
+                return ""
+            value = " · ".join(shown)
+        else:
+            value = f"**{h.fmt.format(_fmt(_at(summary, h.path)))}**"
+    except (_Missing, TypeError):
+        return ""
+    meaning = ""
+    for template in (h.meaning,) if isinstance(h.meaning, str) else h.meaning:
+        try:
+            meaning = _fill(template, summary)
+            break
+        except _Missing:
+            continue
+    line = f"- {h.label}: {value}"
+    return line + (f" — {meaning}{'' if meaning.endswith('.') else '.'}" if meaning else "")
+
+
+def _stage_entry(stage: str) -> tuple[str, str, tuple[Headline, ...]]:
+    """(title, key figure's stem, headline numbers) of a notebook stem like '20_tokenizer_pretraining'."""
+    nn, _, rest = stage.partition("_")
+    return REPORT_STAGES.get(nn, (rest.replace("_", " ").capitalize(), "", ()))
+
+
 def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, Path]]) -> Path:
-    """Markdown: stage table, each stage's headline numbers,
-    metric protocol records, figures (as PNG links)."""
+    """Markdown, read like the notebooks: what ran (a status table), the claim study's verdict, then per stage
+    its headline numbers (`REPORT_STAGES`) with a line on what each means and its key figure; an appendix
+    holds every number of each summary.json and the metric protocol records."""
     def rel(p: Path) -> str:
         return os.path.relpath(p, file.parent)
 
-    intro = (f"Written {_dt.datetime.now():%Y-%m-%d %H:%M:%S}. Each stage's run folder holds its executed "
-             "notebook, config, metrics.jsonl, figures and checkpoints.")
+    summaries = {stage: read_summary(d) for stage, _, d in rows}
+    ran = sum(status.startswith("ran") for _, status, _ in rows)
+    skipped = sum(status == SKIPPED for _, status, _ in rows)
+    unfinished = [stage for stage, _, _ in rows if not summaries[stage]]
+    intro = (f"Written {_dt.datetime.now():%Y-%m-%d %H:%M:%S}. Preset `{preset}`, {len(rows)} stage(s) "
+             f"({', '.join(stage.partition('_')[0] for stage, _, _ in rows)}): {ran} ran in this invocation, "
+             f"{skipped} had already finished"
+             + (f", {len(unfinished)} did not finish ({', '.join(unfinished)})" if unfinished else "")
+             + ". Each stage's run folder holds its executed notebook, config, metrics.jsonl, figures and "
+             "checkpoints. Below, per stage, the numbers that matter with what they mean and its key figure; "
+             "every number of each summary.json is in the appendix.")
     out = [f"# Pipeline run `{name}` (preset `{preset}`)", "", intro, "",
            "| stage | this invocation | run folder |",
            "|---|---|---|"]
     out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
             for stage, status, d in rows]
-    for stage, _, d in rows:  # the claim study's verdict leads the report
-        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
-        if isinstance(summary.get("claim"), dict):
-            out += ["", *_claim_headline(summary)]
-    for stage, _, d in rows:
-        summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
-        out += ["", f"## {stage}", ""]
+    for stage, _, _ in rows:  # the claim study's verdict leads the report
+        if isinstance(summaries[stage].get("claim"), dict):
+            out += ["", *_claim_headline(summaries[stage])]
+    for stage, status, d in rows:
+        summary = summaries[stage]
+        title, key_figure, headlines = _stage_entry(stage)
+        out += ["", f"## {stage.partition('_')[0]} · {title}", ""]
         if not summary:
-            out.append("No summary.json: the stage did not finish.")
+            out.append(f"No summary.json: the stage did not finish ({status}; [run folder]({rel(d)})).")
             continue
+        out += [f"*{status} · [run folder]({rel(d)}) · [summary.json]({rel(d / 'summary.json')})*"]
+        lines = [line for line in (_headline_line(summary, h) for h in headlines) if line]
+        if lines:
+            out += [""] + lines
+        protocol = _protocol_line(d)
+        if protocol:
+            out += ["", protocol]
+        pngs = [f for f in summary.get("figures", []) if isinstance(f, str) and f.endswith(".png")]
+        if pngs:
+            key = next((f for f in pngs if Path(f).stem == key_figure), pngs[0])
+            out += ["", f"![{Path(key).stem}]({rel(d / key)})"]
+            others = [f"[{Path(f).stem}]({rel(d / f)})" for f in pngs if f != key]
+            if others:
+                out += ["", "Other figures: " + ", ".join(others) + "."]
+    out += ["", "## Appendix · every number", "",
+            f"Each stage's numeric summary.json entries (the first {_APPENDIX_ROWS}; the rest in the linked "
+            "file), with the labels the summary gives them, then its metric protocol records."]
+    for stage, _, d in rows:
+        summary = summaries[stage]
+        if not summary:
+            continue
+        out += ["", f"### {stage} · [summary.json]({rel(d / 'summary.json')})", ""]
         nums = _numbers(summary)
         if nums:
-            out += ["| quantity | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in nums[:60]]
-            if len(nums) > 60:
-                out.append(f"({len(nums) - 60} more in `{rel(d / 'summary.json')}`)")
+            out += ["| quantity | value |", "|---|---|"]
+            out += [f"| {k} | {_fmt(v)} |" for k, v in nums[:_APPENDIX_ROWS]]
+            if len(nums) > _APPENDIX_ROWS:
+                out.append(f"({len(nums) - _APPENDIX_ROWS} more in `{rel(d / 'summary.json')}`)")
+        else:
+            out.append("Its numbers are in the sections above.")
         protocol = _protocol_rows(d)
         if protocol:
             out += ["", "Metrics with their protocol records (`evaluation.json`):", ""] + protocol
-        pngs = [f for f in summary.get("figures", []) if f.endswith(".png")]
-        if pngs:
-            out += [""] + [f"![{Path(f).stem}]({rel(d / f)})" for f in pngs]
     file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(file, lambda f: f.write("\n".join(out).encode()))
+    atomic_write_bytes(file, lambda f: f.write(("\n".join(out) + "\n").encode()))
     return file
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, choices=["smoke", "cpu", "imagenet256"],
+    ap.add_argument("--preset", default=None, choices=PRESETS,
                     help="default: the parameter file's, else cpu")
     ap.add_argument("--name", default="", help="run name shared by every stage (default: <preset>_main); "
                                                  "re-running the same name resumes and skips finished stages")
@@ -464,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     file = load_params_file(args.params) if args.params else {}
     preset = args.preset or file.get("preset", "cpu")
-    if preset not in ("smoke", "cpu", "imagenet256"):
-        raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use smoke, cpu or imagenet256")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use {', '.join(PRESETS)}")
     extra = {**file.get("params", {}), **{k: json.loads(v) for k, v in args.param}}
     name = args.name or file.get("name") or f"{preset}_main"
     report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}),

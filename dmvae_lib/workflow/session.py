@@ -22,7 +22,7 @@ import torch
 from ..configs import make_config, to_dict
 from ..runtime import weights
 from ..runtime.device import resolve_device, seed_all, set_threads
-from ..runtime.runs import RunDir, RunError, default_run_name
+from ..runtime.runs import SUMMARY, RunDir, RunError, default_run_name, is_finished
 from ..viz.figures import FigureStore, in_notebook
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -119,11 +119,11 @@ def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str 
     finished = []
     for cfg_file in base.glob("*/config.json") if base.is_dir() else []:
         folder = cfg_file.parent
-        if (folder / artifact).is_file() and (folder / "summary.json").is_file():
+        if (folder / artifact).is_file() and is_finished(folder):
             if not preset or json.loads(cfg_file.read_text())["config"].get("preset") == preset:
                 finished.append(folder)
     if not finished:
         where = f"{base / run_name}" if run_name else f"{base} (preset {preset or 'any'})"
         raise RunError(f"no finished run of {producer} with {artifact} at {where}; run {producer} first "
                        f"(e.g. `python -m dmvae_lib --only {notebook[:2]}`) or pass its run folder")
-    return max(finished, key=lambda f: (f / "summary.json").stat().st_mtime)
+    return max(finished, key=lambda f: (f / SUMMARY).stat().st_mtime)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..configs import make_config
 from ..configs.study import StudyConfig
+from ..runtime.runs import read_summary
 from . import pipeline
 
 BASELINE = "none"  # the reference column of the λ = 0 cells (no DM term, so no reference)
@@ -195,10 +196,7 @@ def failures(results: Sequence[Result]) -> list[str]:
 
 
 def _summary(folder: Path | None) -> dict:
-    import json
-
-    file = folder / "summary.json" if folder else None
-    return json.loads(file.read_text()) if file and file.exists() else {}
+    return read_summary(folder) if folder else {}
 
 
 def _value(d: dict, *keys, default=math.nan):
