@@ -143,6 +143,19 @@ def random_lpips(tmp_path_factory):
     return net, records
 
 
+def test_a_random_backbone_is_one_function_whatever_the_global_rng(random_lpips, tmp_path):
+    """Built under a fixed seed apart from the caller's RNG: the same numbers in every process and at every
+    call site (the value once depended on what had drawn from the global RNG before), no draw consumed."""
+    net, _ = random_lpips
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    again = PerceptualLoss(vgg_path=tmp_path / "absent.pth", allow_random_backbone=True)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(net(x, y), again(x, y))
+
+
 def test_random_backbone_lpips_is_labelled_and_warns(random_lpips):
     net, records = random_lpips
     assert net.is_real_lpips is False and "not perceptual" in net.label

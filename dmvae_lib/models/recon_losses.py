@@ -57,6 +57,9 @@ def default_vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
+RANDOM_BACKBONE_SEED = 0  # the random VGG16 of `allow_random_backbone` (a stand-in, not LPIPS)
+
+
 class PerceptualLoss(nn.Module):
     """LPIPS (VGG16) between images in [−1, 1]: `forward(x_hat, x) -> (B,)` per-image distances.
 
@@ -81,8 +84,11 @@ class PerceptualLoss(nn.Module):
                 "perceptual metric).")
         # pnet_rand=True makes torchvision build VGG16 without weights, so construction never touches the
         # network; the real backbone is copied in from the local file below.
-        with warnings.catch_warnings():
+        # under a fixed seed, apart from the caller's RNG: a random backbone is the same function in every
+        # process and at every call site, and building one changes no other draw
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
+            torch.manual_seed(RANDOM_BACKBONE_SEED)
             self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if self.is_real_lpips:
             self._load_backbone(path)
