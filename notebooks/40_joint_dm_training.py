@@ -177,11 +177,13 @@ s.figures.save(fig, "joint_ref_fd")
 
 # %%
 floor_fd = hist["DM"][-1].get("ref_fd_floor", float("nan"))
+below = hist["DM"][-1]["ref_fd"] <= floor_fd
 display(Markdown(
     f"**What to look for.** FD to the reference, first → last evaluation: {moved('ref_fd')}. Two independent "
     f"reference draws are {floor_fd:.3g} apart (the floor): the closer a curve comes to it, the better the "
-    f"latents match the reference.{versus('ref_fd')} Where both curves bend together at the dashed line, "
-    "the GAN moved them, not DM."))
+    "latents match the reference" + (" (DM's ends at or below it: as close as this measurement can tell)."
+                                     if below else ".")
+    + f"{versus('ref_fd')} Where both curves bend together at the dashed line, the GAN moved them, not DM."))
 
 # %%
 fig = viz.metric_lines(hist, "ref_sw2", log_y=True, title="sliced-W2 of head(latents) to the reference",

@@ -111,7 +111,7 @@ pd.DataFrame([{"run": o.run.name, "status": o.status, "minutes": round(o.seconds
               for o in outcomes])
 
 # %%
-status = pd.Series([o.status.split()[0] for o in outcomes]).value_counts()  # "ran in 41 s" -> "ran"
+status = pd.Series([o.status.split(" (")[0].split(" in ")[0] for o in outcomes]).value_counts()  # "ran", …
 display(Markdown(
     "**What to look for.** " + ", ".join(f"{n} {k}" for k, n in status.items())
     + f", {sum(o.seconds for o in outcomes) / 60:.1f} min in all. *skipped* runs had finished before and "
