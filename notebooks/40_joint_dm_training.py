@@ -24,7 +24,9 @@
 # > latents) give the direction (x̂_fake − x̂_real)/‖x − x̂_real‖₁ that moves each latent.
 #
 # **What you'll see.** One DM step taken apart (the direction g and where its gradient goes); joint training
-# with λ·L_DM (λ = 10, CFG on both nets, tokenizer every 5 steps) and the same run with λ = 0 as the control;
+# with λ·L_DM (by default λ = 10, CFG ×5 on both nets, a tokenizer turn every 5 steps; the `cpu` preset turns
+# CFG off, `train.cfg_scale` = 1; `cfg.train` in the run's config.json holds this run's values) and the same
+# run with λ = 0 as the control;
 # DM loss and gradient norm; the distance of the aggregate posterior to the
 # reference (Fréchet distance and sliced-W2 on latents) and val PSNR as training goes, for both runs.
 #
