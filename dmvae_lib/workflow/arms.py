@@ -263,10 +263,6 @@ def failures(outcomes: Sequence[Outcome]) -> list[str]:
     return [f"{o.run.name}: {o.error}" for o in outcomes if o.status in ("failed", "not run")]
 
 
-def _summary(folder: Path) -> dict:
-    return read_summary(folder)
-
-
 @dataclass
 class ArmData:
     """What the runs of one study left behind, per arm."""
@@ -283,7 +279,7 @@ def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) 
     """Read every arm's numbers from its runs' summary.json (missing runs give NaN / no curve)."""
     out, root = ArmData(), Path(run_root)
     for arm, (folder, file) in _sources(cfg, prefix, root, Path(tokenizer_dir)).items():
-        s = _summary(folder)
+        s = read_summary(folder)
         if file == "control_tokenizer.pt":
             psnr = s.get("control", {}).get("psnr", math.nan)
         elif folder.parent.name == NOTEBOOKS["40"]:
@@ -294,12 +290,12 @@ def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) 
             out.psnr[arm] = float(psnr)
             out.curves[arm] = {}
             for g in cfg.claim.seeds:
-                gen = _summary(root / NOTEBOOKS["60"] / f"{prefix}-{slug(arm)}-g{g}")
+                gen = read_summary(root / NOTEBOOKS["60"] / f"{prefix}-{slug(arm)}-g{g}")
                 if gen.get("curve"):
                     out.curves[arm][g] = gen["curve"]
                 if g == cfg.claim.seeds[0]:
                     out.knn[arm] = float(gen.get("latent_clustering", {}).get("knn", math.nan))
-    joint = _summary(_sources(cfg, prefix, root, Path(tokenizer_dir))["C1"][0])
+    joint = read_summary(_sources(cfg, prefix, root, Path(tokenizer_dir))["C1"][0])
     out.drift_fd = float(joint.get("control", {}).get("ref_fd", math.nan))
     out.drift_floor = float(joint.get("control", {}).get("ref_fd_floor", math.nan))
     out.c1_fd = float(joint.get("dm", {}).get("ref_fd", math.nan))
