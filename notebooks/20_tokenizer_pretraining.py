@@ -228,6 +228,6 @@ save_tokenizer(s.run.path / "tokenizer.pt", cfg, tokenizer, encoders, trained_en
 # %%
 summary = s.finish({"encoders": tokenizer_stage.encoder_scores(encoders), "tokenizer": metrics,
                     "latent_probe": latent_probe,
-                    "checkpoint": "tokenizer.pt"})
+                    "checkpoint": "tokenizer.pt"}, models=[tokenizer])
 print(f"run directory: {s.run.path}")
 print("\n".join(summary["figures"]))

@@ -189,5 +189,6 @@ assert gate == 0 or ev["sw2_ratio"] < gate, far
 save_teacher(s.run.path / "teacher.pt", cfg, teacher, ref, tok_file)
 ev.pop("samples")
 summary = s.finish({"tokenizer_run": str(tok_dir), "reference": ref.name, "reference_shape": list(ref.shape),
-                    "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt"})
+                    "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt"},
+                   models=[tok])
 print(f"run directory: {s.run.path}")

@@ -221,5 +221,6 @@ summary = s.finish({"joint_run": str(joint_dir), "tokenizer_run": str(tok_dir),
                     "scores": {m: {n: sc._asdict() for n, sc in sc_m.items()} for m, sc_m in scores.items()},
                     "embed_seconds": seconds,
                     "discriminant": {"fit_points": cfg.embed.discriminant_points,
-                                     "held_out_accuracy": lda_acc if cfg.embed.discriminant_points else {}}})
+                                     "held_out_accuracy": lda_acc if cfg.embed.discriminant_points else {}}},
+                   models=[u.tokenizer])
 print(f"run directory: {s.run.path}")

@@ -416,5 +416,6 @@ summary = s.finish({"joint_run": str(joint_dir), "tokenizer_file": cfg.tokenizer
                     "curve": points, "cfg_sweep": sweep, "class_accuracy_cfg1": acc_cfg1,
                     "metrics": {r["metric"]: r for r in records},
                     "artifacts": {k: str(v.relative_to(s.run.path)) for k, v in paths.items()},
-                    "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"})
+                    "evaluation": str(eval_file.relative_to(s.run.path)), "checkpoint": "generator.pt"},
+                   models=[tok])
 print(f"run directory: {s.run.path}")

@@ -133,3 +133,37 @@ def test_training_drivers_define_no_closures(rel):
         inner = [n for n in ast.walk(funcs[name]) if n is not funcs[name]
                  and isinstance(n, (ast.FunctionDef, ast.Lambda, ast.Nonlocal, ast.Global))]
         assert not inner, f"{rel}::{name} defines {[type(n).__name__ for n in inner]}"
+
+
+MUTABLE_CALLS = {"dict", "list", "set", "defaultdict", "OrderedDict"}
+MEMO_CACHES = {"dmvae_lib/runtime/weights.py": {"_fetched", "_digests"}}  # written by their module only
+
+
+def _module_level_containers(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        target, value = (node.targets[0], node.value) if isinstance(node, ast.Assign) else (
+            (node.target, node.value) if isinstance(node, ast.AnnAssign) else (None, None))
+        call = getattr(getattr(value, "func", None), "id", None) or getattr(getattr(value, "func", None),
+                                                                            "attr", None)
+        if isinstance(target, ast.Name) and (
+                isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp))
+                or (isinstance(value, ast.Call) and call in MUTABLE_CALLS)):
+            names.add(target.id)
+    return names
+
+
+def test_no_module_level_state_written_from_another_module():
+    """Module-level containers are registries (UPPER_CASE, never mutated after import) or a private memo cache
+    that only its own module writes: no process-wide ledger or channel between modules."""
+    mutation = r"\b{n}\s*(\[[^\]]*\]\s*=[^=]|\|=|\.(append|extend|update|add|pop|clear|setdefault|remove)\()"
+    for path in LIB:
+        rel = str(path.relative_to(ROOT))
+        for name in _module_level_containers(path):
+            writes = _where(mutation.format(n=re.escape(name)))
+            if name in MEMO_CACHES.get(rel, ()):
+                assert writes and all(w.startswith(f"{rel}:") for w in writes), (name, writes)
+            else:
+                assert name.lstrip("_").isupper() and not writes, f"{rel}: {name} is mutable state {writes}"

@@ -22,9 +22,7 @@ from dmvae_lib.workflow.session import Session
 def clean(monkeypatch):
     monkeypatch.delenv(weights.FETCH_ENV, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    weights.reset()
     yield
-    weights.reset()
 
 
 @pytest.fixture
@@ -66,20 +64,34 @@ def test_ensure_file_fetches_only_when_allowed(tmp_path, monkeypatch, no_network
     assert weights.ensure_file(target, "https://x/w.pth", "w") == target and target.read_bytes() == b"weights"
     assert weights.ensure_file(target, "https://x/w.pth", "w") == target and len(calls) == 1  # cached now
     rec = weights.record("w", target)
-    assert rec == {"path": str(target), "sha256": hashlib.sha256(b"weights").hexdigest(), "fetched": True}
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert rec == {"w": {"path": str(target), "sha256": digest, "fetched": True}}
 
 
 @pytest.mark.filterwarnings("ignore:no Chrome")
 def test_the_run_summary_records_the_weights_with_their_sha256(tmp_path):
-    fake = tmp_path / "model.safetensors"
-    fake.write_bytes(b"not really a model")
-    weights.record("timm:fake", fake)
+    """From the models given and from the stats in the summary (nested); nothing from a process ledger."""
+    files = {n: tmp_path / n for n in ("enc.safetensors", "vgg.pth", "unrelated.pth")}
+    for n, f in files.items():
+        f.write_bytes(n.encode())
+    enc = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    enc[0].weights_files = weights.record("timm:fake", files["enc.safetensors"])
+    weights.record("never_used", files["unrelated.pth"])  # a record nobody keeps is in no summary
+    stats = {"lpips": 0.1, **weights.provenance(torch.nn.Identity(), None, {"a": [1]})}
+    assert stats == {"lpips": 0.1}  # nothing read: no key
+    lp = torch.nn.Identity()
+    lp.weights_files = weights.record("lpips_vgg16", files["vgg.pth"])
     run = RunDir.create(tmp_path / "runs", "20", "r", {"stage": "tokenizer"})
     session = Session(None, run, torch.device("cpu"), FigureStore(run.figures, png=False), "cpu")
-    session.finish({"x": 1.0})
+    session.finish({"x": 1.0, "eval": [{"lpips": 0.1, **weights.provenance(lp)}]}, models=[enc])
     summary = json.loads((run.path / "summary.json").read_text())
-    assert summary["weights"] == {"timm:fake": {"path": str(fake), "fetched": False,
-                                                "sha256": hashlib.sha256(fake.read_bytes()).hexdigest()}}
+    sha = {n: hashlib.sha256(n.encode()).hexdigest() for n in files}
+    assert summary["weights"] == {
+        "lpips_vgg16": {"path": str(files["vgg.pth"]), "fetched": False, "sha256": sha["vgg.pth"]},
+        "timm:fake": {"path": str(files["enc.safetensors"]), "fetched": False,
+                      "sha256": sha["enc.safetensors"]}}
+    session.finish({"x": 1.0})
+    assert "weights" not in json.loads((run.path / "summary.json").read_text())
 
 
 def test_timm_encoder_fetches_into_the_hf_cache_only_when_asked(tmp_path, monkeypatch, no_network):
@@ -98,7 +110,7 @@ def test_timm_encoder_fetches_into_the_hf_cache_only_when_asked(tmp_path, monkey
     enc = timm_encoder(name, img_size=32)
     assert calls == [(hub_id, "model.safetensors"), (hub_id, "pytorch_model.bin")]
     assert torch.equal(enc.features.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    assert weights.used()[f"timm:{name}"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert weights.files_of(enc)[f"timm:{name}"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_lpips_fetches_vgg16_into_torchvisions_cache_only_when_asked(tmp_path, monkeypatch, no_network):
@@ -112,8 +124,8 @@ def test_lpips_fetches_vgg16_into_torchvisions_cache_only_when_asked(tmp_path, m
     net = recon_losses.perceptual_loss("auto")
     target = tmp_path / "hub" / "checkpoints" / recon_losses.VGG16_FILE
     assert net.is_real_lpips and loaded == [target] and calls == [recon_losses.VGG16_URL]
-    assert weights.used()["lpips_vgg16"] == {"path": str(target), "fetched": True,
-                                             "sha256": hashlib.sha256(b"vgg16").hexdigest()}
+    assert weights.files_of(net)["lpips_vgg16"] == {"path": str(target), "fetched": True,
+                                                    "sha256": hashlib.sha256(b"vgg16").hexdigest()}
 
 
 def test_inception_is_fetched_only_when_asked(tmp_path, monkeypatch, no_network):

@@ -240,7 +240,7 @@ def inception_metrics(samples_u8: Tensor, *, weights_path: str | os.PathLike | N
         return u8.permute(0, 3, 1, 2)
 
     pool, logits = image_metrics.inception_features(net, nchw(_as_tensor(samples_u8)), batch)
-    out: dict[str, Any] = {"available": True, "feature_space": INCEPTION_SPACE}
+    out: dict[str, Any] = {"available": True, "feature_space": INCEPTION_SPACE, **weights.provenance(net)}
     real_pool = None
     if real_images is not None:
         real_pool = image_metrics.inception_features(net, nchw(real_images), batch)[0]

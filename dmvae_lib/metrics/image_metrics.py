@@ -151,7 +151,7 @@ def load_inception(weights_path: Optional[str | Path], features: tuple[str, ...]
 
     net = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                       feature_extractor_weights_path=str(path))
-    weights.record("inception_v3_fid", path)
+    net.weights_files = weights.record("inception_v3_fid", path)
     return net.to(device or "cpu")
 
 

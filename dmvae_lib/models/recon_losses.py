@@ -90,9 +90,9 @@ class PerceptualLoss(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
             torch.manual_seed(RANDOM_BACKBONE_SEED)
             self.net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        self.weights_files = weights.record("lpips_vgg16", path) if self.is_real_lpips else {}
         if self.is_real_lpips:
             self._load_backbone(path)
-            weights.record("lpips_vgg16", path)
         else:
             log.warning("PerceptualLoss: no VGG16 weights at %s; using a RANDOM backbone. This is not LPIPS "
                         "and not a perceptual metric; label any number from it as such.", path)

@@ -105,7 +105,7 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
         weights_path: local .safetensors/.pth/.bin. Without it, the model's file in the Hugging Face cache;
             with none there, DMVAE_FETCH_WEIGHTS=1 (and not HF_HUB_OFFLINE=1) downloads it into that cache
             (`runtime.weights`). Otherwise nothing is downloaded. pretrained=False: random weights (tests).
-            The file used is recorded with its SHA-256 (`runtime.weights.used()`).
+            The file used is recorded with its SHA-256 in the encoder's `weights_files`.
 
     Raises:
         RuntimeError: pretrained weights requested and no local copy found (the message says how to add one).
@@ -137,12 +137,12 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
         model = timm.create_model(name, **kwargs)
     except Exception as exc:  # timm, hub and safetensors raise many types; keep the cause
         raise RuntimeError(f"{how} Loading failed with: {exc}") from exc
-    if pretrained and file is not None:
-        weights.record(f"timm:{name}", file)
     cfg, info = getattr(model, "pretrained_cfg", None) or {}, model.feature_info[feature_stage]
     stage = model.prune_intermediate_layers([feature_stage], prune_norm=False, prune_head=True)[0]
-    return FrozenEncoder(TimmFeatures(model, stage), info["num_chs"], info["reduction"], trainable=trainable,
-                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+    enc = FrozenEncoder(TimmFeatures(model, stage), info["num_chs"], info["reduction"], trainable=trainable,
+                        mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+    enc.weights_files = weights.record(f"timm:{name}", file) if pretrained and file is not None else {}
+    return enc
 
 
 class Projector(nn.Module):

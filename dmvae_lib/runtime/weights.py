@@ -6,8 +6,11 @@ By default nothing is downloaded: a missing file is a clear error (or a labelled
 put it. `DMVAE_FETCH_WEIGHTS=1` opts in to fetching a missing file into that same cache, as timm,
 torchvision and torch-fidelity would; `HF_HUB_OFFLINE=1` wins over it (no fetch at all).
 
-Every weights file a loader uses is recorded (`record`): its path and SHA-256, which `used()` returns and
-the notebook session writes into the run's summary.json under `weights`.
+A loader records the file it read on the object it returns (`record`: {name: {path, sha256, fetched}} in
+the module's `weights_files`), and a stage that builds such a module inside copies that record into the
+stats it returns. `files_of` gathers the records from modules and (nested) stats; the notebook session
+writes what it finds in the summary and the models it is given into summary.json under `weights`. There is
+no process-wide ledger: the provenance travels with the objects and numbers it belongs to.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from torch import nn
 
 log = logging.getLogger(__name__)
 FETCH_ENV = "DMVAE_FETCH_WEIGHTS"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a Hugging Face repo
 _TRUE = ("1", "true", "yes", "on")
-_used: dict[str, dict] = {}
-_fetched: set[str] = set()  # files this process downloaded
+RECORD_KEY = "weights_files"  # the attribute of a module, and the key of a stats dict, holding the records
+# memo caches, read and written only here: the files this process downloaded, and each file's digest
+_fetched: set[str] = set()
 _digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hash a 1 GB file once
 
 
@@ -52,21 +58,34 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return _digests[key]
 
 
-def record(name: str, path: str | os.PathLike) -> dict:
-    """Note that `name`'s weights were read from `path`: {path, sha256, fetched (downloaded by this
-    process)}."""
-    entry = {"path": str(path), "sha256": sha256(path), "fetched": str(path) in _fetched}
-    _used[name] = entry
-    return entry
+def record(name: str, path: str | os.PathLike) -> dict[str, dict]:
+    """{name: {path, sha256, fetched (downloaded by this process)}}: what a loader stores on the module it
+    returns (as `RECORD_KEY`)."""
+    return {name: {"path": str(path), "sha256": sha256(path), "fetched": str(path) in _fetched}}
 
 
-def used() -> dict[str, dict]:
-    """{name: {path, sha256, fetched}} of every weights file read since the last `reset()`."""
-    return {k: dict(v) for k, v in _used.items()}
+def files_of(*sources: Any) -> dict[str, dict]:
+    """Every weights record found in `sources`: modules (their submodules' `RECORD_KEY` attributes) and
+    stats (the `RECORD_KEY` entries of nested mappings and sequences). None entries are skipped."""
+    found: dict[str, dict] = {}
+    stack = list(sources)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, nn.Module):
+            for m in item.modules():
+                found.update(getattr(m, RECORD_KEY, None) or {})
+        elif isinstance(item, Mapping):
+            found.update(item.get(RECORD_KEY) or {})
+            stack.extend(v for k, v in item.items() if k != RECORD_KEY)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return {k: dict(v) for k, v in sorted(found.items())}
 
 
-def reset() -> None:
-    _used.clear()
+def provenance(*sources: Any) -> dict[str, dict]:
+    """`{RECORD_KEY: files_of(*sources)}` to merge into a stats dict, or {} when no file was read."""
+    found = files_of(*sources)
+    return {RECORD_KEY: found} if found else {}
 
 
 def ensure_file(path: str | os.PathLike, url: str, name: str) -> Optional[Path]:

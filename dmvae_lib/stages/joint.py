@@ -40,6 +40,7 @@ from ..models.lightning_dit import drop_labels
 from ..models.projection_heads import make_head
 from ..models.recon_losses import PatchDiscriminator, perceptual_loss
 from ..models.tokenizer import Tokenizer
+from ..runtime import weights
 from ..runtime.device import autocaster, fused_adamw
 from ..runtime.distributed import (
     DistContext,
@@ -344,7 +345,7 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
                   progress=progress and ctx.is_main, ctx=ctx)
     if c.refine_steps:
         refine_decoder(cfg, s.tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
-    return s.tok.eval(), s.head.eval(), stats
+    return s.tok.eval(), s.head.eval(), {**stats, **weights.provenance(s.perceptual)}
 
 
 def _log_diagnostics(s: JointState, cfg: JointStageConfig, reference, data: ImageData, run: Optional[RunDir],

@@ -29,6 +29,7 @@ from ..models.alignment import SemanticAlignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
 from ..models.ssl_encoder import SmallResNet, calibrate_batchnorm
 from ..models.tokenizer import Tokenizer
+from ..runtime import weights
 from ..runtime.device import autocaster, compile_in_place, fused_adamw
 from ..runtime.distributed import (
     DistContext,
@@ -209,7 +210,8 @@ def train_tokenizer(cfg: TokenizerStageConfig, tok: Tokenizer, data: ImageData, 
     trainable.load_state_dict(ema.module.state_dict())  # evaluate and save the EMA weights (align is dropped)
     if c.train_encoder:
         tok.encoder.set_trainable(False)
-    return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label}
+    return tok.eval(), {**stats, "lpips_in_loss": "off" if perceptual is None else perceptual.label,
+                        **weights.provenance(perceptual)}
 
 
 def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Optional[nn.Module],
@@ -222,7 +224,7 @@ def evaluate_tokenizer(tok: Tokenizer, data: ImageData, device, feature_net: Opt
            "ssim": float(image_metrics.ssim(x_hat, x).mean())}
     lp = perceptual_loss("auto") or PerceptualLoss(allow_random_backbone=True)
     res = image_metrics.lpips_distance(x_hat[:1000], x[:1000], lp)
-    out.update(lpips=float(res.values.mean()), lpips_label=res.label)
+    out.update(lpips=float(res.values.mean()), lpips_label=res.label, **weights.provenance(lp))
     if feature_net is not None:
         fa = probes.extract_features(feature_net, x, device=device)
         fb = probes.extract_features(feature_net, x_hat, device=device)

@@ -15,9 +15,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ..configs import make_config, to_dict
 from ..runtime import weights
@@ -46,14 +47,16 @@ class Session:
     figures: FigureStore
     preset: str
 
-    def finish(self, summary: Mapping[str, Any]) -> dict:
+    def finish(self, summary: Mapping[str, Any], models: Sequence[nn.Module] = ()) -> dict:
         """Write summary.json (with the figure paths and, under `weights`, the path and SHA-256 of every
-        pretrained weights file the run read: `runtime.weights`) and return it."""
+        pretrained weights file behind the summary's numbers and the `models`: `runtime.weights.files_of`)
+        and return it."""
         paths = self.figures.flush()
         out = {"preset": self.preset, **dict(summary),
                "figures": [str(p.relative_to(self.run.path)) for p in paths]}
-        if weights.used():
-            out["weights"] = weights.used()
+        found = weights.files_of(summary, *models)
+        if found:
+            out["weights"] = found
         self.run.write_summary(json.loads(json.dumps(out, default=float)))
         return out
 
@@ -80,7 +83,6 @@ def start(stage: str, notebook: str, preset: str, overrides: Mapping[str, Any] |
     if in_notebook():
         notes_on_stdout()
     seed_all(seed)  # anything left on the global RNG is reproducible too
-    weights.reset()  # the weights files this run reads, for its summary
     dev = resolve_device(device)
     if getattr(cfg, "threads", 0):
         set_threads(cfg.threads)
