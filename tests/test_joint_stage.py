@@ -123,6 +123,41 @@ def test_gradient_routing_of_the_joint_step(encoder):
     assert rec == {"encoder": True, "projector": True, "decoder": True, "head": False}
 
 
+def _recorded_batches(dm_weight: float, seed: int, steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches `steps` joint steps consume (GAN on from step 0, DM at `dm_weight`) under joint seed
+    `seed`: a tiny tokenizer and teacher, the real `joint_state` and `joint_step`."""
+    gen = torch.Generator().manual_seed(0)
+    enc = SSLFeatures(SmallResNet(8, "r3"), side_input=True)
+    dec = Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1), num_res_blocks=0, attn=False,
+                  num_groups=8)
+    tok = Tokenizer(enc, Projector(enc.out_channels, 4), dec)
+    teacher = lightning_dit("tiny", input_size=4, in_channels=6, num_classes=3)
+    u8 = torch.randint(0, 256, (1, 32, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    data = ImageData(u8, torch.arange(32) % 3, u8[0], torch.arange(32) % 3)
+    ref = SimpleNamespace(name="stub", shape=(6, 4, 4), num_classes=3)
+    cfg = make_config("joint", "smoke", {
+        "seed": seed, "train.steps": steps, "train.batch": 4, "train.tokenizer_every": 2,
+        "train.lpips": "off", "train.disc_start": 0, "train.train_encoder": True, "train.eval_every": 0,
+        "train.precision": "fp32"})
+    s = joint_stage.joint_state(cfg, tok, teacher, ref, data, "cpu", dm_weight=dm_weight, disc_state=None,
+                                disc_arch=(8, 1), ctx=joint_stage.DistContext())
+    seen, source = [], s.batches
+    s.batches = (seen.append(b) or b for b in source)
+    for k in range(steps):
+        joint_stage.joint_step(s, k)
+    return seen
+
+
+def test_arms_of_one_joint_seed_see_the_same_batches():
+    """The batches have their own stream: the DM term's, the fake net's and the GAN's draws do not shift
+    them, so λ = 0 and λ = 10 under one joint seed train on the identical batch sequence."""
+    control, dm = _recorded_batches(0.0, seed=3), _recorded_batches(10.0, seed=3)
+    assert len(control) == len(dm) == 4
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(control, dm))
+    other = _recorded_batches(0.0, seed=4)
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(control, other))
+
+
 def test_joint_training_and_control(upstream, teacher):
     root, tok_dir, data = upstream
     tcfg, trun, tok, enc, ref, net, _, _ = teacher

@@ -35,8 +35,10 @@ OFFSETS: dict[str, int] = {
     "teacher.eval": 5,  # the two reference draws the samples and the noise floor are scored against
     # notebook 40 (joint DM training)
     "joint.head_init": 3,  # the projection head's initialisation (global RNG)
-    "joint.batches": 29,  # batches, DiffAug, DM t and noise, label dropout (rank 0: one-process stream)
-    "joint.fake_fm": 37,  # the fake net's t and noise on a non-CPU device
+    "joint.batches": 29,  # the batches only: arms of one seed see the same images (rank 0: one-process)
+    "joint.gan": 43,  # DiffAug and the discriminator's consistency draws
+    "joint.dm": 47,  # λ's t and noise, and the fake net's label dropout
+    "joint.fake_fm": 37,  # the fake net's t and noise (on the training device)
     "joint.refine": 31,  # decoder refinement batches
     "joint.ref_floor": 41,  # the second reference draw behind the diagnostics' two-draw floor
     # notebook 60 (generation)

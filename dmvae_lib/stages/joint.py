@@ -169,8 +169,13 @@ class JointState:
     num_classes: int
     perceptual: Optional[nn.Module]
     batches: Iterator[tuple[Tensor, Tensor]]
-    gen: torch.Generator  # batches, GAN augmentation, DM draws, label dropout
-    fm_gen: torch.Generator  # the fake net's t and noise: `gen` on CPU, a device generator elsewhere
+    # one stream per consumer, so that arms of one seed differ only where their configs do: the batches
+    # (their own generator, inside `batches`), the GAN's draws, λ's draws and label dropout, the fake net's
+    # t and noise (on the training device: a CPU generator cannot draw CUDA tensors)
+    batch_gen: torch.Generator
+    gan_gen: torch.Generator
+    dm_gen: torch.Generator
+    fm_gen: torch.Generator
     autocast: Callable[[], contextlib.AbstractContextManager]
     ctx: DistContext
     device: torch.device
@@ -189,11 +194,10 @@ class JointState:
         tok = self.tok
         parts = {"projector": tok.projector, "decoder": tok.decoder, "encoder": tok.encoder}
         state = {"tokenizer": nn.ModuleDict(parts), "head": self.head, "opt": self.opt, "sched": self.sched,
-                 "disc": self.disc, "dopt": self.dopt, "gen": self.gen}
+                 "disc": self.disc, "dopt": self.dopt, "batch_gen": self.batch_gen, "gan_gen": self.gan_gen}
         if self.use_dm:
-            state.update(fake=self.fake, fopt=self.fopt, fsched=self.fsched)
-        if self.fm_gen is not self.gen:
-            state["fm_gen"] = self.fm_gen
+            state.update(fake=self.fake, fopt=self.fopt, fsched=self.fsched, dm_gen=self.dm_gen,
+                         fm_gen=self.fm_gen)
         return state
 
 
@@ -224,16 +228,17 @@ def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
                                  weight_decay=c.weight_decay, fused=fused)
         fsched = _warmup(fopt, c.warmup_steps)
     real_v, fake_v = dm_nets(real, fake, reference.num_classes, c.cfg_scale) if fake else (None, None)
-    gen = rank_generator(stream_seed(cfg.seed, "joint.batches"), ctx)  # rank 0: the single-process stream
-    # the fake net's t and noise are drawn on the training device (a CPU generator cannot draw CUDA tensors)
-    fm_gen = gen if dev.type == "cpu" else rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev)
+    streams = {name: rank_generator(stream_seed(cfg.seed, f"joint.{name}"), ctx)
+               for name in ("batches", "gan", "dm")}  # rank 0: the single-process streams
     head_trains = fake is not None and any(q.requires_grad for q in head.parameters())
     return JointState(
         train=c, dm_weight=dm_weight, tok=tok, head=head, params=params, opt=opt,
         sched=_warmup(opt, c.warmup_steps), disc=disc, dopt=dopt, real_velocity=real_v, fake=fake,
         fake_velocity=fake_v, fopt=fopt, fsched=fsched, num_classes=reference.num_classes,
         perceptual=perceptual_loss(c.lpips),
-        batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), gen, 0), gen=gen, fm_gen=fm_gen,
+        batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), streams["batches"], 0),
+        batch_gen=streams["batches"], gan_gen=streams["gan"], dm_gen=streams["dm"],
+        fm_gen=rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev),
         autocast=autocaster(dev, c.precision), ctx=ctx, device=dev,
         encoder=wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder,
         parts=wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx),
@@ -242,12 +247,12 @@ def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
 
 
 def dm_term(s: JointState, latents: Tensor, y: Tensor, k: int):
-    """λ's loss at step k: t in the (annealed) DM range and noise from the batch stream, both nets under CFG
+    """λ's loss at step k: t in the (annealed) DM range and noise from λ's stream, both nets under CFG
     when the reference is conditional. Returns (L_DM, its DMStats)."""
     lo, hi = _t_range(s.train, k)
     # CPU draws, copied without waiting for the device (a blocking copy is a sync)
-    t = flow.sample_t(len(latents), t_min=lo, t_max=hi, generator=s.gen).to(s.device, non_blocking=True)
-    noise = torch.randn(latents.shape, generator=s.gen).to(s.device, non_blocking=True)
+    t = flow.sample_t(len(latents), t_min=lo, t_max=hi, generator=s.dm_gen).to(s.device, non_blocking=True)
+    noise = torch.randn(latents.shape, generator=s.dm_gen).to(s.device, non_blocking=True)
     y = y if s.num_classes else None
     return dm_loss(latents, y, s.real_velocity, s.fake, t, noise, s.autocast, fake_velocity=s.fake_velocity)
 
@@ -268,7 +273,7 @@ def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[di
                                        lpips_weight=c.lpips_weight)
     loss, dm_nonfinite, gan, latents = l_rec, 0, gan_on(c, k), None
     if gan:
-        l_gan = generator_gan_loss(s.disc, decoded, s.gen, s.autocast)
+        l_gan = generator_gan_loss(s.disc, decoded, s.gan_gen, s.autocast)
         w = gan_weight(l_rec, l_gan, s.tok.decoder.get_last_layer(), s.ctx)
         loss = loss + c.disc_weight * w * l_gan
         stats.update(g_loss=l_gan.detach(), gan_weight=w)
@@ -281,8 +286,8 @@ def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[di
     stats.update(update(loss, s.opt, s.params, grad_clip=c.grad_clip, scheduler=s.sched,
                         nonfinite=dm_nonfinite, ctx=s.ctx))
     if gan:
-        d = disc_step(s.disc_model, s.dopt, images, decoded.detach(), s.gen, bcr=c.bcr, grad_clip=c.grad_clip,
-                      autocast=s.autocast, ctx=s.ctx)
+        d = disc_step(s.disc_model, s.dopt, images, decoded.detach(), s.gan_gen, bcr=c.bcr,
+                      grad_clip=c.grad_clip, autocast=s.autocast, ctx=s.ctx)
         stats = {**stats, **d, "nonfinite": stats["nonfinite"] + d["nonfinite"]}
     return stats, latents
 
@@ -299,7 +304,7 @@ def fake_turn(s: JointState, latents: Tensor, y_cpu: Tensor) -> dict:
     """The fake net tracks the current latents: one flow-matching step on sg(latents), labels dropped at
     `label_dropout` for CFG (drawn on the CPU copy: reading labels back from the device is a sync)."""
     c = s.train
-    y = (drop_labels(y_cpu, c.label_dropout, s.num_classes, s.gen).to(s.device, non_blocking=True)
+    y = (drop_labels(y_cpu, c.label_dropout, s.num_classes, s.dm_gen).to(s.device, non_blocking=True)
          if s.num_classes else None)
     f = flow_matching_step(s.fake_model, s.fopt, latents.detach(), s.fm_gen, y=y, scheduler=s.fsched,
                            grad_clip=c.grad_clip, autocast=s.autocast,
