@@ -77,7 +77,7 @@ def test_every_reference_builds_and_fits_a_teacher(upstream, teacher, name):
     assert stats["nonfinite"] == 0 and net(x, torch.rand(5), y).shape == x.shape
 
 
-def _routing_run(dm_weight: float, l1: float, encoder: str = "timm") -> dict[str, bool]:
+def _routing_run(dm_weight: float, l1: float, encoder: str = "timm", align: float = 0.0) -> dict[str, bool]:
     """Two tokenizer turns of the real `train_joint` (trainable encoder, GAN off, no weight decay): which
     parts moved (the first turn's DM direction is 0: the fake net starts as the teacher). A part whose every
     gradient is zero or absent does not move under AdamW."""
@@ -101,7 +101,7 @@ def _routing_run(dm_weight: float, l1: float, encoder: str = "timm") -> dict[str
         "train.steps": 3, "train.batch": 4, "train.tokenizer_every": 2, "train.l1": l1,
         "train.lpips": "off", "train.disc_start": 10, "train.weight_decay": 0.0, "train.warmup_steps": 1,
         "train.train_encoder": True, "train.eval_every": 0, "train.precision": "fp32",
-        "train.cfg_scale": 2.0})
+        "train.cfg_scale": 2.0, "train.align_token": align, "train.align_global": align})
     torch.manual_seed(stream_seed(cfg.seed, "joint.head_init"))  # the head train_joint will build
     head0 = make_head((4, 8, 8), ref.shape)
     out, head, _ = joint_stage.train_joint(cfg, tok, teacher, ref, data, None, "cpu", dm_weight=dm_weight,
@@ -121,11 +121,14 @@ def test_gradient_routing_of_the_joint_step(encoder):
     dm, rec = _routing_run(10.0, 0.0, encoder), _routing_run(0.0, 1.0, encoder)
     assert dm == {"encoder": True, "projector": True, "decoder": False, "head": True}
     assert rec == {"encoder": True, "projector": True, "decoder": True, "head": False}
+    va = _routing_run(0.0, 0.0, encoder, align=1.0)  # the VA arm's L_align alone
+    assert va == {"encoder": True, "projector": True, "decoder": False, "head": False}
 
 
-def _recorded_batches(dm_weight: float, seed: int, steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches `steps` joint steps consume (GAN on from step 0, DM at `dm_weight`) under joint seed
-    `seed`: a tiny tokenizer and teacher, the real `joint_state` and `joint_step`."""
+def _joint_run(dm_weight: float, seed: int, steps: int = 4, align: float = 0.0):
+    """`steps` joint steps (GAN on from step 0, DM at `dm_weight`, VA's alignment at `align`) under joint
+    seed `seed` on a tiny tokenizer and teacher, the real `joint_state` and `joint_step`: (the batches
+    consumed, the state, the stage-1 tokenizer)."""
     gen = torch.Generator().manual_seed(0)
     enc = SSLFeatures(SmallResNet(8, "r3"), side_input=True)
     dec = Decoder(4, latent_size=8, image_size=32, ch=16, ch_mult=(1, 1), num_res_blocks=0, attn=False,
@@ -138,24 +141,36 @@ def _recorded_batches(dm_weight: float, seed: int, steps: int = 4) -> list[tuple
     cfg = make_config("joint", "smoke", {
         "seed": seed, "train.steps": steps, "train.batch": 4, "train.tokenizer_every": 2,
         "train.lpips": "off", "train.disc_start": 0, "train.train_encoder": True, "train.eval_every": 0,
-        "train.precision": "fp32"})
+        "train.precision": "fp32", "train.align_token": align, "train.align_global": align})
     s = joint_stage.joint_state(cfg, tok, teacher, ref, data, "cpu", dm_weight=dm_weight, disc_state=None,
                                 disc_arch=(8, 1), ctx=joint_stage.DistContext())
     seen, source = [], s.batches
     s.batches = (seen.append(b) or b for b in source)
     for k in range(steps):
         joint_stage.joint_step(s, k)
-    return seen
+    return seen, s, tok
 
 
 def test_arms_of_one_joint_seed_see_the_same_batches():
-    """The batches have their own stream: the DM term's, the fake net's and the GAN's draws do not shift
-    them, so λ = 0 and λ = 10 under one joint seed train on the identical batch sequence."""
-    control, dm = _recorded_batches(0.0, seed=3), _recorded_batches(10.0, seed=3)
-    assert len(control) == len(dm) == 4
-    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(control, dm))
-    other = _recorded_batches(0.0, seed=4)
+    """The batches have their own stream: the DM term's, the fake net's, the GAN's and VA's draws do not
+    shift them, so λ = 0, λ = 10 and VA under one joint seed train on the identical batch sequence."""
+    control, dm, va = (_joint_run(w, seed=3, align=a)[0] for w, a in ((0.0, 0.0), (10.0, 0.0), (0.0, 1.0)))
+    assert len(control) == len(dm) == len(va) == 4
+    for arm in (dm, va):
+        assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(control, arm))
+    other = _joint_run(0.0, seed=4)[0]
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(control, other))
+
+
+def test_va_aligns_with_a_frozen_copy_of_the_stage1_encoder():
+    _, s, stage1 = _joint_run(0.0, seed=0, align=1.0)
+    assert s.align is not None and s.align_target is not None and "align" in s.checkpointed()
+    target, moved = s.align_target.state_dict(), s.tok.encoder.state_dict()
+    assert all(torch.equal(v, target[k]) for k, v in stage1.encoder.state_dict().items())
+    assert all(p.grad is None for p in s.align_target.parameters())
+    assert any(not torch.equal(v, moved[k]) for k, v in stage1.encoder.state_dict().items())
+    off = _joint_run(0.0, seed=0)[1]
+    assert off.align is None and off.align_target is None and "align" not in off.checkpointed()
 
 
 def test_joint_training_and_control(upstream, teacher):
@@ -205,6 +220,8 @@ def test_joint_config_errors():
         make_config("teacher", "cpu", {"reference.name": "clip"})
     with pytest.raises(ConfigError, match="unknown config key"):
         make_config("joint", "cpu", {"train.lambda": 3.0})
+    with pytest.raises(ConfigError, match="align_token"):
+        make_config("joint", "cpu", {"train.align_global": -1.0})
 
 
 def test_stage1_discriminator_is_reused(upstream, teacher):

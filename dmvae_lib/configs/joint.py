@@ -42,6 +42,12 @@ class JointTrainConfig:
     eval_every: int = 250  # diagnostics: latent-to-reference distances and val PSNR
     eval_samples: int = 2000
     refine_steps: int = 0  # decoder refinement afterwards (frozen encoder/projector, reconstruction only)
+    # stage 1's alignment term (VA-VAE's VF loss, models/alignment.py) of z with the frozen stage-1
+    # encoder's features, kept on while the encoder trains: the claim study's VA arm. Both 0: off
+    align_token: float = 0.0
+    align_global: float = 0.0
+    align_margin_cos: float = 0.0
+    align_margin_dist: float = 0.0
     control: bool = True  # also run the λ = 0 control with everything else equal
 
 
@@ -66,6 +72,8 @@ class JointStageConfig:
             raise ConfigError(f"train.disc_init {t.disc_init!r} unknown; use stage1 or fresh")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision {t.precision!r} unknown; use fp32 or bf16")
+        if min(t.align_token, t.align_global, t.align_margin_cos, t.align_margin_dist) < 0:
+            raise ConfigError("train.align_token, align_global and their margins must be >= 0")
 
 
 PRESETS: dict[str, dict] = {

@@ -17,6 +17,9 @@ output (the SSL backbone's map without the stem side input), average-pooled to z
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,3 +68,16 @@ class SemanticAlignment(nn.Module):
             loss = loss + self.global_weight * glob
             stats["align_global"] = glob.detach()
         return loss, stats
+
+
+def seeded_alignment(seed: int, z_channels: int, grid: int, semantic_channels: int, *, token_weight: float,
+                     global_weight: float, margin_cos: float = 0.0,
+                     margin_dist: float = 0.0) -> Optional[SemanticAlignment]:
+    """A `SemanticAlignment` initialised under `seed` apart from the caller's RNG, or None when both weights
+    are 0 (no alignment)."""
+    if token_weight <= 0 and global_weight <= 0:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SemanticAlignment(z_channels, grid, semantic_channels, token_weight=token_weight,
+                                 global_weight=global_weight, margin_cos=margin_cos, margin_dist=margin_dist)

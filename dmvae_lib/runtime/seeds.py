@@ -40,6 +40,7 @@ OFFSETS: dict[str, int] = {
     "joint.dm": 47,  # λ's t and noise, and the fake net's label dropout
     "joint.fake_fm": 37,  # the fake net's t and noise (on the training device)
     "joint.refine": 31,  # decoder refinement batches
+    "joint.align_init": 53,  # the VA arm's alignment maps (global RNG, forked)
     "joint.ref_floor": 41,  # the second reference draw behind the diagnostics' two-draw floor
     # notebook 60 (generation)
     "generation.sde": 1,  # the SDE sampler's Brownian increments (the start noise uses the seed itself)

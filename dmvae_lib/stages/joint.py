@@ -36,6 +36,7 @@ from ..data.pixels import to_float
 from ..metrics import image_metrics
 from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct
+from ..models.alignment import seeded_alignment
 from ..models.lightning_dit import drop_labels
 from ..models.projection_heads import make_head
 from ..models.recon_losses import PatchDiscriminator, perceptual_loss
@@ -176,6 +177,9 @@ class JointState:
     gan_gen: torch.Generator
     dm_gen: torch.Generator
     fm_gen: torch.Generator
+    align: Optional[nn.Module]  # the alignment maps (the VA arm), None when off
+    align_model: Optional[nn.Module]  # `align`, DDP-wrapped under a multi-process ctx
+    align_target: Optional[nn.Module]  # the frozen stage-1 encoder, when the encoder trains and align is on
     autocast: Callable[[], contextlib.AbstractContextManager]
     ctx: DistContext
     device: torch.device
@@ -198,6 +202,8 @@ class JointState:
         if self.use_dm:
             state.update(fake=self.fake, fopt=self.fopt, fsched=self.fsched, dm_gen=self.dm_gen,
                          fm_gen=self.fm_gen)
+        if self.align is not None:
+            state["align"] = self.align
         return state
 
 
@@ -215,7 +221,13 @@ def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     if disc_state is not None:
         load_state_strict(disc, disc_state, "stage-1 discriminator")
     disc = disc.to(device)
-    params = [*tok.trainable_parameters(c.train_encoder), *head.parameters()]
+    align = seeded_alignment(stream_seed(cfg.seed, "joint.align_init"), tok.decoder.z_channels,
+                             tok.decoder.latent_size, tok.encoder.semantic_channels,
+                             token_weight=c.align_token, global_weight=c.align_global,
+                             margin_cos=c.align_margin_cos, margin_dist=c.align_margin_dist)
+    align = None if align is None else align.to(device)
+    params = [*tok.trainable_parameters(c.train_encoder), *head.parameters(),
+              *(align.parameters() if align is not None else [])]
     fused = fused_adamw(dev)  # True on CUDA; None (torch's default) keeps the CPU numbers
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay, fused=fused)
     dopt = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=(0.9, 0.95), weight_decay=5e-4,
@@ -239,6 +251,9 @@ def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
         batches=batches(data, shard_batch(c.batch, ctx, "train.batch"), streams["batches"], 0),
         batch_gen=streams["batches"], gan_gen=streams["gan"], dm_gen=streams["dm"],
         fm_gen=rank_generator(stream_seed(cfg.seed, "joint.fake_fm"), ctx, dev),
+        align=align, align_model=wrap_ddp(align, ctx) if align is not None else None,
+        align_target=(copy.deepcopy(tokenizer.encoder).to(device).eval().requires_grad_(False)
+                      if align is not None and c.train_encoder else None),
         autocast=autocaster(dev, c.precision), ctx=ctx, device=dev,
         encoder=wrap_ddp(tok.encoder, ctx) if c.train_encoder else tok.encoder,
         parts=wrap_ddp(TokenizerParts(tok.projector, tok.decoder), ctx),
@@ -257,12 +272,25 @@ def dm_term(s: JointState, latents: Tensor, y: Tensor, k: int):
     return dm_loss(latents, y, s.real_velocity, s.fake, t, noise, s.autocast, fake_velocity=s.fake_velocity)
 
 
-def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[dict, Optional[Tensor]]:
-    """One update of the tokenizer on L = L_rec + w·L_GAN + λ·L_DM (paper Eq. 9, App. A.3), then the
-    discriminator's step. Returns (stats, the latents the reference is matched on, or None without DM).
+def align_term(s: JointState, z: Tensor, images: Tensor, features: Tensor) -> tuple[Tensor, dict]:
+    """Stage 1's alignment of z with the stage-1 encoder's features (the VA arm): a frozen copy when the
+    encoder trains, else the encoder's own features. Reaches the projector, a trainable encoder and the
+    maps; never the decoder or the target. Returns (L_align, stats)."""
+    if s.align_target is None:
+        target = features.detach()
+    else:
+        with torch.no_grad(), s.autocast():
+            target = s.align_target(images)
+    with s.autocast():
+        loss, stats = s.align_model(z, target.float())
+    return loss, {**stats, "align_loss": loss.detach()}
 
-    Gradient routing: the decoder gets L_rec and L_GAN (never L_DM), the head L_DM, the projector (and a
-    trainable encoder) both."""
+
+def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[dict, Optional[Tensor]]:
+    """One tokenizer update on L = L_rec + w·L_GAN + λ·L_DM (paper Eq. 9, App. A.3; the VA arm adds stage 1's
+    L_align), then the discriminator's. Returns (stats, the latents matched to the reference, or None).
+
+    Routing: the decoder gets L_rec and L_GAN, the head L_DM, the projector and a trainable encoder all."""
     c = s.train
     with s.autocast(), torch.set_grad_enabled(c.train_encoder):
         features = s.encoder(images)
@@ -272,6 +300,9 @@ def tokenizer_turn(s: JointState, images: Tensor, y: Tensor, k: int) -> tuple[di
     l_rec, stats = reconstruction_loss(decoded, images, l1=c.l1, perceptual=s.perceptual,
                                        lpips_weight=c.lpips_weight)
     loss, dm_nonfinite, gan, latents = l_rec, 0, gan_on(c, k), None
+    if s.align is not None:
+        l_align, a = align_term(s, z, images, features)
+        loss, stats = loss + l_align, {**stats, **a}
     if gan:
         l_gan = generator_gan_loss(s.disc, decoded, s.gan_gen, s.autocast)
         w = gan_weight(l_rec, l_gan, s.tok.decoder.get_last_layer(), s.ctx)

@@ -25,7 +25,7 @@ from ..data.images import ImageData, batches
 from ..data.pixels import to_float
 from ..metrics import image_metrics, probes
 from ..metrics.reconstruction import reconstruct
-from ..models.alignment import SemanticAlignment
+from ..models.alignment import SemanticAlignment, seeded_alignment
 from ..models.recon_losses import PatchDiscriminator, PerceptualLoss, perceptual_loss
 from ..models.ssl_encoder import SmallResNet, calibrate_batchnorm
 from ..models.tokenizer import Tokenizer
@@ -105,14 +105,11 @@ def random_encoder(cfg: TokenizerStageConfig, data: ImageData, device, calibrati
 def semantic_alignment(cfg: TokenizerStageConfig, tok: Tokenizer) -> Optional[SemanticAlignment]:
     """The VF-loss module for `tok` (None when both alignment weights are 0); seeded by cfg.seed alone."""
     c = cfg.train
-    if c.align_token <= 0 and c.align_global <= 0:
-        return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stream_seed(cfg.seed, "tokenizer.align_init"))
-        align = SemanticAlignment(cfg.net.z_channels, tok.decoder.latent_size, tok.encoder.semantic_channels,
-                                  token_weight=c.align_token, global_weight=c.align_global,
-                                  margin_cos=c.align_margin_cos, margin_dist=c.align_margin_dist)
-    return align.to(tok.latent_mean.device)
+    align = seeded_alignment(stream_seed(cfg.seed, "tokenizer.align_init"), cfg.net.z_channels,
+                             tok.decoder.latent_size, tok.encoder.semantic_channels,
+                             token_weight=c.align_token, global_weight=c.align_global,
+                             margin_cos=c.align_margin_cos, margin_dist=c.align_margin_dist)
+    return None if align is None else align.to(tok.latent_mean.device)
 
 
 @dataclass
