@@ -146,8 +146,9 @@ runs = {"DM": "joint"}
 
 # %%
 if cfg.train.control:
-    ctl_tok, ctl_head, _ = joint_stage.train_joint(cfg, tok, u.teacher, ref, data, s.run, s.device,
-                                                   dm_weight=0.0, tag="control", **u.joint_kwargs(cfg))
+    ctl_tok, ctl_head, ctl_stats = joint_stage.train_joint(cfg, tok, u.teacher, ref, data, s.run,
+                                                           s.device, dm_weight=0.0, tag="control",
+                                                           **u.joint_kwargs(cfg))
     runs["λ = 0 control"] = "control"
 
 # %% [markdown]
@@ -269,12 +270,14 @@ trained = {"trained_encoder": cfg.train.train_encoder}  # the encoder itself is 
 save_tokenizer(s.run.path / "tokenizer.pt", u.tokenizer_cfg, dm_tok, encoders, **trained)
 save_head(s.run.path / "head.pt", head, ref)
 out = {"dm": {**final["DM"], **{k: v for k, v in m.items() if not k.startswith("fd")}}}
+out["dm"].update({"refine": dm_stats["refine"]} if "refine" in dm_stats else {})
 
 # %%
 if cfg.train.control:
     mc = tokenizer_stage.evaluate_tokenizer(ctl_tok, data, s.device, encoders.get("ssl"), 500)
     save_tokenizer(s.run.path / "control_tokenizer.pt", u.tokenizer_cfg, ctl_tok, encoders, **trained)
     out["control"] = {**final["λ = 0 control"], **{k: v for k, v in mc.items() if not k.startswith("fd")}}
+    out["control"].update({"refine": ctl_stats["refine"]} if "refine" in ctl_stats else {})
 
 # %%
 summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,

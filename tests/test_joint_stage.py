@@ -2,6 +2,7 @@
 gradient routing, strict teacher loading, upstream-run resolution."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -195,6 +196,25 @@ def test_joint_training_and_control(upstream, teacher):
     again, _, _ = joint_stage.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0,
                                           progress=False)
     assert torch.equal(again.projector.net[0].weight, dm_tok.projector.net[0].weight)
+
+
+def test_refinement_moves_only_the_decoder_and_reports_psnr_before_and_after(upstream, teacher):
+    """App. A.4: encoder and projector frozen, the decoder trained on reconstruction; train_joint reports the
+    val PSNR before and after it."""
+    root, tok_dir, data = upstream
+    _, trun, tok, _, ref, net, _, _ = teacher
+    cfg = make_config("joint", "smoke", {"tokenizer_run": str(tok_dir), "teacher_run": str(trun.path),
+                                         **TINY_JOINT, "train.refine_steps": 2, "train.control": False})
+    copy = joint_stage.copy.deepcopy(tok)
+    joint_stage.refine_decoder(cfg, copy, data, None, "cpu", tag="refine", progress=False)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
+    assert same(copy.encoder, tok.encoder) and same(copy.projector, tok.projector)
+    assert not same(copy.decoder, tok.decoder)
+    run = RunDir.create(root, "40_joint_dm_training", "refined", to_dict(cfg))
+    _, _, stats = joint_stage.train_joint(cfg, tok, net, ref, data, run, "cpu", dm_weight=10.0,
+                                          progress=False)
+    assert stats["refine"]["steps"] == 2
+    assert all(math.isfinite(stats["refine"][k]) for k in ("val_psnr_before", "val_psnr_after"))
 
 
 def test_upstream_resolution_and_errors(upstream, tmp_path):

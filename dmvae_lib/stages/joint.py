@@ -95,9 +95,16 @@ def latent_diagnostics(tok: Tokenizer, head: nn.Module, images_u8: Tensor, refer
     out["ref_fd_floor"] = distribution_distances(ref2, ref, seed)["fd"]
     out["latent_std"] = float(lat.std())
     if val_u8 is not None:
-        x_hat, _ = reconstruct(tok, val_u8, device)
-        out["val_psnr"] = float(image_metrics.psnr(x_hat, to_float(val_u8)).mean())
+        out["val_psnr"] = val_psnr(tok, val_u8, device)
     return out
+
+
+def val_psnr(tok: Tokenizer, val_u8: Tensor, device) -> float:
+    """Mean PSNR of the reconstructions of `val_u8`, in eval mode (the tokenizer's mode is kept)."""
+    was_training = tok.training
+    x_hat, _ = reconstruct(tok.eval(), val_u8, device)
+    tok.train(was_training)
+    return float(image_metrics.psnr(x_hat, to_float(val_u8)).mean())
 
 
 def dm_loss(latents: Tensor, y: Optional[Tensor], real, fake: nn.Module, t: Tensor, noise: Tensor,
@@ -379,8 +386,11 @@ def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
     stats = train(functools.partial(joint_step, s), max_steps=c.steps, state=s.checkpointed(), run=run,
                   tag=tag, log_every=c.log_every, ckpt_every=c.ckpt_every, hooks=hooks, carry=True,
                   progress=progress and ctx.is_main, ctx=ctx)
-    if c.refine_steps:
+    if c.refine_steps:  # App. A.4, PSNR on the diagnostics' val images before and after
+        before = val_psnr(s.tok, data.val[:500], device)
         refine_decoder(cfg, s.tok, data, run, device, tag=f"{tag}_refine", progress=progress, ctx=ctx)
+        stats["refine"] = {"steps": c.refine_steps, "val_psnr_before": before,
+                           "val_psnr_after": val_psnr(s.tok, data.val[:500], device)}
     return s.tok.eval(), s.head.eval(), {**stats, **weights.provenance(s.perceptual)}
 
 
