@@ -40,6 +40,15 @@ def test_gates_measure_the_trade_and_the_drift():
     assert g["drift_ratio"] == pytest.approx(5.0) and g["drift_gate"]
 
 
+@pytest.mark.parametrize("floor", [0.0, math.nan, math.inf, None])
+def test_a_missing_zero_or_non_finite_floor_fails_the_drift_gate(floor):
+    """Version 1 divided by the floor only when it was > 0 and else passed the gate (ratio ∞): fixed."""
+    g = gates(PSNR, drift_fd=10.0, drift_floor=floor, th=Thresholds())
+    assert not g["drift_gate"] and math.isnan(g["drift_ratio"])
+    v = verdict(_scores(c1=1.0, c0=1.3, ae=1.4), PSNR, drift_fd=10.0, drift_floor=floor)
+    assert v["outcome"] == "gate failed" and "not finite" in v["reason"]
+
+
 @pytest.mark.parametrize("case, outcome", [
     ("no reconstruction gain", "gate failed"),
     ("no drift", "gate failed"),

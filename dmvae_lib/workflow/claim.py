@@ -77,9 +77,11 @@ def compare(c1: Mapping[int, float], other: Mapping[int, float], name: str, th: 
 def gates(psnr: Mapping[str, float], drift_fd: float, drift_floor: float, th: Thresholds) -> dict:
     """The two pilot gates: is there reconstruction to trade, and is there drift for DM to resist?"""
     gain = max(psnr.get("C0", -math.inf), psnr.get("AE", -math.inf)) - psnr["A"]
-    ratio = drift_fd / drift_floor if drift_floor > 0 else math.inf
+    # a missing, zero or non-finite floor (or FD) is no unit to measure drift in: the gate fails
+    usable = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (drift_fd, drift_floor))
+    ratio = drift_fd / drift_floor if usable and drift_floor > 0 else math.nan
     return {"psnr_gain_db": gain, "psnr_gate": gain >= th.min_psnr_gain_db,
-            "drift_ratio": ratio, "drift_gate": ratio >= th.min_drift_ratio}
+            "drift_ratio": ratio, "drift_gate": math.isfinite(ratio) and ratio >= th.min_drift_ratio}
 
 
 def verdict(scores: Mapping[str, Mapping[int, float]], psnr: Mapping[str, float], drift_fd: float,
@@ -109,7 +111,10 @@ def _gate_reason(failed: list[str], g: dict, th: Thresholds) -> str:
     if "reconstruction" in failed:
         parts.append(f"a trainable encoder gains only {g['psnr_gain_db']:.2f} dB over A "
                      f"(needs {th.min_psnr_gain_db}): no reconstruction to trade")
-    if "drift" in failed:
+    if "drift" in failed and not math.isfinite(g["drift_ratio"]):
+        parts.append("the drift FD or its two-draw floor is missing, zero or not finite: no unit to "
+                     "measure drift in")
+    elif "drift" in failed:
         parts.append(f"C0's latents sit only {g['drift_ratio']:.2f}× the floor from the reference "
                      f"(needs {th.min_drift_ratio}×): no drift for DM to resist")
     return "; ".join(parts)
