@@ -184,7 +184,8 @@ print(f"VERDICT ({out['space']}): {out['outcome'].upper()}: {out['reason']}")
 if arms.reduced(cfg, preset):
     print(f"Reduced study: {arms.reduced(cfg, preset)}")
 for name, c in out.get("comparisons", {}).items():
-    print(f"  C1 vs {name}: {c['mean']:+.3f} ± {c['se']:.3f} (mean ± standard error, n = {c['n']}; > 0: C1 better)")
+    print(f"  C1 vs {name}: {c['mean']:+.3f} ± {c['se']:.3f} (mean ± standard error, n = {c['n']}; "
+          "> 0: C1 better)")
 pd.DataFrame(out["other_spaces"]).T
 
 # %%
