@@ -72,11 +72,51 @@ CLAIM_V1_GENERATOR = {"net.size": "Micro", "net.patch_size": 4, "net.label_dropo
 
 
 @dataclass(frozen=True)
+class ClaimV2Config:
+    """The claim study, version 2 (issue 23; `workflow/arms_v2.py`, `workflow/claims_v2.py`), fixed before
+    any of its results: every joint arm (A_J, C0, VA, C1, AE) runs one joint protocol and the same decoder
+    refinement, once per joint seed; arms are paired by joint seed. Version 1 (`claim`) stays reachable."""
+
+    joint_seeds: tuple[int, ...] = (0, 1, 2)  # each sets every stream of a joint run; generator seed = index
+    dm_weight: float = 10.0  # C1's λ toward the SSL teacher (the authors' 10)
+    refine_steps: int = 100  # decoder refinement (App. A.4) of every joint arm, the same length for all
+    space: str = "sup"  # the curve FD the claims read (to real images), as in version 1
+    va_align: dict = field(default_factory=dict)  # VA's alignment weights; {} -> stage 1's (arm A's config)
+    tokenizer: dict = field(default_factory=dict)  # dotted overrides for AE's stage-1 run
+    teacher: dict = field(default_factory=dict)  # … for notebook 30 (the SSL teacher of C1)
+    joint: dict = field(default_factory=dict)  # … for every notebook-40 run (the one joint protocol)
+    generation: dict = field(default_factory=dict)  # … for every notebook-60 run
+
+    def validate(self) -> None:
+        if not self.joint_seeds or len(set(self.joint_seeds)) != len(self.joint_seeds):
+            raise ConfigError("claim_v2.joint_seeds must be distinct and non-empty, got "
+                              f"{list(self.joint_seeds)}")
+        if self.dm_weight <= 0:
+            raise ConfigError(f"claim_v2.dm_weight must be > 0, got {self.dm_weight}")
+        if self.refine_steps < 0:
+            raise ConfigError(f"claim_v2.refine_steps must be >= 0, got {self.refine_steps}")
+        if self.space not in CURVE_SPACES:
+            raise ConfigError(f"claim_v2.space {self.space!r} unknown; use one of {', '.join(CURVE_SPACES)}")
+        unknown = sorted(set(self.va_align) - set(VA_ALIGN_KEYS))
+        if unknown:
+            raise ConfigError(f"claim_v2.va_align: unknown keys {unknown}; use {', '.join(VA_ALIGN_KEYS)}")
+        for name in ("va_align", "tokenizer", "teacher", "joint", "generation"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"claim_v2.{name} must be a mapping of dotted config keys")
+
+
+# the joint stage's alignment keys (configs/joint.py), named as in stage 1's config (configs/tokenizer.py)
+VA_ALIGN_KEYS = ("train.align_token", "train.align_global", "train.align_margin_cos",
+                 "train.align_margin_dist")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     seed: int = 0  # the notebook's own seed (plots); the cells use `seeds`
     threads: int = 0
     tokenizer_run: str = ""  # the shared notebook-20 run: arm A, and the grid's tokenizer
     claim: ClaimConfig = field(default_factory=ClaimConfig)
+    claim_v2: ClaimV2Config = field(default_factory=ClaimV2Config)
     grid: bool = False  # after the claim study, also run the reference grid below (paper Tab. 1)
     references: tuple[str, ...] = REFERENCE_NAMES  # one teacher each; cells at λ = dm_weight
     seeds: tuple[int, ...] = (0, 1)  # every cell runs once per seed (joint training and generator)
@@ -90,6 +130,7 @@ class StudyConfig:
 
     def validate(self) -> None:
         self.claim.validate()
+        self.claim_v2.validate()
         unknown = [r for r in self.references if r not in REFERENCE_NAMES]
         if unknown or not self.references:
             raise ConfigError(f"references {list(self.references)}: use a non-empty subset of "
@@ -108,19 +149,26 @@ class StudyConfig:
                                   f"{getattr(self, name)!r}")
 
 
+# The claim studies' per-preset joint and generator settings, shared by both versions (version 2 keeps
+# version 1's joint length and generator readout: issue 23).
+_SMOKE_JOINT = {"train.steps": 20, "train.disc_start": 10, "train.eval_every": 10, "train.eval_samples": 200,
+                "train.log_every": 10, "train.ckpt_every": 10}
+_SMOKE_GENERATION = {"metrics.cfg_sweep": [], "fit.steps": 40, "fit.log_every": 10, "fit.ckpt_every": 20,
+                     "curve.steps": [10, 20, 40], "curve.n": 100, "sample.n": 100, "sample.steps": 10,
+                     "metrics.real_images": 500, "metrics.floor_images": 100, "metrics.png_limit": 10,
+                     "metrics.grid_per_class": 4, "metrics.cluster_latents": 200}
+_CPU_GENERATION = {**CLAIM_V1_GENERATOR, "fit.steps": 800, "curve.steps": [100, 200, 400, 800],
+                   "curve.n": 2000, "sample.n": 500, "metrics.real_images": 4000,
+                   "metrics.floor_images": 1000, "metrics.png_limit": 50}
+_GPU_CURVE = {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000}
+
 PRESETS: dict[str, dict] = {
     # CI: one reference and the baseline, one seed, a few steps each (the λ sweep and seeds are unit-tested).
     # CI: every arm once (one generator seed, no extra λ), a few steps each; seed pairing is unit-tested.
     "smoke": {"claim.seeds": [0], "claim.extra_weights": [],
-              "claim.joint": {"train.steps": 20, "train.disc_start": 10, "train.eval_every": 10,
-                              "train.eval_samples": 200, "train.log_every": 10, "train.ckpt_every": 10},
-              "claim.generation": {"metrics.cfg_sweep": [], "fit.steps": 40, "fit.log_every": 10,
-                                   "fit.ckpt_every": 20,
-                                   "curve.steps": [10, 20, 40], "curve.n": 100, "sample.n": 100,
-                                   "sample.steps": 10, "metrics.real_images": 500,
-                                   "metrics.floor_images": 100,
-                                   "metrics.png_limit": 10, "metrics.grid_per_class": 4,
-                                   "metrics.cluster_latents": 200},
+              "claim.joint": _SMOKE_JOINT, "claim.generation": _SMOKE_GENERATION,
+              "claim_v2.joint_seeds": [0], "claim_v2.refine_steps": 5, "claim_v2.joint": _SMOKE_JOINT,
+              "claim_v2.generation": _SMOKE_GENERATION,
               "references": ["ssl"], "seeds": [0], "sweep_weights": [],
               "joint": {"train.steps": 20, "train.disc_start": 10, "train.control": False,
                         "train.eval_every": 10, "train.eval_samples": 200, "train.log_every": 10,
@@ -135,11 +183,8 @@ PRESETS: dict[str, dict] = {
     # cpu: 3 generator seeds × the arms AE, A, C0, C1 (λ 10); learning curves at 100–800 steps, 2000 samples a
     # point against 4000 real images. No extra λ: C1 at λ 1 costs ≈ 20 min more (its joint run 6 min, 3
     # generators 4.5 min each; measured), past the 2-h budget; add it with `claim.extra_weights: [1.0]`.
-    "cpu": {"claim.extra_weights": [],
-            "claim.generation": {**CLAIM_V1_GENERATOR, "fit.steps": 800, "curve.steps": [100, 200, 400, 800],
-                                 "curve.n": 2000,
-                                 "sample.n": 500, "metrics.real_images": 4000, "metrics.floor_images": 1000,
-                                 "metrics.png_limit": 50},
+    "cpu": {"claim.extra_weights": [], "claim.generation": _CPU_GENERATION,
+            "claim_v2.generation": _CPU_GENERATION,
             "teacher": {"fit.steps": 800, "fit.eval_samples": 1000},
             "joint": {"train.steps": 400, "train.disc_start": 200, "train.eval_every": 200,
                       "train.control": False, "train.eval_samples": 1000},
@@ -148,6 +193,7 @@ PRESETS: dict[str, dict] = {
     # The paper's Tab. 1 protocol at full scale is hundreds of GPU-days per cell; these are the per-stage
     # presets as they are, one seed (run the cells you need with `references`/`seeds`).
     "imagenet256": {"claim.seeds": [0], "claim.extra_weights": [], "seeds": [0],
-                    "claim.generation": {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000},
+                    "claim.generation": _GPU_CURVE, "claim_v2.joint_seeds": [0],
+                    "claim_v2.generation": _GPU_CURVE,
                     "joint": {"train.control": False}},
 }  # fmt: skip
