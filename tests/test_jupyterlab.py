@@ -1,6 +1,7 @@
-"""Notebooks 10–70 as a researcher meets them: opened in a real JupyterLab 4 in headless Chromium (a 1400-px
-window with the file browser open), Run All at the `smoke` default, in pipeline order (each notebook's runs
-are the next one's upstream, in a temporary runs folder). For every notebook the test checks, in the page:
+"""Every numbered notebook (10–71) as a researcher meets it: opened in a real JupyterLab 4 in headless
+Chromium (a 1400-px window with the file browser open), Run All at the `smoke` default, in pipeline order
+(each notebook's runs are the next one's upstream, in a temporary runs folder). For every notebook the test
+checks, in the page:
 
 * every code cell ran (it has an execution count) and no output is an error or stderr (explorer outputs
   included: `viz.explorer` shows a failing callback's traceback there);

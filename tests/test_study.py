@@ -124,6 +124,9 @@ def test_verdict_reports_a_lead_smaller_than_the_spread(tmp_path):
 
 def test_the_whole_pipeline_runs_the_claim_study_reduced_and_the_users_claim_keys_win():
     nbs = pipeline.notebooks()
+    p71 = {nb: {"preset": "cpu"} for nb in nbs if nb.stem.startswith("71")}
+    pipeline._main_job("cpu", p71)
+    assert next(iter(p71.values()))["overrides"] == {"claim_v2.joint_seeds": [0]}
     assert any(nb.stem.startswith("70") for nb in nbs)
     mine = {"overrides": {"claim.space": "pix"}}
     params = {nb: {"preset": "cpu", **(mine if nb.stem.startswith("70") else {})} for nb in nbs}

@@ -453,3 +453,29 @@ def class_accuracy_bars(series: Mapping[str, Sequence[float]], names: Sequence[s
     fig.update_layout(barmode="group", title=title, yaxis=dict(range=[0, 1.02], title="accuracy"), height=380,
                       width=COLUMN_WIDTH, legend=dict(orientation="h", y=-0.2))
     return fig
+
+
+def paired_differences(panels: Mapping[str, Mapping[str, Mapping]], effects: Mapping[str, float],
+                       title: str = "paired differences by joint seed") -> go.Figure:
+    """One panel per measure (e.g. generation, PSNR), one row per comparison: each paired seed's difference
+    as a dot, the mean with its one-sided interval [mean − t·se, mean + t·se] as a bar, and the measure's
+    effect threshold as a dashed line. `panels[measure][label]` = {"by_seed": {seed: d}, "mean", "se", "t"}
+    (workflow.claims_v2's claim records)."""
+    names = list(panels)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, shared_yaxes=True)
+    for i, measure in enumerate(names):
+        for label, rec in panels[measure].items():
+            seeds, d = list(rec["by_seed"]), list(rec["by_seed"].values())
+            fig.add_trace(go.Scatter(x=d, y=[label] * len(d), mode="markers", showlegend=False,
+                                     marker=dict(size=9, opacity=0.7, color="#1f77b4"),
+                                     text=[f"joint seed {s}" for s in seeds]), 1, i + 1)
+            half = rec["t"] * rec["se"]
+            if half == half:  # a finite interval (two seeds or more)
+                fig.add_trace(go.Scatter(x=[rec["mean"]], y=[label], mode="markers",
+                                         marker=dict(symbol="line-ns-open", size=16, color="black"),
+                                         error_x=dict(type="constant", value=half, color="black"),
+                                         showlegend=False, hoverinfo="x"), 1, i + 1)
+        fig.add_vline(x=effects.get(measure, 0.0), line_dash="dash", line_color="#d62728", row=1, col=i + 1)
+    fig.update_layout(title=title, height=120 + 60 * max(len(p) for p in panels.values()),
+                      width=380 * len(names) + 160)
+    return fig

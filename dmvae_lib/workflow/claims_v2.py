@@ -75,10 +75,15 @@ class Paired:
     below: bool  # mean + t·se < effect: resolved below it
 
 
+def differences(x: Mapping[int, float], y: Mapping[int, float]) -> dict[int, float]:
+    """{s: x[s] − y[s]} over the seeds both hold, non-finite pairs dropped."""
+    d = {s: float(x[s] - y[s]) for s in sorted(set(x) & set(y))}
+    return {s: v for s, v in d.items() if math.isfinite(v)}
+
+
 def paired(x: Mapping[int, float], y: Mapping[int, float], effect: float, confidence: float) -> Paired:
     """d_s = x[s] − y[s] over the seeds both hold (non-finite pairs dropped), tested against `effect`."""
-    d = np.array([x[s] - y[s] for s in sorted(set(x) & set(y))], float)
-    d = d[np.isfinite(d)]
+    d = np.array(list(differences(x, y).values()), float)
     n = len(d)
     mean = float(d.mean()) if n else math.nan
     if n < 2:
@@ -156,7 +161,9 @@ def verdicts(scores: Mapping[str, Mapping[int, float]], psnr: Mapping[str, Mappi
         else:
             outcome, reason = _claim(key, gen, p, psnr, th)
         claims[key] = {"claim": title, "versus": other, "outcome": outcome, "reason": reason,
-                       "generation": asdict(gen), "psnr": asdict(p)}
+                       "generation": asdict(gen), "psnr": asdict(p),
+                       "generation_by_seed": differences(scores.get(other, {}), scores.get("C1", {})),
+                       "psnr_by_seed": differences(psnr.get("C1", {}), psnr.get(other, {}))}
     supported = all(c["outcome"] == "supported" for c in claims.values())
     headline = ("holds at this scale" if supported else
                 "; ".join(f"{c['claim']}: {c['outcome']}" for c in claims.values()))

@@ -35,10 +35,20 @@ from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_by
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-# The main job runs the claim study (notebook 70) reduced: one generator seed, no extra λ (≈ 2 h in full at
-# `cpu`). Its SSL teacher and C1 run are the job's own notebook-30 and notebook-40 runs. Name 70 with --only
-# for the full study.
-REDUCED = {"70": {"claim.extra_weights": []}}  # plus the preset's first generator seed (`_main_job`)
+# The main job runs the claim study version 2 (notebook 71) reduced: its first joint seed only, which
+# resolves no claim (the report says so). Version 1 (notebook 70, superseded) runs only when named: `--only
+# 70` (reduced the same way, one generator seed and no extra λ, when the whole pipeline runs it).
+MAIN_JOB_SKIPS = ("70",)
+
+
+def reduced_overrides(prefix: str, preset: str) -> dict:
+    """What the whole pipeline sets on notebook `prefix` (a claim study: its first seed only; {} else)."""
+    study = make_config("study", preset)
+    if prefix == "70":
+        return {"claim.seeds": list(study.claim.seeds[:1]), "claim.extra_weights": []}
+    if prefix == "71":
+        return {"claim_v2.joint_seeds": list(study.claim_v2.joint_seeds[:1])}
+    return {}
 
 
 def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -48,7 +58,7 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
 
 # The config stage each notebook's `start(...)` builds (tests/test_pipeline.py checks it against the sources).
 STAGE_OF = {"10": "toy", "20": "tokenizer", "30": "teacher", "40": "joint", "50": "latents",
-            "60": "generation", "70": "study"}
+            "60": "generation", "70": "study", "71": "study"}
 # Notebook parameters that the notebook passes into its config as a key (besides seed and overrides) ...
 CONFIG_PARAMS = {"30": {"reference": "reference.name"}, "60": {"tokenizer_file": "tokenizer_file"}}
 # ... and those naming an upstream run folder, which the notebook resolves (`session.upstream_run`) and
@@ -111,12 +121,14 @@ def requested_record(nb: Path, params: dict) -> dict:
                 make_config(sub, preset, getattr(cfg, sub))
             except ConfigError as e:
                 raise ConfigError(f"overrides[{sub!r}] (for the study's {sub} runs): {e}") from e
-        for sub in ("tokenizer", "teacher", "joint", "generation"):  # the claim study's runs
-            over = getattr(cfg.claim, sub)
-            try:
-                make_config(sub, preset, {**over, **CLAIM_FIXED.get(sub, {})})
-            except ConfigError as e:
-                raise ConfigError(f"overrides['claim.{sub}'] (for the claim study's {sub} runs): {e}") from e
+        for version in ("claim", "claim_v2"):  # the claim studies' runs
+            for sub in ("tokenizer", "teacher", "joint", "generation"):
+                over = getattr(getattr(cfg, version), sub)
+                try:
+                    make_config(sub, preset, {**over, **CLAIM_FIXED.get(sub, {})})
+                except ConfigError as e:
+                    raise ConfigError(f"overrides['{version}.{sub}'] (for the claim study's {sub} runs): "
+                                      f"{e}") from e
     return json.loads(json.dumps(config_record(stage, preset, cfg)))
 
 
@@ -283,6 +295,8 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
     params = {nb: {**base, **next((v for k, v in per_notebook.items() if nb.stem.startswith(k)), {})}
               for nb in stages}
     if not only:
+        params = {nb: p for nb, p in params.items() if not nb.stem.startswith(MAIN_JOB_SKIPS)}
+        stages = [nb for nb in stages if nb in params]
         _main_job(preset, params)
     if nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {nproc}")
@@ -319,13 +333,12 @@ def run(preset: str, name: str, run_root: Path, extra: dict, only: list[str] | N
 
 
 def _main_job(preset: str, params: dict[Path, dict]) -> None:
-    """The whole pipeline's notebook 70 runs the claim study reduced (`REDUCED`); the user's own `claim.*`
-    overrides still win."""
-    seed = make_config("study", preset).claim.seeds[0]
+    """The whole pipeline runs the claim study reduced (`reduced_overrides`); the user's own overrides
+    still win."""
     for nb, p in params.items():
-        for prefix, reduced in REDUCED.items():
-            if nb.stem.startswith(prefix):
-                p["overrides"] = {"claim.seeds": [seed], **reduced, **p.get("overrides", {})}
+        reduced = reduced_overrides(nb.stem[:2], preset)
+        if reduced:
+            p["overrides"] = {**reduced, **p.get("overrides", {})}
 
 
 def _numbers(d, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
@@ -418,6 +431,24 @@ def _claim_headline(summary: dict) -> list[str]:
         arms_ = list(next(iter(table.values())))
         lines += ["", "| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {a} | " + " | ".join(_cell(table[k].get(a)) for k in cols) + " |" for a in arms_]
+    return lines
+
+
+def _claims_v2_headline(summary: dict) -> list[str]:
+    """The claim study v2's gates and four verdicts (notebook 71's summary) as Markdown."""
+    c = summary["claims"]
+    lines = ["## Headline: the claim study, version 2 (notebook 71)", "",
+             f"**{c.get('headline', '?')}** (claims read `{c.get('space')}`, FD to real images)", ""]
+    if summary.get("reduced"):
+        lines += [f"*Reduced study: {summary['reduced']}*", ""]
+    ok = {True: "pass", False: "FAIL"}
+    lines += [f"- {name} gate: {ok[bool(g.get('passed'))]} — {g.get('reason', '')}"
+              for name, g in (c.get("gates") or {}).items()]
+    for claim in (c.get("claims") or {}).values():
+        gen, p = claim["generation"], claim["psnr"]
+        lines.append(f"- {claim['claim']} (C1 vs {claim['versus']}): **{claim['outcome']}** — "
+                     f"generation {_cell(gen['mean'])} ± {_cell(gen['se'])}, PSNR {_cell(p['mean'])} ± "
+                     f"{_cell(p['se'])} dB (mean ± standard error, n = {gen['n']})")
     return lines
 
 
@@ -532,7 +563,12 @@ REPORT_STAGES: dict[str, tuple[str, str, tuple[Headline, ...]]] = {
                   "{cfg_sweep.#0.n} samples per scale from the same noise"),
                  each="CFG {cfg_scale}: accuracy {accuracy}, SSL FD {fd_ssl}"),
     )),
-    "70": ("Reference study", "claim_curves", (
+    "71": ("Claim study, version 2", "claims_paired", (
+        Headline("claims.headline", "Headline", "{}", "all four claims must be supported for it to hold"),
+        Headline("claims.claims.*.outcome", "The four claims", "{}",
+                 "in {claims.space}, paired by joint seed; the gates and reasons lead this report"),
+    )),
+    "70": ("Reference study (claim study v1, superseded)", "claim_curves", (
         Headline("claim.outcome", "Verdict", "{}",
                  "in {claim.space}, FD to real images; the gates and the per-arm table lead this report"),
         Headline("claim.other_spaces.*.outcome", "The same rule in the other feature spaces", "{}",
@@ -643,7 +679,9 @@ def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, 
            "|---|---|---|"]
     out += [f"| {stage} | {status}{_earlier_run(d) if status == SKIPPED else ''} | [{rel(d)}]({rel(d)}) |"
             for stage, status, d in rows]
-    for stage, _, _ in rows:  # the claim study's verdict leads the report
+    for stage, _, _ in rows:  # the claim study's verdicts lead the report
+        if isinstance(summaries[stage].get("claims"), dict):
+            out += ["", *_claims_v2_headline(summaries[stage])]
         if isinstance(summaries[stage].get("claim"), dict):
             out += ["", *_claim_headline(summaries[stage])]
     for stage, status, d in rows:
