@@ -6,7 +6,7 @@ import math
 import pytest
 from scipy import stats
 
-from dmvae_lib.workflow import claims_v2 as cv
+from dmvae_lib.workflow import claims_v2
 
 SEEDS = (0, 1, 2)
 
@@ -26,19 +26,19 @@ def _inputs(gen=None, psnr=None, drift=10.0, aj_drift=1.5, floor=1.0):
 
 
 def _outcome(key, **kw):
-    return cv.verdicts(*_inputs(**kw))["claims"][key]["outcome"]
+    return claims_v2.verdicts(*_inputs(**kw))["claims"][key]["outcome"]
 
 
 def test_paired_uses_the_one_sided_student_quantile():
-    p = cv.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 0.05, 0.95)
+    p = claims_v2.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 0.05, 0.95)
     assert p.n == 3 and p.mean == pytest.approx(2.0) and p.se == pytest.approx(1 / math.sqrt(3))
     assert p.t == pytest.approx(2.919986, abs=1e-5) == pytest.approx(stats.t.ppf(0.95, 2))
     assert p.above and not p.below  # 2 − 2.92 · 0.577 = 0.31 ≥ 0.05
-    q = cv.paired({0: 0.0, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 0.05, 0.95)
+    q = claims_v2.paired({0: 0.0, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 0.05, 0.95)
     assert not q.above and not q.below  # 1 ± 1.69 straddles 0.05
-    r = cv.paired({0: -1.0, 1: -1.1, 2: -0.9, 3: math.nan}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, 0.05, 0.95)
+    r = claims_v2.paired({0: -1.0, 1: -1.1, 2: -0.9, 3: math.nan}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, 0.05, 0.95)
     assert r.n == 3 and r.below and not r.above  # the non-finite pair is dropped
-    one = cv.paired({0: 5.0}, {0: 0.0}, 0.05, 0.95)
+    one = claims_v2.paired({0: 5.0}, {0: 0.0}, 0.05, 0.95)
     assert one.n == 1 and math.isnan(one.se) and not one.above and not one.below
 
 
@@ -64,31 +64,31 @@ def test_claim_4_reaches_every_outcome():
 
 @pytest.mark.parametrize("floor", [math.nan, 0.0, -1.0, math.inf, None])
 def test_a_missing_or_non_finite_floor_fails_the_drift_gate(floor):
-    out = cv.verdicts(*_inputs(gen={"C0": 1.5, "VA": 1.5, "AE": 1.5}, floor=floor))
+    out = claims_v2.verdicts(*_inputs(gen={"C0": 1.5, "VA": 1.5, "AE": 1.5}, floor=floor))
     assert not out["gates"]["drift"]["passed"] and "floor" in out["gates"]["drift"]["reason"]
     assert out["claims"]["drift"]["outcome"] == out["claims"]["alignment"]["outcome"] == "gate failed"
     assert out["claims"]["structure"]["outcome"] == "supported"  # no gate of its own
 
 
 def test_the_gates_name_themselves_and_only_their_claims_fail():
-    out = cv.verdicts(*_inputs(drift=2.0))
+    out = claims_v2.verdicts(*_inputs(drift=2.0))
     assert out["gates"]["drift"]["ratio"] == pytest.approx(2.0) and "2.00×" in out["gates"]["drift"]["reason"]
     assert out["gates"]["drift"]["ratio_A_J"] == pytest.approx(1.5)
     assert {k for k, c in out["claims"].items() if c["outcome"] == "gate failed"} == {"drift", "alignment"}
-    out = cv.verdicts(*_inputs(psnr={"C0": 20.2}))
+    out = claims_v2.verdicts(*_inputs(psnr={"C0": 20.2}))
     assert not out["gates"]["reconstruction"]["passed"]
     assert {k for k, c in out["claims"].items() if c["outcome"] == "gate failed"} == {"trade"}
     nan_fd = _inputs()
     nan_fd[2]["C0"] = {s: math.nan for s in SEEDS}
-    assert not cv.verdicts(*nan_fd)["gates"]["drift"]["passed"]
+    assert not claims_v2.verdicts(*nan_fd)["gates"]["drift"]["passed"]
 
 
 def test_one_joint_seed_resolves_nothing_and_the_headline_needs_all_four():
     scores, psnr, drift, floor = _inputs(gen={"C0": 1.5, "VA": 1.5, "AE": 1.5}, psnr={"A_J": 19.0})
-    out = cv.verdicts(scores, psnr, drift, floor)
+    out = claims_v2.verdicts(scores, psnr, drift, floor)
     assert {c["outcome"] for c in out["claims"].values()} == {"supported"}
     assert out["headline"] == "holds at this scale"
     first = lambda d: {a: {0: v[0]} for a, v in d.items()}  # noqa: E731
-    one = cv.verdicts(first(scores), first(psnr), first(drift), floor)
+    one = claims_v2.verdicts(first(scores), first(psnr), first(drift), floor)
     assert {c["outcome"] for c in one["claims"].values()} == {"unresolved"}
     assert "one joint seed" in one["claims"]["drift"]["reason"] and "unresolved" in one["headline"]
