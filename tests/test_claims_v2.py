@@ -36,7 +36,8 @@ def test_paired_uses_the_one_sided_student_quantile():
     assert p.above and not p.below  # 2 − 2.92 · 0.577 = 0.31 ≥ 0.05
     q = claims_v2.paired({0: 0.0, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0}, 0.05, 0.95)
     assert not q.above and not q.below  # 1 ± 1.69 straddles 0.05
-    r = claims_v2.paired({0: -1.0, 1: -1.1, 2: -0.9, 3: math.nan}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, 0.05, 0.95)
+    r = claims_v2.paired({0: -1.0, 1: -1.1, 2: -0.9, 3: math.nan}, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0},
+                         0.05, 0.95)
     assert r.n == 3 and r.below and not r.above  # the non-finite pair is dropped
     one = claims_v2.paired({0: 5.0}, {0: 0.0}, 0.05, 0.95)
     assert one.n == 1 and math.isnan(one.se) and not one.above and not one.below
