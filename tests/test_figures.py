@@ -21,6 +21,8 @@ def _images(n, size=32):
     return torch.rand(n, 3, size, size, generator=G) * 2 - 1
 
 
+_PAIRED = {m: {f"vs {x}": {"by_seed": {0: 0.1, 1: 0.2, 2: 0.15}, "mean": 0.15, "se": 0.03, "t": 2.92}
+              for x in ("C0", "VA", "AE", "A_J")} for m in ("generation", "PSNR")}
 FIGURES = {
     "fig3, 15 objectives": lambda: viz.point_clouds({f"o{i}": _pts() for i in range(15)}, _pts()),
     "references": lambda: viz.point_clouds({"a": _pts(), "b": _pts()}, None, cols=2, size=320),
@@ -41,6 +43,7 @@ FIGURES = {
                                                {}),
     "arm curves": lambda: viz.arm_curve_panels(
         {k: {"A": {"step": [1, 10], "mean": [2.0, 1.0], "std": [0.1, 0.1], "n": 2}} for k in "abcdef"}, {}),
+    "paired differences": lambda: viz.paired_differences(_PAIRED, {"generation": 0.05, "PSNR": 0.2}),
     "metric lines": lambda: viz.metric_lines({"dm": [{"step": 0, "sw2": 1.0}]}, "sw2", 0.1, match_ratio=2.5,
                                              events={"GAN on": 0}),
 }
@@ -139,3 +142,13 @@ def test_loss_curves_plot_only_the_tagged_records_that_hold_each_key():
     assert [t.name for t in fig.data] == ["fm_loss", "lr"]
     assert list(fig.data[0].x) == [10, 20] and list(fig.data[0].y) == [1.0, 0.5]
     assert list(fig.data[1].x) == [20] and fig.layout.title.text == "teacher losses"
+
+
+def test_paired_differences_draw_every_seed_and_an_interval_only_when_there_is_one():
+    fig = viz.paired_differences(_PAIRED, {"generation": 0.05, "PSNR": 0.2})
+    dots = [t for t in fig.data if t.error_x.value is None]
+    bars = [t for t in fig.data if t.error_x.value is not None]
+    assert len(dots) == len(bars) == 8 and all(len(t.x) == 3 for t in dots)
+    assert bars[0].error_x.value == pytest.approx(2.92 * 0.03)
+    one = {"generation": {"vs C0": {"by_seed": {0: 0.1}, "mean": 0.1, "se": float("nan"), "t": float("nan")}}}
+    assert len(viz.paired_differences(one, {}).data) == 1

@@ -477,5 +477,5 @@ def paired_differences(panels: Mapping[str, Mapping[str, Mapping]], effects: Map
                                          showlegend=False, hoverinfo="x"), 1, i + 1)
         fig.add_vline(x=effects.get(measure, 0.0), line_dash="dash", line_color="#d62728", row=1, col=i + 1)
     fig.update_layout(title=title, height=120 + 60 * max(len(p) for p in panels.values()),
-                      width=380 * len(names) + 160)
+                      width=min(COLUMN_WIDTH, 360 * len(names) + 140))
     return fig
