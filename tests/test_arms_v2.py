@@ -114,3 +114,4 @@ def test_reduced_names_the_missing_joint_seeds():
     assert arms_v2.reduced(make_config("study", "cpu"), "cpu") == ""
     one = arms_v2.reduced(make_config("study", "cpu", {"claim_v2.joint_seeds": [0]}), "cpu")
     assert one.startswith("1 joint seed(s) of 3, so no claim can resolve")
+    assert "--only 20 71" in one  # version 2's notebook

@@ -190,4 +190,4 @@ def reduced(cfg: StudyConfig, preset: str) -> str:
         return ""
     return (f"{len(c.joint_seeds)} joint seed(s) of {len(full.joint_seeds)}"
             + (", so no claim can resolve" if len(c.joint_seeds) < 2 else "")
-            + f". The full study: `python -m dmvae_lib --preset {preset} --only 20 70 --name claim`.")
+            + f". The full study: `python -m dmvae_lib --preset {preset} --only 20 71 --name claim`.")
