@@ -81,7 +81,7 @@ from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
-                       run_root=run_root, preset=preset)
+                       run_root=run_root, preset=preset, accept=arms.can_be_arm_a)
 s = start("study", "70_reference_study", preset, {"tokenizer_run": str(tok_dir), **overrides}, seed=seed,
           run_root=run_root, run_name=run_name)
 cfg, prefix, root = s.cfg, s.run.path.name, resolve_run_root(run_root)

@@ -79,7 +79,7 @@ from dmvae_lib.workflow.session import resolve_run_root, start, upstream_run
 
 # %%
 tok_dir = upstream_run("20_tokenizer_pretraining", "tokenizer.pt", path=tokenizer_run, run_name=run_name,
-                       run_root=run_root, preset=preset)
+                       run_root=run_root, preset=preset, accept=arms.can_be_arm_a)
 s = start("study", "71_claim_study_v2", preset, {"tokenizer_run": str(tok_dir), **overrides}, seed=seed,
           run_root=run_root, run_name=run_name)
 cfg, prefix, root = s.cfg, s.run.path.name, resolve_run_root(run_root)

@@ -115,3 +115,24 @@ def test_reduced_names_the_missing_joint_seeds():
     one = arms_v2.reduced(make_config("study", "cpu", {"claim_v2.joint_seeds": [0]}), "cpu")
     assert one.startswith("1 joint seed(s) of 3, so no claim can resolve")
     assert "--only 20 71" in one  # version 2's notebook
+
+
+def test_arm_a_is_never_a_studys_own_random_encoder_run(tmp_path):
+    """Notebooks 70 and 71 without a run name take the newest notebook-20 run that can be arm A: a study's
+    `-AE-stage1` run (random encoder), finished after it, is passed over."""
+    import os
+
+    from dmvae_lib.workflow.session import upstream_run
+
+    base = tmp_path / "20_tokenizer_pretraining"
+    for i, (name, kind) in enumerate((("a", "ssl"), ("a-AE-stage1", "random"))):
+        folder = base / name
+        folder.mkdir(parents=True)
+        config = {"preset": "smoke", "encoder": {"kind": kind}}
+        (folder / "config.json").write_text(json.dumps({"config": config}))
+        (folder / "tokenizer.pt").write_bytes(b"x")
+        (folder / "summary.json").write_text("{}")
+        os.utime(folder / "summary.json", (1000 + i, 1000 + i))
+    kw = {"run_root": str(tmp_path), "preset": "smoke"}
+    assert upstream_run(base.name, "tokenizer.pt", **kw) == base / "a-AE-stage1"
+    assert upstream_run(base.name, "tokenizer.pt", accept=arms.can_be_arm_a, **kw) == base / "a"

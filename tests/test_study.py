@@ -133,7 +133,7 @@ def test_the_whole_pipeline_runs_the_claim_study_reduced_and_the_users_claim_key
     pipeline._main_job("cpu", params)
     p70 = next(v for nb, v in params.items() if nb.stem.startswith("70"))
     assert p70["overrides"] == {"claim.seeds": [0], "claim.extra_weights": [], "claim.space": "pix"}
-    assert all("overrides" not in v for nb, v in params.items() if not nb.stem.startswith("70"))
+    assert all("overrides" not in v for nb, v in params.items() if not nb.stem.startswith(("70", "71")))
     cfg = make_config("study", "cpu", p70["overrides"])
     assert cfg.claim.seeds == (0,) and cfg.claim.extra_weights == ()
     mine = {nb: {"overrides": {"claim.seeds": [3, 4]}} for nb in nbs if nb.stem.startswith("70")}

@@ -48,6 +48,12 @@ NOTEBOOKS = {"20": "20_tokenizer_pretraining", "30": "30_teacher_fitting", "40":
              "60": "60_generation"}
 
 
+def can_be_arm_a(config: Mapping) -> bool:
+    """Whether a recorded notebook-20 config can be arm A: a stage 1 on the embedded SSL or supervised encoder
+    (not a study's own random-encoder stage-1 run)."""
+    return config.get("encoder", {}).get("kind") in ("ssl", "supervised")
+
+
 def arms(cfg: StudyConfig) -> list[str]:
     """Every arm the study generates from: the primary four, C1 at the extra λ, and R when asked."""
     c = cfg.claim
@@ -113,7 +119,7 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
     """Every notebook execution of the claim study, in an order that respects `needs`."""
     c, root = cfg.claim, Path(run_root)
     a_cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())["config"]
-    if a_cfg.get("encoder", {}).get("kind") not in ("ssl", "supervised"):
+    if not can_be_arm_a(a_cfg):
         raise ValueError(f"arm A must be a stage-1 tokenizer on the embedded SSL (or supervised) encoder; "
                          f"{tokenizer_dir} has encoder.kind={a_cfg.get('encoder', {}).get('kind')!r}")
     common = {"preset": preset, "run_root": str(root), "device": device}

@@ -66,7 +66,7 @@ def plan(cfg: StudyConfig, preset: str, prefix: str, run_root: Path, tokenizer_d
     """Every notebook execution of version 2, in an order that respects `needs`."""
     c, root = cfg.claim_v2, Path(run_root)
     a_cfg = json.loads((Path(tokenizer_dir) / "config.json").read_text())["config"]
-    if a_cfg.get("encoder", {}).get("kind") not in ("ssl", "supervised"):
+    if not arms.can_be_arm_a(a_cfg):
         raise ValueError(f"arm A must be a stage-1 tokenizer on the embedded SSL (or supervised) encoder; "
                          f"{tokenizer_dir} has encoder.kind={a_cfg.get('encoder', {}).get('kind')!r}")
     changes, common = joint_changes(cfg, a_cfg), {"preset": preset, "run_root": str(root), "device": device}

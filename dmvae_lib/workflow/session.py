@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,9 +105,10 @@ def notes_on_stdout() -> None:
 
 
 def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str = "", run_root: str = "",
-                 preset: str = "") -> Path:
+                 preset: str = "", accept: Optional[Callable[[dict], bool]] = None) -> Path:
     """The finished run folder of `notebook` holding `artifact`: `path` (a folder or the artifact), else the
-    run named `run_name`, else the newest at `preset`. RunError, naming the producing notebook, if missing."""
+    run named `run_name`, else the newest at `preset` whose recorded config `accept` takes (default: any).
+    RunError, naming the producing notebook, if missing."""
     producer = f"notebooks/{notebook}.ipynb"
     if path:
         p = Path(path).expanduser().resolve()
@@ -122,7 +123,8 @@ def upstream_run(notebook: str, artifact: str, *, path: str = "", run_name: str 
     for cfg_file in base.glob("*/config.json") if base.is_dir() else []:
         folder = cfg_file.parent
         if (folder / artifact).is_file() and is_finished(folder):
-            if not preset or json.loads(cfg_file.read_text())["config"].get("preset") == preset:
+            config = json.loads(cfg_file.read_text())["config"]
+            if (not preset or config.get("preset") == preset) and (accept is None or accept(config)):
                 finished.append(folder)
     if not finished:
         where = f"{base / run_name}" if run_name else f"{base} (preset {preset or 'any'})"
