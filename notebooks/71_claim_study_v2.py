@@ -177,8 +177,8 @@ display(Markdown(
 # Mean over joint seeds, band ± one sample standard deviation.
 
 # %%
-titles = {k: k.replace("fd_", "FD, ").replace("_recon", " → own reconstructions") for k in arms_v2.keys(data)}
-bands = {k: arms.curve_bands(data, k) for k in arms_v2.keys(data)}
+titles = {k: k.replace("fd_", "FD, ").replace("_recon", " → own reconstructions") for k in arms.keys(data)}
+bands = {k: arms.curve_bands(data, k) for k in arms.keys(data)}
 if bands:
     s.figures.save(viz.arm_curve_panels(bands, titles, title="generator learning curves per arm (v2)"),
                    "claim_v2_curves")

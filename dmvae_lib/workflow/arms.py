@@ -309,7 +309,8 @@ def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) 
 
 
 def scores(data: ArmData, key: str) -> dict[str, dict[int, float]]:
-    """{arm: {seed: curve_score of the curve's `key` (e.g. "fd_sup", "fd_ssl_recon")}} where recorded."""
+    """{arm: {seed: curve_score of the curve's `key` (e.g. "fd_sup", "fd_ssl_recon")}} where recorded (any
+    `data` with `curves`: version 2's V2Data too, keyed by joint seed)."""
     out: dict[str, dict[int, float]] = {}
     for arm, by_seed in data.curves.items():
         out[arm] = {g: claim.curve_score([p["step"] for p in pts], [p[key] for p in pts])

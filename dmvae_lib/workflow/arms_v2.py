@@ -26,7 +26,7 @@ import numpy as np
 from ..configs import make_config, to_dict
 from ..configs.study import VA_ALIGN_KEYS, StudyConfig
 from ..runtime.runs import read_summary
-from . import arms, claim, claims_v2
+from . import arms, claims_v2
 
 JOINT_ARMS = ("A_J", "C0", "VA", "C1", "AE")  # the notebook-40 arms; A is stage 1 alone
 ALL_ARMS = ("A", *JOINT_ARMS)
@@ -155,18 +155,6 @@ def collect(cfg: StudyConfig, prefix: str, run_root: Path, tokenizer_dir: Path) 
     return out
 
 
-def scores(data: V2Data, key: str) -> dict[str, dict[int, float]]:
-    """{arm: {joint seed: curve_score of the curve's `key`}} where recorded."""
-    return {arm: {s: claim.curve_score([p["step"] for p in pts], [p[key] for p in pts])
-                  for s, pts in by_seed.items() if pts and key in pts[0]}
-            for arm, by_seed in data.curves.items()}
-
-
-def keys(data: V2Data) -> list[str]:
-    first = next((pts for by in data.curves.values() for pts in by.values() if pts), [])
-    return [k for k in first[0] if k.startswith("fd_")] if first else []
-
-
 def result(cfg: StudyConfig, data: V2Data, thresholds: claims_v2.Thresholds = claims_v2.Thresholds()) -> dict:
     """Gates and the four claims on the pre-registered space's FD to real images, plus the same claims in
     every other recorded space and distance, reported beside them (never instead)."""
@@ -174,11 +162,11 @@ def result(cfg: StudyConfig, data: V2Data, thresholds: claims_v2.Thresholds = cl
     floors = [v for v in data.drift_floor.get("C0", {}).values() if math.isfinite(v)]
     floor = float(np.mean(floors)) if floors else math.nan
     out = {"space": primary, "joint_seeds": list(cfg.claim_v2.joint_seeds), "drift_floor": floor,
-           **claims_v2.verdicts(scores(data, primary), data.psnr, data.drift_fd, floor, thresholds),
+           **claims_v2.verdicts(arms.scores(data, primary), data.psnr, data.drift_fd, floor, thresholds),
            "other_spaces": {}}
-    for k in keys(data):
+    for k in arms.keys(data):
         if k != primary:
-            v = claims_v2.verdicts(scores(data, k), data.psnr, data.drift_fd, floor, thresholds)
+            v = claims_v2.verdicts(arms.scores(data, k), data.psnr, data.drift_fd, floor, thresholds)
             out["other_spaces"][k] = {key: c["outcome"] for key, c in v["claims"].items()}
     return out
 
