@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -11,10 +12,11 @@ import torch
 from torch import Tensor
 
 from ..configs.tokenizer import TokenizerStageConfig
-from ..runtime.runs import RunError, atomic_write_bytes
+from ..runtime.runs import RunError
 from ..runtime.seeds import stream_seed
 from . import shapes_dataset
 from .image_folders import ImageFolderDataset, load_cifar10
+from .integrity import IntegrityError, read_npz, write_npz
 from .pixels import float_to_u8, to_float, to_uint8
 
 
@@ -28,24 +30,43 @@ class ImageData:
     folder: Any = None  # an ImageFolderDataset for streamed training
 
 
+def _read_shapes(file: Path, layout: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+    """The verified arrays of the shapes cache `file`, or None (with a warning naming it) when it is
+    unreadable, has no digest (older code), fails its digest, or does not hold `layout` (name → shape): every
+    stage trains on these pixels, so a damaged file is regenerated rather than trusted."""
+    try:
+        arrays = read_npz(file)
+        found = {k: tuple(v.shape) for k, v in arrays.items()}
+        if found != layout or arrays["train"].dtype != np.uint8 or arrays["val"].dtype != np.uint8:
+            raise IntegrityError(file, f"holds {found}, expected uint8 images in {layout}")
+    except IntegrityError as exc:
+        warnings.warn(f"regenerating the shapes cache: {exc}", stacklevel=4)  # the caller of load_data
+        return None
+    return arrays
+
+
 def _shapes(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     d = cfg.data
     file = cache_dir / (f"shapes_{shapes_dataset.VERSION}_n{d.n_train}_v{d.n_views}_val{d.n_val}"
                         f"_s{cfg.seed}.npz")
-    if not file.exists():
+    size = (shapes_dataset.SIZE, shapes_dataset.SIZE, 3)
+    layout = {"train": (d.n_views, d.n_train, *size), "train_y": (d.n_train,), "val": (d.n_val, *size),
+              "val_y": (d.n_val,)}
+    arrays = _read_shapes(file, layout) if file.exists() else None
+    if arrays is None:
         views = [shapes_dataset.generate(d.n_train, cfg.seed,
                                          nuisance_seed=1000 + v) for v in range(d.n_views)]
         val, val_y = shapes_dataset.generate(d.n_val, stream_seed(cfg.seed, "data.shapes_val"))
-        atomic_write_bytes(file,
-                           lambda f: np.savez(f, train=np.stack([v[0] for v in views]), train_y=views[0][1],
-                                                    val=val, val_y=val_y))
-    z = np.load(file)
-    t = {k: torch.from_numpy(z[k]) for k in ("train", "train_y", "val", "val_y")}
+        arrays = {"train": np.stack([v[0] for v in views]), "train_y": views[0][1],
+                  "val": val, "val_y": val_y}
+        write_npz(file, arrays)
+    t = {k: torch.from_numpy(arrays[k]) for k in ("train", "train_y", "val", "val_y")}
     return ImageData(t["train"], t["train_y"], t["val"], t["val_y"])
 
 
 def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
-    """The configured dataset; shapes renders are cached under `cache_dir` (generated once, ~4k img/s)."""
+    """The configured dataset; shapes renders are cached under `cache_dir` (generated once, ~4k img/s; a
+    cache file that fails its digest, or was written without one, is regenerated with a warning)."""
     d = cfg.data
     if d.source == "shapes":
         return _shapes(cfg, cache_dir)

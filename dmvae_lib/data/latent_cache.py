@@ -9,10 +9,14 @@ of rows 0 … N − 1, and the labels repeat.
 File format: safetensors with tensors "latents" (N, C, H, W) float32 and, if labelled, "labels" (N,) int64.
 The header metadata holds one JSON object under "dmvae_latent_cache": the caller's `meta` (e.g.
 `tokenizer_meta`: latent_mean, latent_scale and the SHA-256 of the tokenizer checkpoint file) plus keys
-written here (schema, latents_shape, dtype, labels). Files are written atomically (temp file, fsync, rename;
-the temp file is removed if anything fails), so a reader sees the old file or the new one, never a partial
-one. Loading is strict: a missing, truncated or foreign file, or metadata that disagrees with what the caller
-expects, raises `CacheError` naming the file.
+written here (schema, latents_shape, dtype, labels). Beside it, "dmvae_latent_cache_blake2b" holds the
+`integrity.digest` of the tensors and that JSON string: safetensors checks only its header, so bytes flipped
+in the tensor data would otherwise load as NaN or 1e37 latents without a word (issue 25). Files are written
+atomically (temp file, fsync, rename; the temp file is removed if anything fails), so a reader sees the old
+file or the new one, never a partial one. Loading is strict: a missing, truncated or foreign file, a file
+without a digest (older code), whose tensors or metadata do not match the digest, or that holds NaN/inf, or
+metadata that disagrees with what the caller expects, raises `CacheError` naming the file; `cached_latents`
+then rebuilds it with a warning.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from tqdm.auto import tqdm
 
 from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunError, atomic_write_bytes
+from .integrity import digest, problem, refuse_nonfinite
 from .pixels import u8_to_float
 
 META_KEY = "dmvae_latent_cache"
+DIGEST_KEY = "dmvae_latent_cache_blake2b"  # header metadata: integrity.digest(tensors, extra=meta JSON)
 SCHEMA = 1
 
 
@@ -125,8 +131,9 @@ def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
     """Write latents (N, …), labels (N,) or None and JSON-able `meta` atomically; return the stored metadata.
 
     Raises:
-        ValueError: `meta` is not JSON-serialisable, labels do not match N, or `meta` sets one of the keys
-            written here (schema, latents_shape, dtype, labels) to a value the tensors contradict.
+        ValueError: `meta` is not JSON-serialisable, labels do not match N, `meta` sets one of the keys
+            written here (schema, latents_shape, dtype, labels) to a value the tensors contradict, or the
+            latents hold NaN/inf (a cache that every load would refuse; nothing is written).
     """
     if labels is not None and labels.shape != (len(latents),):
         raise ValueError(f"labels must be ({len(latents)},), got {tuple(labels.shape)}")
@@ -142,8 +149,10 @@ def save_cache(path: str | os.PathLike, latents: Tensor, labels: Tensor | None,
     tensors = {"latents": latents.detach().cpu().contiguous()}
     if labels is not None:
         tensors["labels"] = labels.detach().long().cpu().contiguous()
+    refuse_nonfinite(path, tensors)
+    text = json.dumps(stored)
     # serialise before touching disk
-    data = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(stored)})
+    data = safetensors_bytes(tensors, metadata={META_KEY: text, DIGEST_KEY: digest(tensors, text.encode())})
     atomic_write_bytes(Path(path), lambda f: f.write(data))
     return stored
 
@@ -158,7 +167,8 @@ def load_cache(path: str | os.PathLike, expect_meta: Mapping[str, Any] | None = 
 
     Raises:
         CacheError: naming `path`, when the file is missing, unreadable (truncated, not safetensors, not a
-            latent cache, inconsistent) or its metadata differs from `expect_meta`.
+            latent cache, inconsistent), unverified (no digest: written by older code), altered (tensors or
+            metadata differ from the digest), non-finite, or its metadata differs from `expect_meta`.
     """
     path = Path(path)
     rebuild = f"delete it and rerun {producer}" if producer else "delete it to rebuild"
@@ -176,6 +186,9 @@ def load_cache(path: str | os.PathLike, expect_meta: Mapping[str, Any] | None = 
     if META_KEY not in header:
         raise CacheError(f"{path} is a safetensors file but not a dmvae latent cache (no {META_KEY!r} "
                          "metadata)")
+    reason = problem(tensors, header.get(DIGEST_KEY), header[META_KEY].encode())
+    if reason:  # before anything else is read from the tensors or the metadata
+        raise CacheError(f"latent cache {path} {reason}; {rebuild}")
     try:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as exc:
@@ -201,8 +214,8 @@ def cached_latents(path: str | os.PathLike, build_fn: Callable[[], tuple[Tensor,
     """Load the cache at `path` if it exists and matches `expect_meta`; otherwise call `build_fn()` →
     (latents, labels), save them with `expect_meta` as metadata, and return them.
 
-    A file that exists but is unreadable or stale is rebuilt and overwritten, with a warning giving the
-    reason.
+    A file that exists but is unreadable, unverified, altered, non-finite or stale is rebuilt and
+    overwritten, with a warning naming it and giving the reason.
     """
     path = Path(path)
     try:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -38,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..runtime.runs import atomic_write_bytes
+from .integrity import IntegrityError, read_npz, write_npz
 from .pixels import to_float
 
 log = logging.getLogger(__name__)
@@ -268,15 +267,18 @@ def cache_path(cache_dir: str | os.PathLike, n_train: int, n_val: int, seed: int
 
 
 def _load_cache(path: Path, n_train: int, n_val: int) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None (with a warning) when the file is unreadable or does not match."""
+    """The cached arrays, or None (with a warning naming the file) when it is unreadable, has no digest
+    (written by older code), fails its digest, or does not match: bytes changed on disk must never reach
+    training as wrong pixels, and regenerating is always safe."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in ("x_train", "y_train", "x_val", "y_val", "version")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # all mean "regenerate"
-        log.warning("shapes cache %s is unreadable (%s); regenerating it", path, exc)
+        arrays = read_npz(path)
+    except IntegrityError as exc:  # all mean "regenerate"
+        log.warning("shapes cache %s; regenerating it", exc)
         return None
-    ok = (str(arrays.pop("version")) == VERSION and arrays["x_train"].shape == (n_train, SIZE, SIZE, 3)
-          and arrays["x_val"].shape == (n_val, SIZE, SIZE, 3) and arrays["x_train"].dtype == np.uint8)
+    keys = {"x_train", "y_train", "x_val", "y_val", "version"}
+    ok = (set(arrays) == keys and str(arrays.pop("version")) == VERSION
+          and arrays["x_train"].shape == (n_train, SIZE, SIZE, 3) and arrays["x_train"].dtype == np.uint8
+          and arrays["x_val"].shape == (n_val, SIZE, SIZE, 3) and arrays["x_val"].dtype == np.uint8)
     if not ok:
         log.warning("shapes cache %s does not match %s (n=%d/%d); regenerating it", path, VERSION, n_train,
                     n_val)
@@ -287,8 +289,9 @@ def make_splits(n_train: int, n_val: int, seed: int, cache_dir: str | os.PathLik
     """Labelled train/val splits, generated once and cached as uint8 in `cache_dir/<VERSION>_….npz`.
 
     Train is `generate(n_train, seed)`; val is `generate(n_val, val_seed(seed))`, an independent stream.
-    A cache file that is unreadable (e.g. truncated) or does not match is regenerated and overwritten, with a
-    logged warning: the cache is derived data, so regeneration is always safe. Writes are atomic. Memory: the
+    A cache file that is unreadable (e.g. truncated), has no digest (older code), fails its digest (bytes
+    changed on disk) or does not match is regenerated and overwritten, with a logged warning naming it: the
+    cache is derived data, so regeneration is always safe. Writes are atomic and store the digest. Memory: the
     float tensors take 12 KiB per image (≈ 737 MB for 60 k images; the .npz holds uint8, 3 KiB per image).
     """
     path = cache_path(cache_dir, n_train, n_val, seed) if cache_dir is not None else None
@@ -298,6 +301,6 @@ def make_splits(n_train: int, n_val: int, seed: int, cache_dir: str | os.PathLik
         x_val, y_val = generate(n_val, val_seed(seed))
         arrays = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}
         if path is not None:
-            atomic_write_bytes(path, lambda f: np.savez(f, version=np.array(VERSION), **arrays))
+            write_npz(path, {"version": np.array(VERSION), **arrays})
     return Splits(ShapesDataset(arrays["x_train"], arrays["y_train"]),
                   ShapesDataset(arrays["x_val"], arrays["y_val"]))
