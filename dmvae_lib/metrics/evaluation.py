@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..data.latent_cache import file_sha256
 from ..runtime import weights
+from ..runtime.runs import named_write_errors
 from . import image_metrics
 from .image_metrics import INCEPTION_FILE, INCEPTION_SPACE, INCEPTION_URL
 
@@ -125,6 +126,7 @@ def save_adm_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: T
         if arrays["arr_1"].shape != (len(arrays["arr_0"]),):
             raise ValueError(f"labels must be ({len(arrays['arr_0'])},), got {arrays['arr_1'].shape}")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(named_write_errors(path))
         tmp_dir = scratch or stack.enter_context(scratch_dir(path.parent))
         tmp = tmp_dir / path.name
         np.savez(tmp, **arrays)
@@ -148,6 +150,7 @@ def save_pngs(images: Tensor, folder: str | os.PathLike, limit: int, *, scratch:
 
     arr, folder = _check_images(images, "save_pngs"), Path(folder)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(named_write_errors(folder))
         tmp = Path(tempfile.mkdtemp(dir=scratch or stack.enter_context(scratch_dir(folder.parent))))
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output folder
         for i, img in enumerate(arr[:limit]):
@@ -175,6 +178,7 @@ def save_png(image: Tensor, path: str | os.PathLike, *, scratch: Path | None = N
 
     path = Path(path)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(named_write_errors(path))
         tmp = (scratch or stack.enter_context(scratch_dir(path.parent))) / path.name
         Image.fromarray(_check_images(image[None], str(path))[0]).save(tmp)
         os.replace(tmp, path)

@@ -25,10 +25,23 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:  # torch: "Expected one of cpu, cuda, … device type at start"
+        raise ValueError(f"device={name!r} is not a device; use {DEVICE_NAMES}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ValueError(f"device={name!r} requested but MPS is not available; use device='auto' or 'cpu'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={name!r}: {device.type} is not supported here; use {DEVICE_NAMES}")
     return device
+
+
+DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 def bf16_native(device: torch.device) -> bool:

@@ -25,14 +25,19 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import platform
+import shutil
 import subprocess
 import time as _time
 import weakref
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +45,11 @@ from typing import Any, Mapping
 import torch
 
 SUMMARY = "summary.json"  # written last by a run: its presence is what "finished" means
+METRICS = "metrics.jsonl"
+KEPT = "its previous version, if any, is left as it was"  # what a failed atomic write leaves
+TORN_SUFFIX = ".torn"  # incomplete last lines of metrics.jsonl, moved aside (`repair_torn_tail`)
+
+log = logging.getLogger(__name__)
 
 
 def is_finished(folder: str | os.PathLike) -> bool:
@@ -168,7 +178,10 @@ def _remove_stale_temps(path: Path, keep: Path) -> None:
 def atomic_write_bytes(path: Path, write) -> None:
     """Call write(file_obj) on a temp file beside `path`, fsync, then rename over `path`.
 
-    On an exception the temp file is removed; temp files left by killed writers are removed after a write.
+    On an exception the temp file is removed and `path` keeps its previous content; temp files left by killed
+    writers are removed after a write. A failed write to the disk (a full disk, a quota, an I/O error) raises
+    `WriteError` naming `path` and the cause: `torch.save` reports a full disk only as
+    "[enforce fail at inline_container.cc] unexpected pos", with the OSError deep in its chain.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,10 +192,122 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        cause = write_failure(exc)
+        if cause is not None:
+            raise WriteError(path, cause) from exc
         raise
     _remove_stale_temps(path, tmp)
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str | os.PathLike, kept: str = KEPT):
+    """Inside: a failed write (`write_failure`) raises WriteError naming `path` (the artifact, not whatever
+    temp file the writer used) and the cause; other exceptions pass unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except BaseException as exc:
+        cause = write_failure(exc)
+        if cause is None:
+            raise
+        raise WriteError(Path(path), cause, kept) from exc
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `exc` itself, one in its cause/context chain, or None.
+
+    torch.save's zip writer turns a full disk into a RuntimeError ("unexpected pos") whose chain may or may
+    not keep the OSError; an "unexpected pos" without one is reported as ENOSPC, its only known cause."""
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+        return OSError(28, "No space left on device (torch.save: unexpected pos)")
+    return None
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names the file, the cause and the free space left. An OSError
+    (errno kept), so callers that handle OSError still do."""
+
+    def __init__(self, path: Path, cause: OSError, kept: str = KEPT):
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free there now"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(cause.errno, f"could not write {path}: {cause.strerror or cause} ({free}); {kept}")
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def repair_torn_tail(file: Path) -> None:
+    """Make an append-only JSON-lines file end on a complete line before the next append.
+
+    A writer killed (or out of disk) mid-append leaves an incomplete last line; the next record would be glued
+    onto it and both lost. The incomplete bytes move to `<file>.torn` (appended, for inspection) and the file
+    is cut back to its last newline; a last line that is complete JSON only lacking its newline is kept.
+    Logs one warning naming the file."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(file, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        cut = data.rfind(b"\n") + 1  # 0 when the file holds only the torn line
+        tail = data[cut:]
+        if _json_record(tail) is not None:
+            f.seek(size)
+            f.write(b"\n")
+            log.warning("%s: its last record lacked a newline; added one", file)
+            return
+        with open(file.with_name(file.name + TORN_SUFFIX), "ab") as torn:
+            torn.write(tail + b"\n")
+        f.truncate(cut)
+    log.warning("%s: dropped an incomplete last line (%d bytes; a writer stopped mid-append), kept in %s",
+                file, len(tail), file.name + TORN_SUFFIX)
+
+
+def _json_record(line: bytes | str):
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def read_jsonl(file: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when it does not exist). A line that is not a JSON object (the
+    incomplete last line of a killed writer, or one an older version glued onto it) is skipped with a warning
+    naming the file and the line; every complete record is kept."""
+    try:
+        data = Path(file).read_bytes()
+    except FileNotFoundError:
+        return []
+    out, lines = [], data.split(b"\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        rec = _json_record(line)
+        if rec is None:
+            what = "incomplete last line" if i == len(lines) else f"unreadable line {i}"
+            log.warning("%s: skipped its %s (%d bytes)", file, what, len(line))
+        else:
+            out.append(rec)
+    return out
 
 
 TENSORBOARD_ENV = "DMVAE_TENSORBOARD"
@@ -263,10 +388,18 @@ class RunDir:
         return _tensorboard_env() if self.tensorboard is None else self.tensorboard
 
     def log_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append `record` to metrics.jsonl (and, with
-        TensorBoard on, its numbers as scalars `<tag>/<key>`)."""
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(dict(record)) + "\n")
+        """Append `record` to metrics.jsonl as one line written in one call (and, with TensorBoard on, its
+        numbers as scalars `<tag>/<key>`). An incomplete last line left by a killed writer is moved aside
+        first (`repair_torn_tail`); a failed write raises WriteError naming the file."""
+        file = self.path / METRICS
+        line = (json.dumps(dict(record)) + "\n").encode()
+        try:
+            repair_torn_tail(file)
+            with open(file, "ab") as f:
+                f.write(line)
+        except OSError as exc:
+            raise WriteError(file, exc, "its earlier records are kept (a partly written line is moved aside "
+                                        "at the next append)") from exc
         if self.tensorboard_on:
             self._log_scalars(record)
 
@@ -284,8 +417,9 @@ class RunDir:
         return {**self.__dict__, "_writer": None, "_lock": None}
 
     def read_metrics(self) -> list[dict]:
-        file = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in file.read_text().splitlines() if line] if file.exists() else []
+        """metrics.jsonl's records; an incomplete or unreadable line is skipped with a warning
+        (`read_jsonl`)."""
+        return read_jsonl(self.path / METRICS)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         file = self.path / SUMMARY
@@ -307,6 +441,7 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint {path} does not exist")
+    _check_zip_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or foreign files fail inside pickle/zip with many exception types
@@ -317,6 +452,21 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     if missing:
         raise RunError(f"checkpoint {path} lacks {missing}; it has {sorted(ckpt)}")
     return ckpt
+
+
+def _check_zip_crc(path: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per record, but torch.load never checks them: bytes
+    flipped inside a tensor load silently as other numbers. Check them (one read of the file, ≈ 1 s/GB)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a zip (or truncated): torch.load below names the file
+    except zlib.error as exc:
+        bad = f"{exc}"
+    if bad is not None:
+        raise RunError(f"checkpoint {path} is corrupt: its record {bad!r} fails its CRC-32 check (bytes "
+                       "changed after it was written); restore it or rerun the stage that wrote it")
 
 
 def load_state_strict(module: torch.nn.Module, state: Mapping[str, Any], source: str) -> None:

@@ -41,7 +41,7 @@ from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
 from ..runtime.device import autocast_ctx, denormals_flushed
-from ..runtime.runs import RunDir, RunError, load_checkpoint, load_state_strict
+from ..runtime.runs import RunDir, RunError, atomic_write_bytes, load_checkpoint, load_state_strict
 from ..runtime.seeds import stream
 from ..train.artifacts import build_net
 from ..train.velocity import Hook, fit_velocity_net
@@ -415,9 +415,7 @@ def _inception(cfg, images, real, real_desc, files, proto, device) -> dict:
 def save_evaluation(run: RunDir, records: list[dict]) -> Path:
     """evaluation.json: the metric records with their protocols."""
     path = run.path / "evaluation.json"
-    with evaluation.scratch_dir(run.path) as tmp:
-        (tmp / path.name).write_text(json.dumps(records, indent=2, default=float))
-        (tmp / path.name).replace(path)
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(records, indent=2, default=float).encode()))
     return path
 
 

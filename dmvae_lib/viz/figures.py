@@ -24,6 +24,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..data.pixels import to_uint8
+from ..runtime.runs import named_write_errors
 
 REF_COLOR, POINT_COLOR = "rgba(250,173,7,0.35)", "rgba(31,119,180,0.75)"
 COLUMN_WIDTH = 880  # px: the widest figure; a 900-px notebook column shows it whole
@@ -49,7 +50,8 @@ class FigureStore:
 
         Returns None, so a cell that ends with `save(...)` shows the figure once, not twice."""
         html = self.dir / f"{name}.html"
-        fig.write_html(html, include_plotlyjs="directory", full_html=True)
+        with named_write_errors(html):
+            fig.write_html(html, include_plotlyjs="directory", full_html=True)
         self.paths.append(html)
         if self.png:
             self.pending.append((fig, self.dir / f"{name}.png"))
@@ -70,9 +72,10 @@ class FigureStore:
             driver, level = logging.getLogger("choreographer"), logging.getLogger("choreographer").level
             driver.setLevel(logging.CRITICAL)
             try:
-                pio.write_images(list(figs), list(files), format="png",
-                                 width=[f.layout.width or 900 for f in figs],
-                                 height=[f.layout.height or 500 for f in figs])
+                with named_write_errors(self.dir):
+                    pio.write_images(list(figs), list(files), format="png",
+                                     width=[f.layout.width or 900 for f in figs],
+                                     height=[f.layout.height or 500 for f in figs])
             finally:
                 driver.setLevel(level)
             self.paths.extend(files)

@@ -24,7 +24,9 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,6 +85,24 @@ def check_parameters(nb: Path, params: dict) -> None:
             raise SystemExit(f"error: {nb.name} parameter {name!r} is "
                              f"{declared[name]['inferred_type_name']}, "
                              f"got {value!r} ({type(value).__name__})")
+    check_values(nb, params)
+
+
+def check_values(nb: Path, params: dict) -> None:
+    """Parameters with a closed set of values, checked before anything is written (the kernel would reject
+    them only after papermill has created the run folder and its executed.ipynb)."""
+    from ..runtime.device import resolve_device
+
+    if "device" in params:
+        try:
+            resolve_device(params["device"])
+        except ValueError as e:
+            raise SystemExit(f"error: {nb.name} parameter 'device': {e}") from e
+    if "preset" in params and params["preset"] not in PRESETS:
+        raise SystemExit(f"error: {nb.name} parameter 'preset' {params['preset']!r} unknown; use one of "
+                         f"{', '.join(PRESETS)}")
+    if "nproc" in params and params["nproc"] < 1:
+        raise SystemExit(f"error: {nb.name} parameter 'nproc' must be at least 1, got {params['nproc']}")
 
 
 def _notebook_params(nb: Path, params: dict) -> dict:
@@ -198,16 +218,50 @@ def check_stage_folder(nb: Path, out_dir: Path, params: dict) -> bool:
 SKIPPED = "skipped (already finished)"  # execute's status for a stage whose run folder holds summary.json
 
 
-def _ipc_kernel_manager() -> type:
-    """A local kernel manager on IPC sockets: no TCP ports, and none of ipykernel's stderr warning about
-    unencrypted TCP in the output of a notebook (notebook 70) that runs others."""
+# AF_UNIX socket paths end at 107 bytes (Linux; 103 on macOS); a kernel's are `<base>/dmvae-kernel-XXXXXXXX/
+# kernel-ipc-N`, about 40 bytes past the temporary folder's base.
+_SOCKET_PATH_MAX = 100
+
+
+def _kernel_folder_base() -> str:
+    """Where the kernels' private folders go: the temporary directory, or /tmp when that is so long (a deep
+    TMPDIR) that the socket paths inside it would pass the AF_UNIX limit."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) + 40 > _SOCKET_PATH_MAX and os.access("/tmp", os.W_OK):
+        base = "/tmp"
+    return base
+
+
+def _ipc_kernel_manager(folder: Path) -> type:
+    """A local kernel manager on IPC sockets whose connection file and socket files all live in `folder`.
+
+    IPC rather than TCP: no ports to pick (picking a free TCP port and binding it later races against other
+    launches), and none of ipykernel's stderr warning about unencrypted TCP in the output of a notebook
+    (notebook 70) that runs others. Each execution needs a folder of its own: for transport "ipc" the `ip`
+    trait is the sockets' path prefix, and jupyter_client and ipykernel number the sockets `<ip>-N` by the
+    first unused N. With the default relative prefix `kernel-ipc` the kernel created them in its cwd (the
+    checkout's notebooks/), and two launches started together took the same names, so each one's client
+    talked to the other's kernel ("Invalid Signature", "Kernel didn't respond in 60 seconds")."""
     from jupyter_client.manager import KernelManager
     from traitlets import default
+
+    connection_file, prefix = str(folder / "kernel.json"), str(folder / "kernel-ipc")
+    if len(os.fsencode(prefix)) + 4 > _SOCKET_PATH_MAX:
+        raise RuntimeError(f"kernel socket prefix {prefix} is too long for a unix socket path "
+                           f"({_SOCKET_PATH_MAX} bytes at most); set TMPDIR to a shorter folder")
 
     class IPCKernelManager(KernelManager):
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("connection_file")
+        def _connection_file_default(self) -> str:
+            return connection_file
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            return prefix
 
     return IPCKernelManager
 
@@ -218,16 +272,22 @@ def execute(nb: Path, out_dir: Path, params: dict) -> str:
     `check_stage_folder` decides first, so a finished run of this config is skipped, and a folder with another
     config, or one that another process holds, raises (RunError) before papermill writes anything.
     A failing cell raises papermill's PapermillExecutionError; the partly executed notebook stays in
-    out_dir."""
+    out_dir. The kernel's connection file and sockets go to a private temporary folder
+    (`_ipc_kernel_manager`), removed afterwards, so any number of executions may start at once and nothing
+    lands in the checkout."""
     import papermill
 
     if check_stage_folder(nb, out_dir, params):
         return SKIPPED
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
-                               kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
-                               kernel_manager_class=_ipc_kernel_manager())
+    folder = Path(tempfile.mkdtemp(prefix="dmvae-kernel-", dir=_kernel_folder_base()))  # mode 0700
+    try:
+        papermill.execute_notebook(str(nb), str(out_dir / "executed.ipynb"), parameters=params,
+                                   kernel_name="python3", cwd=str(nb.parent), progress_bar=False,
+                                   kernel_manager_class=_ipc_kernel_manager(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return f"ran in {time.perf_counter() - t0:.0f} s"
 
 
@@ -729,6 +789,15 @@ def write_report(file: Path, name: str, preset: str, rows: list[tuple[str, str, 
     return file
 
 
+def json_value(name: str, text: str):
+    """A `-p NAME JSON` value, decoded; an error names the parameter and the expected form."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: -p {name} {text!r}: the value must be JSON ({e.msg}); e.g. -p seed 3, "
+                         f"-p device '\"cpu\"', -p overrides '{{\"fit.steps\": 100}}'") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, choices=PRESETS,
@@ -751,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or file.get("preset", "cpu")
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r} in {args.params}; use {', '.join(PRESETS)}")
-    extra = {**file.get("params", {}), **{k: json.loads(v) for k, v in args.param}}
+    extra = {**file.get("params", {}), **{k: json_value(k, v) for k, v in args.param}}
     name = args.name or file.get("name") or f"{preset}_main"
     report = run(preset, name, resolve_run_root(args.run_root), extra, args.only, file.get("notebooks", {}),
                  nproc=args.nproc)
