@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dmvae_lib.configs import make_config
-from dmvae_lib.configs.study import VA_ALIGN_KEYS
+from dmvae_lib.configs.study import MAIN_JOB_V2, VA_ALIGN_KEYS
 from dmvae_lib.workflow import arms, arms_v2
 
 STAGE1 = {"seed": 0, "encoder": {"kind": "ssl"},
@@ -115,6 +115,15 @@ def test_reduced_names_the_missing_joint_seeds():
     one = arms_v2.reduced(make_config("study", "cpu", {"claim_v2.joint_seeds": [0]}), "cpu")
     assert one.startswith("1 joint seed(s) of 3, so no claim can resolve")
     assert "--only 20 71" in one  # version 2's notebook
+    assert "rehearsal" not in one
+
+
+def test_the_main_jobs_cpu_rehearsal_builds_and_says_it_is_not_the_study():
+    cfg = make_config("study", "cpu", MAIN_JOB_V2["cpu"])
+    arms_v2.check(cfg, "cpu")  # every run of it builds
+    note = arms_v2.reduced(cfg, "cpu")
+    assert "no claim can resolve" in note and "rehearsal" in note and "not the study's" in note
+    assert make_config("study", "cpu").claim_v2.joint == {}  # the full study is untouched by it
 
 
 def test_arm_a_is_never_a_studys_own_random_encoder_run(tmp_path):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from dmvae_lib.configs import ConfigError, make_config
+from dmvae_lib.configs.study import MAIN_JOB_V2
 from dmvae_lib.viz import figures as viz
 from dmvae_lib.workflow import pipeline, study
 
@@ -126,7 +127,10 @@ def test_the_whole_pipeline_runs_the_claim_study_reduced_and_the_users_claim_key
     nbs = pipeline.notebooks()
     p71 = {nb: {"preset": "cpu"} for nb in nbs if nb.stem.startswith("71")}
     pipeline._main_job("cpu", p71)
-    assert next(iter(p71.values()))["overrides"] == {"claim_v2.joint_seeds": [0]}
+    assert next(iter(p71.values()))["overrides"] == MAIN_JOB_V2["cpu"]  # the cpu rehearsal
+    smoke = {nb: {"preset": "smoke"} for nb in nbs if nb.stem.startswith("71")}
+    pipeline._main_job("smoke", smoke)  # no rehearsal entry: the preset's study, one joint seed
+    assert next(iter(smoke.values()))["overrides"] == {"claim_v2.joint_seeds": [0]}
     assert any(nb.stem.startswith("70") for nb in nbs)
     mine = {"overrides": {"claim.space": "pix"}}
     params = {nb: {"preset": "cpu", **(mine if nb.stem.startswith("70") else {})} for nb in nbs}

@@ -162,6 +162,24 @@ _CPU_GENERATION = {**CLAIM_V1_GENERATOR, "fit.steps": 800, "curve.steps": [100, 
                    "metrics.floor_images": 1000, "metrics.png_limit": 50}
 _GPU_CURVE = {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000}
 
+# What the main job (the whole pipeline) runs of version 2 at a preset: a rehearsal, not the study. One joint
+# seed resolves no claim, and at `cpu` the full study's stages for one seed take ≈ 48 min (measured: the
+# reduced pilot, docs/claim-study.md), past the main job's 40-minute budget with notebooks 10–60 at ≈ 30.
+# So the main job runs every arm and every stage of version 2 once, shortened (AE's stage 1 200 steps, the
+# joint runs 100, the refinement 10, the generators 200 with two 500-sample curve points), to show the
+# study's shape and exercise its code on the embedded data; its numbers are not the study's, and its report
+# says so (`arms_v2.reduced`). Presets without an entry run their full version-2 settings with one seed.
+MAIN_JOB_V2: dict[str, dict] = {
+    "cpu": {"claim_v2.joint_seeds": [0], "claim_v2.refine_steps": 10,
+            "claim_v2.tokenizer": {"train.steps": 200, "train.disc_start": 150, "train.ckpt_every": 100,
+                                   "checks.min_psnr": 0.0},
+            "claim_v2.joint": {"train.steps": 100, "train.disc_start": 50, "train.eval_every": 50,
+                               "train.eval_samples": 500, "train.log_every": 10, "train.ckpt_every": 50},
+            "claim_v2.generation": {**_CPU_GENERATION, "fit.steps": 200, "curve.steps": [100, 200],
+                                    "curve.n": 500, "sample.n": 500, "metrics.real_images": 2000,
+                                    "metrics.floor_images": 500, "fit.ckpt_every": 100}},
+}
+
 PRESETS: dict[str, dict] = {
     # CI: one reference and the baseline, one seed, a few steps each (the λ sweep and seeds are unit-tested).
     # CI: every arm once (one generator seed, no extra λ), a few steps each; seed pairing is unit-tested.

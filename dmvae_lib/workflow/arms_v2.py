@@ -172,10 +172,19 @@ def result(cfg: StudyConfig, data: V2Data, thresholds: claims_v2.Thresholds = cl
 
 
 def reduced(cfg: StudyConfig, preset: str) -> str:
-    """What this version-2 study leaves out of the preset's full one ('' when nothing)."""
+    """What this version-2 study leaves out of the preset's full one ('' when nothing): fewer joint seeds,
+    and stages shortened from the preset's (the main job's rehearsal, `configs.study.MAIN_JOB_V2`)."""
     full, c = make_config("study", preset).claim_v2, cfg.claim_v2
-    if len(c.joint_seeds) >= len(full.joint_seeds):
+    short = [name for name in ("tokenizer", "joint", "generation") if getattr(c, name) != getattr(full, name)]
+    short += ["refinement"] if c.refine_steps != full.refine_steps else []
+    if len(c.joint_seeds) >= len(full.joint_seeds) and not short:
         return ""
-    return (f"{len(c.joint_seeds)} joint seed(s) of {len(full.joint_seeds)}"
-            + (", so no claim can resolve" if len(c.joint_seeds) < 2 else "")
-            + f". The full study: `python -m dmvae_lib --preset {preset} --only 20 71 --name claim`.")
+    parts = []
+    if len(c.joint_seeds) < len(full.joint_seeds):
+        parts.append(f"{len(c.joint_seeds)} joint seed(s) of {len(full.joint_seeds)}"
+                     + (", so no claim can resolve" if len(c.joint_seeds) < 2 else ""))
+    if short:
+        parts.append(f"a rehearsal: the {', '.join(short)} settings differ from the preset's study, so its "
+                     "numbers are not the study's")
+    return "; ".join(parts) + (f". The full study: `python -m dmvae_lib --preset {preset} --only 20 71 "
+                               "--name claim`.")

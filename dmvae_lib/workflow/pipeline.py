@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..configs import PRESETS, ConfigError, make_config
-from ..configs.study import CLAIM_FIXED
+from ..configs.study import CLAIM_FIXED, MAIN_JOB_V2
 from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes, is_finished, read_summary
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # The main job runs the claim study version 2 (notebook 71) reduced: its first joint seed only, which
-# resolves no claim (the report says so). Version 1 (notebook 70, superseded) runs only when named: `--only
-# 70` (reduced the same way, one generator seed and no extra λ, when the whole pipeline runs it).
+# resolves no claim (the report says so), and at `cpu` every stage shortened (a rehearsal: MAIN_JOB_V2).
+# Version 1 (notebook 70, superseded) runs only when named: `--only 70` (reduced the same way, one generator
+# seed and no extra λ, when the whole pipeline runs it).
 MAIN_JOB_SKIPS = ("70",)
 
 
@@ -49,7 +50,7 @@ def reduced_overrides(prefix: str, preset: str) -> dict:
     if prefix == "70":
         return {"claim.seeds": list(study.claim.seeds[:1]), "claim.extra_weights": []}
     if prefix == "71":
-        return {"claim_v2.joint_seeds": list(study.claim_v2.joint_seeds[:1])}
+        return MAIN_JOB_V2.get(preset) or {"claim_v2.joint_seeds": list(study.claim_v2.joint_seeds[:1])}
     return {}
 
 
