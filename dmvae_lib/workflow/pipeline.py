@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from ..configs import PRESETS, ConfigError, make_config
 from ..configs.study import CLAIM_FIXED, MAIN_JOB_V2
+from ..runtime.device import resolve_device
 from ..runtime.runs import FolderLock, RunError, RunLockedError, atomic_write_bytes, is_finished, read_summary
 from .session import REPO_ROOT, config_record, resolve_config, resolve_run_root
 
@@ -92,8 +93,6 @@ def check_parameters(nb: Path, params: dict) -> None:
 def check_values(nb: Path, params: dict) -> None:
     """Parameters with a closed set of values, checked before anything is written (the kernel would reject
     them only after papermill has created the run folder and its executed.ipynb)."""
-    from ..runtime.device import resolve_device
-
     if "device" in params:
         try:
             resolve_device(params["device"])
