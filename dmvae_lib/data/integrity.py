@@ -96,9 +96,11 @@ def problem(arrays: Mapping[str, Array], stored: str | None, extra: bytes = b"")
         return (f"does not match its content digest ({ALGORITHM} stored {stored[:16]}…, computed "
                 f"{actual[:16]}…): its bytes changed after it was written")
     bad = nonfinite(arrays)
-    if bad:
-        return f"holds non-finite values ({', '.join(f'{k}: {n} NaN/inf' for k, n in sorted(bad.items()))})"
-    return None
+    return f"holds non-finite values ({_counts(bad)})" if bad else None
+
+
+def _counts(bad: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {n} NaN/inf" for k, n in sorted(bad.items()))
 
 
 def refuse_nonfinite(path: str | os.PathLike, arrays: Mapping[str, Array]) -> None:
@@ -106,8 +108,7 @@ def refuse_nonfinite(path: str | os.PathLike, arrays: Mapping[str, Array]) -> No
     would refuse it) nor trained on."""
     bad = nonfinite(arrays)
     if bad:
-        raise ValueError(f"refusing to write {path}: non-finite values "
-                         f"({', '.join(f'{k}: {n} NaN/inf' for k, n in sorted(bad.items()))})")
+        raise ValueError(f"refusing to write {path}: non-finite values ({_counts(bad)})")
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> str:

@@ -177,8 +177,6 @@ def reduced(cfg: StudyConfig, preset: str) -> str:
     full, c = make_config("study", preset).claim_v2, cfg.claim_v2
     short = [name for name in ("tokenizer", "joint", "generation") if getattr(c, name) != getattr(full, name)]
     short += ["refinement"] if c.refine_steps != full.refine_steps else []
-    if len(c.joint_seeds) >= len(full.joint_seeds) and not short:
-        return ""
     parts = []
     if len(c.joint_seeds) < len(full.joint_seeds):
         parts.append(f"{len(c.joint_seeds)} joint seed(s) of {len(full.joint_seeds)}"
@@ -186,5 +184,7 @@ def reduced(cfg: StudyConfig, preset: str) -> str:
     if short:
         parts.append(f"a rehearsal: the {', '.join(short)} settings differ from the preset's study, so its "
                      "numbers are not the study's")
+    if not parts:
+        return ""
     return "; ".join(parts) + (f". The full study: `python -m dmvae_lib --preset {preset} --only 20 71 "
                                "--name claim`.")
