@@ -40,12 +40,13 @@ def test_the_plan_pairs_every_arm_by_joint_seed(tokenizer_dir):
         diff = {arm: {k for k in {*base, *q["overrides"]} if base.get(k) != q["overrides"].get(k)}
                 for arm, q in p.items()}
         assert diff == {"A_J": {"train.train_encoder"}, "C0": set(), "C1": {"train.dm_weight"},
-                        "VA": set(VA_ALIGN_KEYS), "AE": set()}
+                        "VA": {*VA_ALIGN_KEYS, "train.align_init"}, "AE": set()}
         assert p["AE"]["tokenizer_run"].endswith("p-AE-stage1")
         assert p["C0"]["tokenizer_run"] == str(tokenizer_dir)
         assert base["train.refine_steps"] == cfg.claim_v2.refine_steps and base["train.control"] is False
         assert p["C1"]["overrides"]["train.dm_weight"] == cfg.claim_v2.dm_weight
         assert p["VA"]["overrides"]["train.align_global"] == 1.0  # stage 1's weight
+        assert p["VA"]["overrides"]["train.align_init"] == "stage1"  # stage 1's term goes on, maps and all
     gens = {r.name: r for r in by_nb["60"]}
     for i, s in enumerate((0, 1, 2)):
         g = {arm: gens[arms_v2.generator_name("p", arm, s, i)] for arm in arms_v2.ALL_ARMS}
@@ -64,6 +65,7 @@ def test_va_needs_an_alignment_term(tokenizer_dir):
     _, runs = _plan(tokenizer_dir, **{"claim_v2.va_align": {"train.align_token": 0.5}})
     va = next(r for r in runs if r.name == arms_v2.joint_name("p", "VA", 0))
     assert va.params["overrides"]["train.align_token"] == 0.5
+    assert va.params["overrides"]["train.align_init"] == "fresh"  # stage 1 trained no maps to continue
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu"])  # imagenet256: AE cannot train on an ImageFolder

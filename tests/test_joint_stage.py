@@ -10,7 +10,7 @@ import tiny_stages as tiny
 import torch
 from tiny_stages import TINY_JOINT, TINY_TEACHER
 
-from dmvae_lib.configs import make_config, to_dict
+from dmvae_lib.configs import ConfigError, make_config, to_dict
 from dmvae_lib.data.images import ImageData
 from dmvae_lib.data.latents import build_reference, latents_for
 from dmvae_lib.models.lightning_dit import lightning_dit
@@ -230,7 +230,6 @@ def test_upstream_resolution_and_errors(upstream, tmp_path):
 
 
 def test_joint_config_errors():
-    from dmvae_lib.configs import ConfigError
 
     with pytest.raises(ConfigError, match="t_min"):
         make_config("joint", "cpu", {"train.t_min": 0.9, "train.t_max": 0.5})
@@ -242,6 +241,44 @@ def test_joint_config_errors():
         make_config("joint", "cpu", {"train.lambda": 3.0})
     with pytest.raises(ConfigError, match="align_token"):
         make_config("joint", "cpu", {"train.align_global": -1.0})
+
+
+def test_va_maps_continue_from_stage1(upstream, teacher):
+    """train.align_init='stage1' (the default): the joint stage's alignment maps start as stage 1's EMA maps
+    (those that fit the tokenizer it saved); maps of a term stage 1 did not train, or none at all, fail by
+    name; with the term off nothing is passed."""
+    root, tok_dir, data = upstream
+    _, _, tok, _, ref, net, _, _ = teacher
+    state = joint_stage.stage1_state(tok_dir)
+    maps = joint_stage.stage1_alignment(state)
+    ema = {k.removeprefix("module.align."): v for k, v in state["ema"].items()
+           if k.startswith("module.align.")}
+    raw = {k.removeprefix("align."): v for k, v in state["trainable"].items() if k.startswith("align.")}
+    assert maps and maps.keys() == ema.keys() == raw.keys()
+    assert all(torch.equal(maps[k], ema[k]) for k in maps)
+    assert not all(torch.equal(maps[k], raw[k]) for k in maps)  # the EMA's, not the last step's
+    up = SimpleNamespace(disc_state=None, align_state=maps, disc_arch=(8, 2))
+    over = {**TINY_JOINT, "train.steps": 2, "train.disc_init": "fresh", "train.control": False,
+            "train.eval_every": 0, "train.train_encoder": True, "train.align_global": 1.0}
+    cfg = make_config("joint", "smoke", over)
+    kw = joint_stage.Upstream.joint_kwargs(up, cfg)
+    assert kw["align_state"] is maps
+    s = joint_stage.joint_state(cfg, tok, net, ref, data, "cpu", dm_weight=0.0, ctx=joint_stage.DistContext(),
+                                **kw)
+    assert all(torch.equal(s.align.state_dict()[k], maps[k]) for k in maps)
+    fresh = make_config("joint", "smoke", {**over, "train.align_init": "fresh"})
+    assert joint_stage.Upstream.joint_kwargs(up, fresh)["align_state"] is None
+    off = make_config("joint", "smoke", {**over, "train.align_global": 0.0})
+    assert joint_stage.Upstream.joint_kwargs(SimpleNamespace(**{**vars(up), "align_state": None}),
+                                              off)["align_state"] is None
+    with pytest.raises(RunError, match="no alignment maps"):
+        joint_stage.Upstream.joint_kwargs(SimpleNamespace(**{**vars(up), "align_state": None}), cfg)
+    token = make_config("joint", "smoke", {**over, "train.align_token": 1.0})
+    with pytest.raises(RunError, match="stage-1 alignment maps"):
+        joint_stage.joint_state(token, tok, net, ref, data, "cpu", dm_weight=0.0,
+                                ctx=joint_stage.DistContext(), **joint_stage.Upstream.joint_kwargs(up, token))
+    with pytest.raises(ConfigError, match="align_init"):
+        make_config("joint", "smoke", {"train.align_init": "stage2"})
 
 
 def test_stage1_discriminator_is_reused(upstream, teacher):

@@ -48,6 +48,8 @@ class JointTrainConfig:
     align_global: float = 0.0
     align_margin_cos: float = 0.0
     align_margin_dist: float = 0.0
+    align_init: str = "stage1"  # the maps W, G: "stage1" (stage 1's, EMA-averaged as its tokenizer; the term
+                                # continues) | "fresh" (seeded anew). Unused while the term is off
     control: bool = True  # also run the λ = 0 control with everything else equal
 
 
@@ -70,6 +72,8 @@ class JointStageConfig:
             raise ConfigError(f"train.cfg_scale must be >= 1, got {t.cfg_scale}")
         if t.disc_init not in ("stage1", "fresh"):
             raise ConfigError(f"train.disc_init {t.disc_init!r} unknown; use stage1 or fresh")
+        if t.align_init not in ("stage1", "fresh"):
+            raise ConfigError(f"train.align_init {t.align_init!r} unknown; use stage1 or fresh")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision {t.precision!r} unknown; use fp32 or bf16")
         if min(t.align_token, t.align_global, t.align_margin_cos, t.align_margin_dist) < 0:

@@ -216,9 +216,10 @@ class JointState:
 
 def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 device, *, dm_weight: float, disc_state: Optional[dict], disc_arch: tuple[int, int],
-                ctx: DistContext) -> JointState:
+                ctx: DistContext, align_state: Optional[dict] = None) -> JointState:
     """A copy of the stage-1 tokenizer, the projection head, the discriminator (stage 1's `disc_state` or
-    fresh), the frozen real net and the fake net (a copy of the teacher), their optimizers and generators."""
+    fresh), the alignment maps when the term is on (stage 1's `align_state` or fresh), the frozen real net
+    and the fake net (a copy of the teacher), their optimizers and generators."""
     c, dev = cfg.train, torch.device(device)
     tok = copy.deepcopy(tokenizer).to(device).train()
     with torch.random.fork_rng(devices=[]):  # the head and a fresh discriminator depend on cfg.seed only
@@ -232,6 +233,11 @@ def joint_state(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module,
                              tok.decoder.latent_size, tok.encoder.semantic_channels,
                              token_weight=c.align_token, global_weight=c.align_global,
                              margin_cos=c.align_margin_cos, margin_dist=c.align_margin_dist)
+    if align is not None and align_state is not None:  # the maps of the terms that are on (stage 1 may have
+        keep = align.state_dict().keys()                # trained more)
+        load_state_strict(align, {k: v for k, v in align_state.items() if k in keep},
+                          "stage-1 alignment maps (train.align_init='stage1'; the joint stage's "
+                          "align_token/align_global must switch on only terms stage 1 trained)")
     align = None if align is None else align.to(device)
     params = [*tok.trainable_parameters(c.train_encoder), *head.parameters(),
               *(align.parameters() if align is not None else [])]
@@ -371,15 +377,16 @@ def joint_step(s: JointState, k: int) -> dict:
 def train_joint(cfg: JointStageConfig, tokenizer: Tokenizer, teacher: nn.Module, reference, data: ImageData,
                 run: Optional[RunDir], device, *, dm_weight: float, tag: str = "joint",
                 disc_state: Optional[dict] = None, disc_arch: tuple[int, int] = (32, 2),
-                progress: bool = True,
+                align_state: Optional[dict] = None, progress: bool = True,
                 ctx: Optional[DistContext] = None) -> tuple[Tokenizer, nn.Module, dict]:
     """Joint DM training of a copy of the stage-1 tokenizer; returns (tokenizer, projection head, last stats).
 
-    The discriminator starts from `disc_state` (stage 1's) or fresh with `disc_arch` = (ndf, layers);
+    The discriminator starts from `disc_state` (stage 1's) or fresh with `disc_arch` = (ndf, layers), the
+    alignment maps (when train.align_* switch the term on) from `align_state` (stage 1's) or fresh;
     a multi-process `ctx` shards train.batch over ranks (runtime/distributed.py)."""
     c, ctx = cfg.train, ctx or DistContext()
     s = joint_state(cfg, tokenizer, teacher, reference, data, device, dm_weight=dm_weight,
-                    disc_state=disc_state, disc_arch=disc_arch, ctx=ctx)
+                    disc_state=disc_state, disc_arch=disc_arch, ctx=ctx, align_state=align_state)
     hooks, run = [], main_only_run(run, ctx)
     if c.eval_every and ctx.is_main:
         hooks.append((c.eval_every, functools.partial(_log_diagnostics, s, cfg, reference, data, run, tag)))
@@ -481,14 +488,23 @@ class Upstream:
     reference: object
     disc_arch: tuple[int, int]
     disc_state: Optional[dict]  # stage 1's final discriminator, when its training checkpoint is there
+    align_state: Optional[dict] = None  # stage 1's final alignment maps (EMA), when it trained some
 
     def joint_kwargs(self, cfg: JointStageConfig) -> dict:
-        """The discriminator arguments of `train_joint` for cfg.train.disc_init."""
-        if cfg.train.disc_init == "stage1" and self.disc_state is None:
+        """The discriminator's and the alignment maps' arguments of `train_joint` for cfg.train.disc_init and
+        cfg.train.align_init (the maps only matter when train.align_token/align_global switch the term on)."""
+        t = cfg.train
+        if t.disc_init == "stage1" and self.disc_state is None:
             raise RunError("train.disc_init='stage1' but the stage-1 run has no ckpt/tokenizer/last.pt; "
                            "use train.disc_init='fresh'")
-        state = self.disc_state if cfg.train.disc_init == "stage1" else None
-        return {"disc_arch": self.disc_arch, "disc_state": state}
+        align_on = t.align_token > 0 or t.align_global > 0
+        if align_on and t.align_init == "stage1" and self.align_state is None:
+            raise RunError("train.align_init='stage1' but the stage-1 run has no alignment maps (it trained "
+                           "with train.align_token = align_global = 0, or its ckpt/tokenizer/last.pt is "
+                           "missing); use train.align_init='fresh'")
+        return {"disc_arch": self.disc_arch,
+                "disc_state": self.disc_state if t.disc_init == "stage1" else None,
+                "align_state": self.align_state if align_on and t.align_init == "stage1" else None}
 
 
 def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Path) -> Upstream:
@@ -504,15 +520,34 @@ def load_upstream(tokenizer_dir: Path, teacher_dir: Path, device, cache_dir: Pat
     data = load_data(tok_cfg, cache_dir)
     latents, labels = latents_for(tok, tok_file, data, RunDir(teacher_dir), device, flip=tcfg.reference.flip)
     ref = build_reference(tcfg, latents, labels, encoders, data, device)
-    has_disc = (tokenizer_dir / "ckpt" / "tokenizer" / "last.pt").is_file()
+    has_ckpt = (tokenizer_dir / "ckpt" / "tokenizer" / "last.pt").is_file()
+    state = stage1_state(tokenizer_dir) if has_ckpt else None
     return Upstream(tok, tok_cfg, encoders, tok_file, teacher, ck, data, latents, ref,
                     (tok_cfg.train.disc_ndf, tok_cfg.train.disc_layers),
-                    stage1_discriminator(tokenizer_dir) if has_disc else None)
+                    stage1_discriminator(tokenizer_dir, state) if has_ckpt else None,
+                    stage1_alignment(state) if has_ckpt else None)
 
 
-def stage1_discriminator(tokenizer_dir: Path) -> dict:
-    """The PatchGAN weights at the end of stage 1 (from its training checkpoint), for `disc_init="stage1"`."""
-    ck = load_checkpoint(tokenizer_dir / "ckpt" / "tokenizer" / "last.pt", required=("state",))
-    if "disc" not in ck["state"]:
+def stage1_state(tokenizer_dir: Path) -> dict:
+    """The training state stage 1 ended with (its ckpt/tokenizer/last.pt)."""
+    return load_checkpoint(tokenizer_dir / "ckpt" / "tokenizer" / "last.pt", required=("state",))["state"]
+
+
+def stage1_discriminator(tokenizer_dir: Path, state: Optional[dict] = None) -> dict:
+    """The PatchGAN weights at the end of stage 1 (from its training checkpoint, or its already loaded
+    `state`), for `disc_init="stage1"`."""
+    state = stage1_state(tokenizer_dir) if state is None else state
+    if "disc" not in state:
         raise RunError(f"{tokenizer_dir / 'ckpt/tokenizer/last.pt'} holds no discriminator state")
-    return ck["state"]["disc"]
+    return state["disc"]
+
+
+def stage1_alignment(state: dict) -> Optional[dict]:
+    """Stage 1's alignment maps from its training `state`, EMA-averaged like the tokenizer it saved (the
+    maps that fit its projector); None when stage 1 trained none. The EMA's keys are `module.align.*`
+    (`module.parts.align.*` when stage 1 also trained the encoder)."""
+    for prefix in ("module.align.", "module.parts.align."):
+        maps = {k.removeprefix(prefix): v for k, v in state.get("ema", {}).items() if k.startswith(prefix)}
+        if maps:
+            return maps
+    return None

@@ -34,16 +34,20 @@ ALL_ARMS = ("A", *JOINT_ARMS)
 
 def joint_changes(cfg: StudyConfig, a_config: dict) -> dict[str, dict]:
     """Arm -> the notebook-40 overrides that make it, on top of the one joint protocol. VA's alignment weights
-    are `claim_v2.va_align`, else stage 1's (arm A's recorded config)."""
+    are `claim_v2.va_align`, else stage 1's (arm A's recorded config); its maps continue from stage 1's when
+    stage 1 trained every term VA switches on (the term goes on, not a new one), else start fresh."""
     c = cfg.claim_v2
     stage1 = a_config.get("train", {})
     va = dict(c.va_align) or {k: stage1.get(k.removeprefix("train."), 0.0) for k in VA_ALIGN_KEYS}
-    if va.get("train.align_token", 0.0) <= 0 and va.get("train.align_global", 0.0) <= 0:
+    terms = ("align_token", "align_global")
+    if all(va.get(f"train.{t}", 0.0) <= 0 for t in terms):
         raise ValueError("the VA arm needs an alignment term: arm A's stage 1 trained without one "
                          "(train.align_token = train.align_global = 0); set claim_v2.va_align")
+    continues = all(stage1.get(t, 0.0) > 0 for t in terms if va.get(f"train.{t}", 0.0) > 0)
     off = {"train.dm_weight": 0.0}
     return {"A_J": {**off, "train.train_encoder": False}, "C0": {**off, "train.train_encoder": True},
-            "VA": {**off, "train.train_encoder": True, **va},
+            "VA": {**off, "train.train_encoder": True, **va,
+                   "train.align_init": "stage1" if continues else "fresh"},
             "C1": {"train.dm_weight": c.dm_weight, "train.train_encoder": True},
             "AE": {**off, "train.train_encoder": True}}
 
