@@ -165,19 +165,21 @@ _GPU_CURVE = {"curve.steps": [10000, 20000, 40000, 80000], "curve.n": 10000}
 # What the main job (the whole pipeline) runs of version 2 at a preset: a rehearsal, not the study. One joint
 # seed resolves no claim, and at `cpu` the full study's stages for one seed take ≈ 48 min (measured: the
 # reduced pilot, docs/claim-study.md), past the main job's 40-minute budget with notebooks 10–60 at ≈ 30.
-# So the main job runs every arm and every stage of version 2 once, shortened (AE's stage 1 200 steps, the
-# joint runs 100, the refinement 10, the generators 200 with two 500-sample curve points), to show the
-# study's shape and exercise its code on the embedded data; its numbers are not the study's, and its report
-# says so (`arms_v2.reduced`). Presets without an entry run their full version-2 settings with one seed.
+# So the main job runs every arm and every stage of version 2 once, shortened (AE's stage 1 100 steps, the
+# joint runs 50 with their diagnostics once at the end, the refinement 10, the generators 100 with two
+# 250-sample curve points and 1,000 real images), to show the study's shape and exercise its code on the
+# embedded data; its numbers are not the study's, and its report says so (`arms_v2.reduced`). The lengths
+# were halved once more on 2026-12-07 for the 40-minute budget (16.4 min measured at the earlier ones).
+# Presets without an entry run their full version-2 settings with one seed.
 MAIN_JOB_V2: dict[str, dict] = {
     "cpu": {"claim_v2.joint_seeds": [0], "claim_v2.refine_steps": 10,
-            "claim_v2.tokenizer": {"train.steps": 200, "train.disc_start": 150, "train.ckpt_every": 100,
+            "claim_v2.tokenizer": {"train.steps": 100, "train.disc_start": 75, "train.ckpt_every": 50,
                                    "checks.min_psnr": 0.0},
-            "claim_v2.joint": {"train.steps": 100, "train.disc_start": 50, "train.eval_every": 50,
-                               "train.eval_samples": 500, "train.log_every": 10, "train.ckpt_every": 50},
-            "claim_v2.generation": {**_CPU_GENERATION, "fit.steps": 200, "curve.steps": [100, 200],
-                                    "curve.n": 500, "sample.n": 500, "metrics.real_images": 2000,
-                                    "metrics.floor_images": 500, "fit.ckpt_every": 100}},
+            "claim_v2.joint": {"train.steps": 50, "train.disc_start": 25, "train.eval_every": 50,
+                               "train.eval_samples": 500, "train.log_every": 10, "train.ckpt_every": 25},
+            "claim_v2.generation": {**_CPU_GENERATION, "fit.steps": 100, "curve.steps": [50, 100],
+                                    "curve.n": 250, "sample.n": 250, "metrics.real_images": 1000,
+                                    "metrics.floor_images": 250, "fit.ckpt_every": 50}},
 }
 
 PRESETS: dict[str, dict] = {

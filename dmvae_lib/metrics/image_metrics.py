@@ -72,10 +72,11 @@ def ssim(x_hat: Tensor, x: Tensor, *, window_size: int = 11, sigma: float = 1.5)
     coords = torch.arange(k, dtype=a.dtype, device=a.device) - (k - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
-    window = (g[:, None] * g[None, :]).expand(a.shape[1], 1, k, k)  # depthwise (C, 1, k, k)
+    c = a.shape[1]
+    rows, cols = g.view(1, 1, k, 1).expand(c, 1, k, 1), g.view(1, 1, 1, k).expand(c, 1, 1, k)
 
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, window, groups=a.shape[1])
+    def blur(t: Tensor) -> Tensor:  # the k×k Gaussian g gᵀ, depthwise, as two 1-D passes (k/2 × fewer ops)
+        return F.conv2d(F.conv2d(t, rows, groups=c), cols, groups=c)
 
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
