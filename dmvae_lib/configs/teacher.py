@@ -27,6 +27,8 @@ class DiTConfig:
                          # 64 tokens is ~10× slower); 1 at full scale
     label_dropout: float = 0.1  # labels replaced by the null label while fitting (classifier-free guidance)
     grad_checkpoint: bool = False
+    time_scale: float = 1000.0  # the net embeds time_scale·t (1.0: the authors' released DiTs)
+    pos_embed_order: str = "row_col"  # position-table halves: "row_col" | "col_row" (the authors')
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,12 @@ Time embedding, our choice: sinusoid of s·t with s = `time_scale` = 1000 (as in
 the whole range and most features are nearly constant; s = 1000 spreads the frequencies over [0, 1] the way
 DiT's integer timesteps did. `time_scale=1.0` gives the reference's embedding; parameter counts are unchanged.
 
+Position table, our choice: P's first half of dims codes the token's row, the second its column
+(`pos_embed_order="row_col"`). The reference (like DiT and MAE, whose numpy meshgrid puts the column first)
+orders them the other way round, `"col_row"`. Both are fixed tables, not weights: a net trained under one
+order needs the same order to reproduce its outputs (the authors' released weights run with
+`time_scale=1.0, pos_embed_order="col_row"`: `models/released.py`, AUTHORS_DIT_SETTINGS).
+
 Label dropout for CFG training is the explicit `drop_labels` helper, not a train-mode side effect of
 `forward`: a net left in train mode then never silently drops labels while the DM loss evaluates it.
 
@@ -55,11 +61,17 @@ def drop_labels(y: Tensor, p: float, null_label: int, generator: torch.Generator
     return y.masked_fill(drop, null_label)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sin-cos embedding (grid², dim) for row-major tokens: dims [0, dim/2) code the row, the rest
-    the column; each half is [sin, cos] of pos·10000^(−4i/dim)."""
+POS_EMBED_ORDERS = ("row_col", "col_row")  # which coordinate the first half of the position table codes
+
+
+def sincos_pos_embed_2d(dim: int, grid: int, order: str = "row_col") -> Tensor:
+    """Fixed 2-D sin-cos embedding (grid², dim) for row-major tokens: with order "row_col" dims [0, dim/2)
+    code the row and the rest the column ("col_row": the other way round, as the reference); each half is
+    [sin, cos] of pos·10000^(−4i/dim)."""
     if dim % 4:
         raise ValueError(f"hidden size must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
+    if order not in POS_EMBED_ORDERS:
+        raise ValueError(f"pos_embed_order {order!r} unknown; use one of {', '.join(POS_EMBED_ORDERS)}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
     pos = torch.arange(grid, dtype=torch.float32)
     rows, cols = (a.reshape(-1) for a in torch.meshgrid(pos, pos, indexing="ij"))  # (grid²,) each
@@ -68,7 +80,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
         angle = coord[:, None] * omega[None]
         return torch.cat([angle.sin(), angle.cos()], dim=1)  # sin then cos, (grid², dim/2)
 
-    return torch.cat([embed(rows), embed(cols)], dim=1)
+    first, second = (rows, cols) if order == "row_col" else (cols, rows)
+    return torch.cat([embed(first), embed(second)], dim=1)
 
 
 def rope_angles(head_dim: int, rows: Tensor, cols: Tensor, theta: float = 10000.0) -> Tensor:
@@ -204,13 +217,14 @@ class LightningDiT(nn.Module):
         grad_checkpoint: bool = False,
         time_scale: float = 1000.0,  # sinusoid of time_scale·t; 1.0 = reference (module docstring)
         freq_dim: int = 256,
+        pos_embed_order: str = "row_col",  # "col_row" = reference (module docstring)
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
         self.num_classes, self.grad_checkpoint = num_classes, grad_checkpoint
-        self.time_scale, self.freq_dim = time_scale, freq_dim
+        self.time_scale, self.freq_dim, self.pos_embed_order = time_scale, freq_dim, pos_embed_order
         grid = input_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
@@ -221,7 +235,8 @@ class LightningDiT(nn.Module):
         self.final = FinalLayer(hidden, patch_size**2 * in_channels)
 
         # Fixed tables: functions of the constructor args, so they are rebuilt, not saved (persistent=False).
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid, pos_embed_order)[None],
+                             persistent=False)
         self.rope = rope
         if rope:
             pos = torch.arange(grid)

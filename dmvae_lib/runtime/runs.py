@@ -439,7 +439,7 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint {path} does not exist")
-    _check_zip_crc(path)
+    check_zip_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated or foreign files fail inside pickle/zip with many exception types
@@ -452,7 +452,7 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     return ckpt
 
 
-def _check_zip_crc(path: Path) -> None:
+def check_zip_crc(path: Path) -> None:
     """torch.save writes a zip archive with a CRC-32 per record, but torch.load never checks them: bytes
     flipped inside a tensor load silently as other numbers. Check them (one read of the file, ≈ 1 s/GB)."""
     try:

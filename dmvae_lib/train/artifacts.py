@@ -25,12 +25,16 @@ from ..runtime.runs import RunError, load_checkpoint, load_state_strict, save_ch
 from ..runtime.seeds import stream_seed
 
 
-def build_net(cfg: TeacherStageConfig, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_net(cfg: TeacherStageConfig | GenerationStageConfig, shape: tuple[int, ...],
+              num_classes: int) -> nn.Module:
+    """The LightningDiT that `cfg.net` describes, for latents of `shape` (C, H, W) and `num_classes`."""
     c, h, w = shape
     if h != w:
         raise RunError(f"the LightningDiT needs a square grid, the reference has {shape}")
-    return lightning_dit(cfg.net.size, input_size=h, in_channels=c, num_classes=num_classes,
-                         patch_size=cfg.net.patch_size, grad_checkpoint=cfg.net.grad_checkpoint)
+    n = cfg.net
+    return lightning_dit(n.size, input_size=h, in_channels=c, num_classes=num_classes,
+                         patch_size=n.patch_size, grad_checkpoint=n.grad_checkpoint, time_scale=n.time_scale,
+                         pos_embed_order=n.pos_embed_order)
 
 
 def save_teacher(path: Path, cfg: TeacherStageConfig, net: nn.Module, reference,
