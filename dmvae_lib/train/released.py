@@ -123,6 +123,20 @@ def _entry(entries: dict[str, str], weights_name: str) -> str:
     return entries[weights_name]
 
 
+def _load_converted(model: nn.Module, convert, found: Path, entry: str, cfg) -> dict:
+    """Load `convert(model.state_dict())` (the authors' weights in our names) into `model` strictly, record
+    the file's SHA-256 on it, and return info = {file, sha256, entry, config}; errors name the file."""
+    try:
+        converted = convert(model.state_dict())
+    except ConversionError as exc:
+        raise RunError(f"{found} [{entry}]: {exc}") from exc
+    load_state_strict(model, converted, f"{found} [{entry}]")
+    name = f"released:{found.name}"
+    model.weights_files = weights.record(name, found)
+    return {"file": str(found), "sha256": model.weights_files[name]["sha256"], "entry": entry,
+            "config": to_dict(cfg)}
+
+
 def load_released_generator(path: str | os.PathLike | None = None, *, file: str = "ep800.pt",
                             weights_name: str = "ema", device="cpu",
                             trust_pickle: bool = False) -> tuple[nn.Module, dict]:
@@ -138,14 +152,7 @@ def load_released_generator(path: str | os.PathLike | None = None, *, file: str 
     state = read_released(found, entry, trust_pickle=trust_pickle)
     cfg = released_generator_config()
     net = build_net(cfg, LATENT_SHAPE, NUM_CLASSES)
-    try:
-        converted = dit_state_from_authors(state, net.state_dict())
-    except ConversionError as exc:
-        raise RunError(f"{found} [{entry}]: {exc}") from exc
-    load_state_strict(net, converted, f"{found} [{entry}]")
-    net.weights_files = weights.record(f"released:{file}", found)
-    info = {"file": str(found), "sha256": net.weights_files[f"released:{file}"]["sha256"], "entry": entry,
-            "config": to_dict(cfg)}
+    info = _load_converted(net, lambda like: dit_state_from_authors(state, like), found, entry, cfg)
     return net.to(device).eval().requires_grad_(False), info
 
 
@@ -163,14 +170,7 @@ def load_released_tokenizer(path: str | os.PathLike | None = None, *, weights_na
     state = read_released(found, entry, trust_pickle=trust_pickle)
     cfg = released_tokenizer_config()
     tok = build_tokenizer(cfg, None)
-    try:
-        converted = tokenizer_state_from_authors(state, tok.state_dict(), latent_mean=LATENT_MEAN,
-                                                 latent_scale=LATENT_SCALE)
-    except ConversionError as exc:
-        raise RunError(f"{found} [{entry}]: {exc}") from exc
-    load_state_strict(tok, converted, f"{found} [{entry}]")
-    tok.weights_files = weights.record(f"released:{TOKENIZER_FILE}", found)
-    info = {"file": str(found), "sha256": tok.weights_files[f"released:{TOKENIZER_FILE}"]["sha256"],
-            "entry": entry, "config": to_dict(cfg)}
+    info = _load_converted(tok, lambda like: tokenizer_state_from_authors(
+        state, like, latent_mean=LATENT_MEAN, latent_scale=LATENT_SCALE), found, entry, cfg)
     return tok.to(device).eval(), info
 
