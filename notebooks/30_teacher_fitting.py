@@ -39,7 +39,7 @@ run_root: str = ""  # parent of the run folders; "" -> $DMVAE_RUNS or <repo>/run
 run_name: str = ""  # "" -> "<timestamp>_<preset>_s<seed>"; an existing run with the same config resumes
 tokenizer_run: str = ""  # a notebook-20 run folder; "" -> the run
                          # named run_name, else the newest at this preset
-reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states
+reference: str = "ssl"  # ssl | supervised | gaussian | gmm | class_subset | noise_states | text
 max_sw2_ratio: float = -1.0  # quality gate on teacher SW2 / noise floor:
                              # -1 -> 10 (smoke) or 3; 0 -> report only
 nproc: int = 1  # processes for the training (DDP under torchrun, one node); >1 needs that many GPUs or cores
@@ -51,6 +51,7 @@ from IPython.display import Markdown, display
 
 from dmvae_lib.data.images import load_data
 from dmvae_lib.data.latents import build_reference, latents_for
+from dmvae_lib.runtime import weights
 from dmvae_lib.runtime.distributed import launch
 from dmvae_lib.stages import teacher as teacher_stage
 from dmvae_lib.train.artifacts import save_teacher, upstream_tokenizer
@@ -87,6 +88,10 @@ assert abs(float(latents.mean())) < 0.2 and 0.7 < float(latents.std()) < 1.3, "l
 # ## 2 · The reference distribution
 # Selected by name. Unconditional references (Gaussian, GMM) give an unconditional teacher; the others keep
 # the class labels, so the teacher is class-conditional with a null label for classifier-free guidance.
+# `text` is the paper's text-embedding reference: each training image gets a caption naming what it shows
+# (for the shapes: size, colours, background and class, in one of 16 templates drawn per image), embedded by
+# a frozen text tower (all-MiniLM-L6-v2 at `smoke` and `cpu`, SigLIP at `imagenet256`); the reference keeps
+# the embeddings' top 64 principal axes as (4, 4, 4) maps.
 
 # %%
 ref = build_reference(cfg, latents, labels, encoders, data, s.device)
@@ -189,6 +194,6 @@ assert gate == 0 or ev["sw2_ratio"] < gate, far
 save_teacher(s.run.path / "teacher.pt", cfg, teacher, ref, tok_file)
 ev.pop("samples")
 summary = s.finish({"tokenizer_run": str(tok_dir), "reference": ref.name, "reference_shape": list(ref.shape),
-                    "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt"},
-                   models=[tok])
+                    "fit": fit_stats, "evaluation": ev, "loss_per_t_bin": bins, "checkpoint": "teacher.pt",
+                    **weights.provenance(ref)}, models=[tok])
 print(f"run directory: {s.run.path}")

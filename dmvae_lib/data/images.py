@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -15,9 +16,11 @@ from ..configs.tokenizer import TokenizerStageConfig
 from ..runtime.runs import RunError
 from ..runtime.seeds import stream_seed
 from . import shapes_dataset
-from .image_folders import ImageFolderDataset, load_cifar10
+from .image_folders import CIFAR10_CLASSES, ImageFolderDataset, load_cifar10
 from .integrity import IntegrityError, read_npz, write_npz
 from .pixels import float_to_u8, to_float, to_uint8
+
+_FIRST_VIEW = 1000  # the nuisance seed of the shapes' first training view (the one cached as latents)
 
 
 @dataclass
@@ -28,6 +31,10 @@ class ImageData:
     val: Tensor  # uint8 (N, H, W, 3)
     val_labels: Tensor
     folder: Any = None  # an ImageFolderDataset for streamed training
+    class_names: tuple[str, ...] = ()  # one per label (captions of the `text` reference); () if unknown
+    describe_train: Optional[Callable[[], list[str]]] = None  # shapes: what each training instance shows,
+                                                              # a phrase per image (built on demand)
+    cache_dir: Optional[Path] = None  # where derived files may be cached (the text reference's embeddings)
 
 
 def _read_shapes(file: Path, layout: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
@@ -55,13 +62,15 @@ def _shapes(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     arrays = _read_shapes(file, layout) if file.exists() else None
     if arrays is None:
         views = [shapes_dataset.generate(d.n_train, cfg.seed,
-                                         nuisance_seed=1000 + v) for v in range(d.n_views)]
+                                         nuisance_seed=_FIRST_VIEW + v) for v in range(d.n_views)]
         val, val_y = shapes_dataset.generate(d.n_val, stream_seed(cfg.seed, "data.shapes_val"))
         arrays = {"train": np.stack([v[0] for v in views]), "train_y": views[0][1],
                   "val": val, "val_y": val_y}
         write_npz(file, arrays)
     t = {k: torch.from_numpy(arrays[k]) for k in ("train", "train_y", "val", "val_y")}
-    return ImageData(t["train"], t["train_y"], t["val"], t["val_y"])
+    describe = functools.partial(shapes_dataset.describe, d.n_train, cfg.seed, nuisance_seed=_FIRST_VIEW)
+    return ImageData(t["train"], t["train_y"], t["val"], t["val_y"], class_names=shapes_dataset.CLASS_NAMES,
+                     describe_train=describe, cache_dir=cache_dir)
 
 
 def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
@@ -72,7 +81,8 @@ def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
         return _shapes(cfg, cache_dir)
     if d.source == "cifar10":
         (x, y), (xv, yv) = load_cifar10(d.root, "train"), load_cifar10(d.root, "test")
-        return ImageData(to_uint8(x)[None], y, to_uint8(xv)[: d.n_val], yv[: d.n_val])
+        return ImageData(to_uint8(x)[None], y, to_uint8(xv)[: d.n_val], yv[: d.n_val],
+                         class_names=CIFAR10_CLASSES, cache_dir=cache_dir)
     root = Path(d.root)
     folder = ImageFolderDataset(root / "train", d.resolution, hflip=True, seed=cfg.seed,
                                 skip_corrupt=d.skip_corrupt)
@@ -80,7 +90,8 @@ def load_data(cfg: TokenizerStageConfig, cache_dir: Path) -> ImageData:
     idx = torch.linspace(0, len(val) - 1, min(d.n_val, len(val))).long().tolist()
     items = [val[i] for i in idx]
     val_u8 = torch.stack([float_to_u8(x).permute(1, 2, 0) for x, _ in items])
-    return ImageData(None, None, val_u8, torch.tensor([int(y) for _, y in items]), folder)
+    return ImageData(None, None, val_u8, torch.tensor([int(y) for _, y in items]), folder,
+                     class_names=tuple(folder.classes), cache_dir=cache_dir)
 
 
 def batches(data: ImageData, batch: int, gen: torch.Generator, workers: int,

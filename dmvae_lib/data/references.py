@@ -266,7 +266,8 @@ def _noise_states(name, latents, labels, t, **_):
 REFERENCES: dict[str, Callable[..., Reference]] = {
     "ssl": _ssl,  # the stage-1 tokenizer's normalized latents (the authors' DINO reference)
     "supervised": _features,  # `features` of a supervised encoder
-    "text": _features,  # `features` = precomputed caption embeddings (N, D); no text encoder is wired here
+    "text": _features,  # `features` = caption embeddings of a text tower (models/text_encoder.py), as
+                       # (k/16, 4, 4) maps of their top k principal axes (data/latents.py: text_features)
     "gaussian": _gaussian,
     "gmm": _gmm,
     "class_subset": _class_subset,  # the `latents` rows of the labels in `classes`

@@ -224,6 +224,43 @@ def generate(n: int, seed: int, *, nuisance_seed: int | None = None) -> tuple[np
     return images, labels
 
 
+# the colour words of saturated colours by hue (upper edges in degrees)
+_HUE_EDGES = np.array([15, 40, 70, 160, 200, 255, 290, 345, 361])
+_HUE_WORDS = np.array(["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "red"])
+
+
+def colour_names(rgb: np.ndarray) -> np.ndarray:
+    """Colour words for RGB triples (m, 3) in [0, 1]: black, white or gray by HSV value and saturation, else a
+    hue word, "dark " below value 0.5 and "light " when every channel is above 0.6."""
+    rgb = np.clip(rgb, 0.0, 1.0)
+    hi, lo = rgb.max(1), rgb.min(1)
+    r, g, b, c = rgb[:, 0], rgb[:, 1], rgb[:, 2], np.maximum(hi - lo, 1e-12)
+    sector = np.where(hi == r, ((g - b) / c) % 6, np.where(hi == g, (b - r) / c + 2, (r - g) / c + 4))
+    words = _HUE_WORDS[np.searchsorted(_HUE_EDGES, sector * 60, side="right")].astype(object)
+    words = np.where(hi < 0.5, "dark " + words, np.where(lo > 0.6, "light " + words, words))
+    grey = np.where(hi > 0.8, "white", "gray")
+    return np.where(hi < 0.25, "black", np.where(hi - lo < 0.25 * hi, grey, words))
+
+
+def describe(n: int, seed: int, *, nuisance_seed: int | None = None) -> list[str]:
+    """What each image of `generate(n, seed, nuisance_seed=…)` shows, as a noun phrase ("large light green
+    star on a striped blue background"): size, foreground and background base colours, background texture
+    and class. It re-draws the per-chunk streams `generate` renders from, without rendering."""
+    nuisance_seed = seed if nuisance_seed is None else nuisance_seed
+    labels, out = make_labels(n, seed), []
+    for chunk, start in enumerate(range(0, n, CHUNK)):
+        m = min(CHUNK, n - start)
+        pose = _draw_poses(np.random.default_rng([seed, _STREAM_SHAPE, chunk]), m)
+        nz = _draw_nuisances(np.random.default_rng([nuisance_seed, _STREAM_NUISANCE, chunk]), m)
+        scale = pose["scale"]  # 0.45–0.85 of the half-width
+        size = np.where(scale < 0.58, "small ", np.where(scale > 0.72, "large ", ""))
+        texture = np.where(nz["texture_on"], "striped ", "")
+        fg, bg = colour_names(nz["fg"]), colour_names(nz["bg"])
+        names = [CLASS_NAMES[y].replace("_", " ") for y in labels[start:start + m]]
+        out += [f"{size[i]}{fg[i]} {names[i]} on a {texture[i]}{bg[i]} background" for i in range(m)]
+    return out
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in [-1, 1]."""
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape

@@ -33,6 +33,7 @@ OFFSETS: dict[str, int] = {
     "velocity.noise": 29,  # t and noise on a non-CPU device
     # notebook 30 (teacher evaluation)
     "teacher.eval": 5,  # the two reference draws the samples and the noise floor are scored against
+    "teacher.text_captions": 59,  # the caption template drawn for each image (the `text` reference)
     # notebook 40 (joint DM training)
     "joint.head_init": 3,  # the projection head's initialisation (global RNG)
     "joint.batches": 29,  # the batches only: arms of one seed see the same images (rank 0: one-process)
