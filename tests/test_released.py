@@ -22,6 +22,7 @@ from dmvae_lib.models.released import (
     tokenizer_state_from_authors,
 )
 from dmvae_lib.models.tokenizer import Decoder, FrozenEncoder, Projector, TimmFeatures, Tokenizer
+from dmvae_lib.runtime import weights
 from dmvae_lib.runtime.runs import RunError
 from dmvae_lib.train import released
 from dmvae_lib.train.artifacts import build_net
@@ -181,7 +182,7 @@ def test_read_released_names_a_truncated_missing_or_pickled_file(tmp_path):
 
 
 def test_released_file_offline_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(released, "try_to_load_from_cache", lambda *a, **k: None)  # an empty HF cache
+    monkeypatch.setattr(weights, "try_to_load_from_cache", lambda *a, **k: None)  # an empty HF cache
     monkeypatch.delenv("DMVAE_FETCH_WEIGHTS", raising=False)
     with pytest.raises(RunError, match="ep400.pt is not in the Hugging Face cache.*DMVAE_FETCH_WEIGHTS=1"):
         released.released_file("ep400.pt")

@@ -108,19 +108,21 @@ def ensure_file(path: str | os.PathLike, url: str, name: str) -> Optional[Path]:
     return path
 
 
-def hf_cached(repo_id: str) -> Optional[Path]:
-    """The weights file of Hugging Face repo `repo_id` already in the local HF cache, or None."""
-    for filename in HF_FILENAMES:
+def hf_cached(repo_id: str, filenames: tuple[str, ...] = HF_FILENAMES) -> Optional[Path]:
+    """The first of `filenames` (default: the repo's weights file) of Hugging Face repo `repo_id` already in
+    the local HF cache, or None."""
+    for filename in filenames:
         hit = try_to_load_from_cache(repo_id, filename)
         if isinstance(hit, str):
             return Path(hit)
     return None
 
 
-def fetch_hf(repo_id: str) -> Path:
-    """Download repo `repo_id`'s weights file into the Hugging Face cache (safetensors first); its path."""
+def fetch_hf(repo_id: str, filenames: tuple[str, ...] = HF_FILENAMES) -> Path:
+    """Download the first of `filenames` the repo `repo_id` has (default: its weights file, safetensors
+    first) into the Hugging Face cache, recorded as fetched; its path."""
     errors = []
-    for filename in HF_FILENAMES:
+    for filename in filenames:
         try:
             path = hf_hub_download(repo_id, filename)
             _fetched.add(str(path))

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from torch import Tensor, nn
 
 from ..configs import make_config, to_dict
@@ -67,14 +66,14 @@ def released_file(name: str, path: str | os.PathLike | None = None) -> Path:
         if not file.is_file():
             raise RunError(f"no file {file} (the authors' {name}). {how}")
         return file
-    hit = try_to_load_from_cache(RELEASED_REPO, name)
-    if isinstance(hit, str):
-        return Path(hit)
+    hit = weights.hf_cached(RELEASED_REPO, (name,))
+    if hit is not None:
+        return hit
     if not weights.fetch_allowed():
         raise RunError(f"the authors' {name} is not in the Hugging Face cache. {how}")
     log.warning("fetching %s from %s into the Hugging Face cache (%s=1)", name, RELEASED_REPO,
                 weights.FETCH_ENV)
-    return Path(hf_hub_download(RELEASED_REPO, name))
+    return weights.fetch_hf(RELEASED_REPO, (name,))
 
 
 def read_released(path: str | os.PathLike, entry: str, *, trust_pickle: bool = False) -> dict[str, Tensor]:
