@@ -194,12 +194,46 @@ def test_released_file_offline_says_where_to_put_it(tmp_path, monkeypatch):
     assert released.released_file("vae.pt", mine) == mine
 
 
-def test_released_configs_carry_the_authors_settings():
-    gen, tok = released.released_generator_config(), released.released_tokenizer_config()
-    assert (gen.net.size, gen.net.patch_size, gen.net.time_scale, gen.net.pos_embed_order) == \
-        ("XL", 1, 1.0, "col_row")
-    assert (tok.net.z_channels, tok.encoder.timm_patch_size, tok.data.resolution) == (32, 16, 256)
-    assert not tok.encoder.timm_pretrained  # the released file carries the encoder's weights
+def test_released_arch_defaults_are_the_authors_files():
+    cfg = make_config("released", "imagenet256")
+    t, g = cfg.tokenizer, cfg.generator
+    assert (t.timm_name, t.image_size, t.patch_size, t.z_channels, t.mlp_hidden) == \
+        ("vit_large_patch14_dinov2.lvd142m", 256, 16, 32, 2048)
+    assert (t.dec_ch, t.dec_mult, t.dec_res_blocks, t.latent_mean, t.latent_scale) == \
+        (128, (1, 2, 4, 4), 2, 0.0685, 0.1763)
+    assert (g.depth, g.hidden, g.heads, g.patch_size, g.num_classes) == (28, 1152, 16, 1, 1000)
+    assert released.latent_shape(t) == (32, 16, 16)
+    assert (cfg.sample.sampler, cfg.sample.steps, cfg.files.generator_name) == ("sde", 250, "ep800.pt")
+
+
+def test_fixture_files_load_through_the_loaders_and_reproduce_the_authors(tmp_path):
+    """What notebook 80 runs at smoke: the fixture written as their files, read by the same loaders as the
+    released files, then the same outputs as their modules."""
+    cfg = make_config("released", "smoke")
+    vae, dit = released.write_fixture_files(tmp_path)
+    tensors, _ = _fixture()
+    tok, info = released.load_released_tokenizer(vae, arch=cfg.tokenizer)
+    shape = released.latent_shape(cfg.tokenizer)
+    net, ginfo = released.load_released_generator(dit, file=dit.name, arch=cfg.generator, latents=shape,
+                                                  weights_name="raw")
+    inp = _part(tensors, "dit_input.")
+    with torch.no_grad():
+        v = net(inp["x"].float(), inp["t"], inp["y"])
+        reconstruction, z = tok(tensors["vae_input.image"].float())
+    assert _close(v, tensors["dit_output.v"]) < RTOL
+    assert _close(reconstruction, tensors["vae_output.reconstruction"]) < RTOL
+    assert z.shape[1:] == shape and tuple(inp["x"].shape[1:]) == shape  # the pair works together
+    assert info["entry"] == "vae_ema" and ginfo["entry"] == "model" and len(info["sha256"]) == 64
+    assert tok.weights_files[f"released:{vae.name}"]["sha256"] == info["sha256"]
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_a_wrong_file_for_the_architecture_names_the_keys(tmp_path):
+    cfg = make_config("released", "smoke", {"generator.depth": 3})
+    _, dit = released.write_fixture_files(tmp_path)
+    with pytest.raises(RunError, match=r"ep_tiny\.pt \[ema\].*missing keys \(\d+\): blocks\.2\."):
+        released.load_released_generator(dit, file=dit.name, arch=cfg.generator,
+                                         latents=released.latent_shape(cfg.tokenizer))
 
 
 def test_dit_settings_reach_the_net_and_old_configs_keep_our_defaults():

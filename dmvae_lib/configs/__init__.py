@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from . import generation, joint, latents, study, teacher, tokenizer, toy
+from . import generation, joint, latents, released, study, teacher, tokenizer, toy
 from .errors import ConfigError
 
 PRESETS = ("smoke", "cpu", "imagenet256")  # every stage's presets carry exactly these names
@@ -37,6 +37,7 @@ STAGES: dict[str, tuple[type, dict[str, dict[str, Any]]]] = {
     "latents": (latents.LatentsStageConfig, latents.PRESETS),
     "generation": (generation.GenerationStageConfig, generation.PRESETS),
     "study": (study.StudyConfig, study.PRESETS),
+    "released": (released.ReleasedStageConfig, released.PRESETS),
 }
 
 

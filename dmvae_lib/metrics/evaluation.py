@@ -218,19 +218,21 @@ def read_reference_stats(path: str | os.PathLike) -> dict[str, Tensor | None]:
 
 def inception_metrics(samples_u8: Tensor, *, weights_path: str | os.PathLike | None,
                       real_u8: Tensor | None = None, reference_path: str | os.PathLike | None = None,
-                      device="cpu", batch: int = 64, isc_splits: int = 10, prc_neighborhood: int = 3) -> dict:
+                      device="cpu", batch: int = 64, isc_splits: int = 10, prc_neighborhood: int = 3,
+                      config_keys: tuple[str, str] = ("metrics.inception_weights", "metrics.reference_batch")
+                      ) -> dict:
     """FID, Inception score and precision/recall of uint8 (N, H, W, 3) samples with local Inception weights.
 
     FID uses the reference file's `mu`/`sigma` when given, else statistics of `real_u8`; precision/recall
     use the reference file's `arr_0`, else `real_u8`. Without a weights file the result is
-    `{"available": False, "reason": …}` naming the file to fetch; nothing is downloaded unless
-    DMVAE_FETCH_WEIGHTS=1 (`runtime.weights`).
+    `{"available": False, "reason": …}` naming the file to fetch and the caller's `config_keys` (weights file,
+    reference batch); nothing is downloaded unless DMVAE_FETCH_WEIGHTS=1 (`runtime.weights`).
     """
     if weights_path is None or weights.ensure_file(weights_path, INCEPTION_URL, "FID Inception") is None:
         return {"available": False, "reason": (
             f"no Inception weights at {weights_path}: FID, IS and precision/recall not computed. Fetch "
-            f"{INCEPTION_URL} on a machine with network, put it there (or pass metrics.inception_weights), "
-            "and optionally an ADM reference batch (metrics.reference_batch); nothing is downloaded unless "
+            f"{INCEPTION_URL} on a machine with network, put it there (or pass {config_keys[0]}), "
+            f"and optionally an ADM reference batch ({config_keys[1]}); nothing is downloaded unless "
             f"{weights.FETCH_ENV}=1 is set.")}
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import timm
 import torch
@@ -95,13 +95,14 @@ class FrozenEncoder(nn.Module):
 
 def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
                  weights_path: Optional[str] = None, pretrained: bool = True, feature_stage: int = -1,
-                 trainable: bool = False) -> FrozenEncoder:
+                 trainable: bool = False, model_args: Optional[Mapping[str, Any]] = None) -> FrozenEncoder:
     """A `FrozenEncoder` on stage `feature_stage` (default: last) of a timm ViT or CNN, the rest pruned.
 
     Args:
         img_size: ViT input side (sets the position-embedding grid); CNNs ignore it.
         patch_size: ViT patch override; timm resamples pretrained patch kernels (`vit_large_patch14_dinov2`,
             img_size=256, patch_size=16: 16×16 tokens, as the authors run it).
+        model_args: further timm.create_model arguments (e.g. embed_dim, depth for a tiny test ViT).
         weights_path: local .safetensors/.pth/.bin. Without it, the model's file in the Hugging Face cache;
             with none there, DMVAE_FETCH_WEIGHTS=1 (and not HF_HUB_OFFLINE=1) downloads it into that cache
             (`runtime.weights`). Otherwise nothing is downloaded. pretrained=False: random weights (tests).
@@ -110,7 +111,7 @@ def timm_encoder(name: str, *, img_size: int, patch_size: Optional[int] = None,
     Raises:
         RuntimeError: pretrained weights requested and no local copy found (the message says how to add one).
     """
-    kwargs: dict = {"num_classes": 0}
+    kwargs: dict = {"num_classes": 0, **dict(model_args or {})}
     if timm.models.is_model_in_modules(name.split(".")[0], _TOKEN_MODULES):
         kwargs.update(img_size=img_size, **({"patch_size": patch_size} if patch_size else {}))
     file, how = Path(weights_path) if weights_path else None, ""

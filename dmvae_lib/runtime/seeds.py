@@ -47,6 +47,9 @@ OFFSETS: dict[str, int] = {
     "generation.sde": 1,  # the SDE sampler's Brownian increments (the start noise uses the seed itself)
     "generation.latent_fit": 5,  # the two latent-cache draws sampled latents are scored against
     "generation.trajectory": 7,  # the start noise of the one trajectory notebook 60 takes apart
+    # notebook 80 (the authors' released models)
+    "released.grid": 3,  # the grid's start noise (the same for every CFG scale)
+    "released.fid": 11,  # the FID samples: part i starts from SeedSequence([this seed, i])
 }
 
 # Rank r of a multi-process run draws its data from `stream + RANK_STRIDE·r`; rank 0 keeps the

@@ -141,12 +141,17 @@ def sampling_protocol(cfg: GenerationStageConfig) -> evaluation.SamplingProtocol
 
 @torch.no_grad()
 def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: SampleConfig, seed: int,
-                   device, progress: bool = True) -> tuple[Tensor, Tensor | None]:
-    """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels."""
+                   device, progress: bool = True,
+                   labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels (`labels`, s.n
+    of them, when given; else class-balanced)."""
     dev = torch.device(device)
     noise_gen = torch.Generator().manual_seed(seed)
     sde_gen = stream(seed, "generation.sde", dev)
-    labels = class_balanced_labels(s.n, num_classes)
+    if labels is not None and (not num_classes or len(labels) != s.n):
+        raise ValueError(f"labels: {len(labels)} given for s.n = {s.n} samples of a net with {num_classes} "
+                         "classes")
+    labels = class_balanced_labels(s.n, num_classes) if labels is None else labels.long().cpu()
     velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
     out = []
     for start in tqdm(range(0, s.n, s.batch), desc="sampling (batches)", disable=not progress, leave=False):

@@ -41,8 +41,9 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # The main job runs the claim study version 2 (notebook 71) reduced: its first joint seed only, which
 # resolves no claim (the report says so), and at `cpu` every stage shortened (a rehearsal: MAIN_JOB_V2).
 # Version 1 (notebook 70, superseded) runs only when named: `--only 70` (reduced the same way, one generator
-# seed and no extra λ, when the whole pipeline runs it).
-MAIN_JOB_SKIPS = ("70",)
+# seed and no extra λ, when the whole pipeline runs it). Notebook 80 (the authors' released models) is no
+# stage of the pipeline: it runs when named (`--only 80`, at imagenet256 with the released files).
+MAIN_JOB_SKIPS = ("70", "80")
 
 
 def reduced_overrides(prefix: str, preset: str) -> dict:
@@ -62,9 +63,11 @@ def notebooks(directory: Path = NOTEBOOK_DIR) -> list[Path]:
 
 # The config stage each notebook's `start(...)` builds (tests/test_pipeline.py checks it against the sources).
 STAGE_OF = {"10": "toy", "20": "tokenizer", "30": "teacher", "40": "joint", "50": "latents",
-            "60": "generation", "70": "study", "71": "study"}
+            "60": "generation", "70": "study", "71": "study", "80": "released"}
 # Notebook parameters that the notebook passes into its config as a key (besides seed and overrides) ...
-CONFIG_PARAMS = {"30": {"reference": "reference.name"}, "60": {"tokenizer_file": "tokenizer_file"}}
+CONFIG_PARAMS = {"30": {"reference": "reference.name"}, "60": {"tokenizer_file": "tokenizer_file"},
+                 "80": {"tokenizer_path": "files.tokenizer", "generator_path": "files.generator",
+                        "images": "images.folder"}}
 # ... and those naming an upstream run folder, which the notebook resolves (`session.upstream_run`) and
 # records.
 UPSTREAM_PARAMS = ("tokenizer_run", "teacher_run", "joint_run")

@@ -1,0 +1,91 @@
+"""Notebook 80's library side on the tiny authors-format fixture: resumable FID parts, the user's image folder
+(bad files named), the grid's shared noise, and the config's refusals. No downloads."""
+
+import pytest
+import torch
+from PIL import Image
+
+from dmvae_lib.configs import make_config
+from dmvae_lib.configs.errors import ConfigError
+from dmvae_lib.data.image_folders import DatasetError
+from dmvae_lib.runtime.runs import RunDir
+from dmvae_lib.stages import released as stage
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory):
+    cfg = make_config("released", "smoke", {"fid.n": 50, "sample.steps": 4, "sample.batch": 20})
+    run = RunDir.create(tmp_path_factory.mktemp("runs"), "80_released_models", "t", {"test": True})
+    return cfg, run, stage.load_models(cfg, run, "cpu")
+
+
+def test_fid_parts_resume_to_the_same_samples(fixture_run, monkeypatch):
+    cfg, run, models = fixture_run
+    monkeypatch.setattr(stage, "PART", 20)  # parts of 20, 20, 10
+    images, labels = stage.fid_samples(models, cfg, run, "cpu")
+    parts = sorted((run.path / "fid_parts").glob("part_*.npz"))
+    assert len(images) == 50 and len(parts) == 3
+    assert torch.equal(labels, torch.arange(50) % 10)
+    parts[1].unlink()  # a run killed before its second part was written
+    again, _ = stage.fid_samples(models, cfg, run, "cpu")
+    assert torch.equal(images, again)
+
+
+def test_grid_uses_the_same_noise_for_every_scale(fixture_run):
+    cfg, _, models = fixture_run
+    cfg = make_config("released", "smoke", {"grid.cfg_scales": (1.0, 3.0), "grid.per_class": 2,
+                                            "sample.steps": 4, "sample.sampler": "ode"})
+    a = stage.sample_grid(models, cfg, "cpu")
+    b = stage.sample_grid(models, make_config("released", "smoke", {
+        "grid.cfg_scales": (1.0,), "grid.per_class": 2, "sample.steps": 4, "sample.sampler": "ode"}), "cpu")
+    assert torch.equal(a[1.0], b[1.0]) and not torch.equal(a[1.0], a[3.0])
+    assert a[1.0].shape == (20, 64, 64, 3) and a[1.0].dtype == torch.uint8
+
+
+def test_image_folder_names_a_corrupt_file_or_serves_a_neighbour(tmp_path):
+    folder = stage.write_fixture_images(tmp_path / "imgs", 30, seed=0)
+    broken = next((folder / "circle").glob("*.png"))
+    broken.write_bytes(b"not a png")
+    c = make_config("released", "smoke").images
+    with pytest.raises(DatasetError, match=broken.name):
+        stage.read_images(folder, 64, c, seed=0)
+    c = make_config("released", "smoke", {"images.skip_corrupt": True}).images
+    images, labels, classes, paths = stage.read_images(folder, 64, c, seed=0)
+    assert images.shape == (30, 64, 64, 3) and len(labels) == 30 and "circle" in classes
+
+
+def test_image_folder_subset_is_class_balanced_and_seeded(tmp_path):
+    folder = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(folder / c / f"{i}.png")
+    c = make_config("released", "smoke", {"images.n": 10}).images
+    images, labels, classes, paths = stage.read_images(folder, 16, c, seed=3)
+    assert images.shape == (10, 16, 16, 3) and labels.bincount().tolist() == [5, 5] and classes == ["a", "b"]
+    assert paths == stage.read_images(folder, 16, c, seed=3)[3] != stage.read_images(folder, 16, c, seed=4)[3]
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        stage.read_images(folder / "a", 16, c, seed=0)
+    only_b = make_config("released", "smoke", {"images.n": 4, "images.classes": (1,)}).images
+    _, labels, _, paths = stage.read_images(folder, 16, only_b, seed=0)
+    assert labels.tolist() == [1] * 4 and all("/b/" in p for p in paths)
+    with pytest.raises(DatasetError, match=r"images.classes \[2\]: .* has only 2 class folders"):
+        stage.read_images(folder, 16, make_config("released", "smoke", {"images.classes": (2,)}).images, 0)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"files.tokenizer": "/x/vae.pt"}, "files.fixture writes its own files"),
+    ({"files.fixture": False, "files.generator_name": "ep100.pt"}, "ep64.pt, ep400.pt, ep800.pt"),
+    ({"grid.classes": (10,)}, "class ids in 0..9"),
+    ({"files.weights": "best"}, "files.weights 'best' unknown"),
+])
+def test_config_refusals_name_the_key(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        make_config("released", "smoke", overrides)
+
+
+def test_missing_released_files_say_where_to_put_them(tmp_path):
+    cfg = make_config("released", "imagenet256", {"files.tokenizer": str(tmp_path / "vae.pt")})
+    run = RunDir.create(tmp_path / "runs", "80_released_models", "t", {"test": True})
+    with pytest.raises(Exception, match=r"no file .*vae\.pt \(the authors' vae\.pt\).*huggingface"):
+        stage.load_models(cfg, run, "cpu")
