@@ -281,5 +281,5 @@ if cfg.train.control:
 
 # %%
 summary = s.finish({"tokenizer_run": str(tok_dir), "teacher_run": str(teacher_dir), "reference": ref.name,
-                    "start": start_diag, **out, "checkpoint": "tokenizer.pt"}, models=[dm_tok])
+                    "start": start_diag, **out, "checkpoint": "tokenizer.pt"}, models=[dm_tok, ref])
 print(f"run directory: {s.run.path}")

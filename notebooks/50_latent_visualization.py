@@ -222,5 +222,5 @@ summary = s.finish({"joint_run": str(joint_dir), "tokenizer_run": str(tok_dir),
                     "embed_seconds": seconds,
                     "discriminant": {"fit_points": cfg.embed.discriminant_points,
                                      "held_out_accuracy": lda_acc if cfg.embed.discriminant_points else {}}},
-                   models=[u.tokenizer])
+                   models=[u.tokenizer, u.reference])
 print(f"run directory: {s.run.path}")

@@ -92,6 +92,10 @@ def test_the_run_summary_records_the_weights_with_their_sha256(tmp_path):
                       "sha256": sha["enc.safetensors"]}}
     session.finish({"x": 1.0})
     assert "weights" not in json.loads((run.path / "summary.json").read_text())
+    reference = type("Reference", (), {})()  # not a module: a `text` reference carrying its tower's record
+    reference.weights_files = weights.record("text:tower", files["unrelated.pth"])
+    session.finish({"x": 1.0}, models=[enc, reference])
+    assert set(json.loads((run.path / "summary.json").read_text())["weights"]) == {"timm:fake", "text:tower"}
 
 
 def test_timm_encoder_fetches_into_the_hf_cache_only_when_asked(tmp_path, monkeypatch, no_network):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
 
 from ..configs import make_config, to_dict
 from ..runtime import weights
@@ -47,10 +46,11 @@ class Session:
     figures: FigureStore
     preset: str
 
-    def finish(self, summary: Mapping[str, Any], models: Sequence[nn.Module] = ()) -> dict:
+    def finish(self, summary: Mapping[str, Any], models: Sequence[Any] = ()) -> dict:
         """Write summary.json (with the figure paths and, under `weights`, the path and SHA-256 of every
-        pretrained weights file behind the summary's numbers and the `models`: `runtime.weights.files_of`)
-        and return it."""
+        pretrained weights file behind the summary's numbers and the `models` — modules, or anything carrying
+        weights records, e.g. a `text` reference built on a text tower: `runtime.weights.files_of`) and
+        return it."""
         paths = self.figures.flush()
         out = {"preset": self.preset, **dict(summary),
                "figures": [str(p.relative_to(self.run.path)) for p in paths]}
