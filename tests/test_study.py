@@ -34,6 +34,21 @@ def test_cpu_plan_covers_every_reference_the_baseline_and_the_sweep_with_two_see
     assert cells[0] == study.Cell("ssl", 10.0, 0)
 
 
+def test_the_grid_can_include_the_text_reference(tmp_path):
+    """Tab. 1's text row: a reference by name like the others (its own teacher, its cells, its notebook-30
+    parameters), checked against the notebooks before any work."""
+    cfg = _cfg(references=[*make_config("study", "cpu").references, "text"])
+    cells = study.plan(cfg)
+    text_cells = [c for c in cells if c.reference == "text"]
+    assert text_cells == [study.Cell("text", cfg.dm_weight, s) for s in cfg.seeds]
+    assert "text" in {study.teacher_of(cfg, c) for c in cells}
+    tok = tmp_path / "20_tokenizer_pretraining" / "x"
+    assert study.cell_params(cfg, "cpu", "st", tmp_path, tok, reference="text")["30"]["reference"] == "text"
+    p = study.cell_params(cfg, "cpu", "st", tmp_path, tok, text_cells[0])
+    assert p["40"]["teacher_run"].endswith("st-teacher-text")
+    study.check(cfg, "cpu")
+
+
 def test_sweep_weight_equal_to_dm_weight_is_not_run_twice():
     cells = study.plan(_cfg(sweep_weights=[10.0, 100.0], seeds=[3]))
     assert [(c.reference, c.dm_weight) for c in cells].count(("ssl", 10.0)) == 1
