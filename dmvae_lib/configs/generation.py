@@ -77,6 +77,23 @@ class CurveConfig:
     pixel_size: int = 8  # the pixel feature space: images average-pooled to this side (not from any encoder)
 
 
+def validate_sample(s: SampleConfig) -> None:
+    """Raise ConfigError, naming the `sample.*` key, for sampler settings that cannot run."""
+    if s.sampler not in SAMPLERS:
+        raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
+    if s.sampler == "sde" and s.shift != 1.0:
+        raise ConfigError("sample.shift only applies to the ODE sampler (the authors' SDE run passes a "
+                          "shift that has no effect); leave it at 1.0 with sampler 'sde'")
+    if s.sampler == "sde" and (s.steps < 2 or not 0.0 < s.last_step < 1.0):
+        raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, "
+                          f"{s.last_step}")
+    lo, hi = s.cfg_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
+    if s.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"sample.precision {s.precision!r} unknown; use fp32 or bf16")
+
+
 @dataclass(frozen=True)
 class GenerationStageConfig:
     seed: int = 0
@@ -94,20 +111,8 @@ class GenerationStageConfig:
 
     def validate(self) -> None:
         s = self.sample
-        if s.sampler not in SAMPLERS:
-            raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
-        if s.sampler == "sde" and s.shift != 1.0:
-            raise ConfigError("sample.shift only applies to the ODE sampler (the authors' SDE run passes a "
-                              "shift that has no effect); leave it at 1.0 with sampler 'sde'")
-        if s.sampler == "sde" and (s.steps < 2 or not 0.0 < s.last_step < 1.0):
-            raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, "
-                              f"{s.last_step}")
-        lo, hi = s.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
+        validate_sample(s)
         validate_fit(self.fit)
-        if s.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"sample.precision {s.precision!r} unknown; use fp32 or bf16")
         c = self.curve
         if list(c.steps) != sorted(set(c.steps)) or any(k < 1 or k > self.fit.steps for k in c.steps):
             raise ConfigError(f"curve.steps must increase within 1..fit.steps ({self.fit.steps}), "

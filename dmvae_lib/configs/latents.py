@@ -25,6 +25,21 @@ class EmbedConfig:
     discriminant_points: int = 4000  # other images the class-discriminative (LDA) view is fitted on; 0 = off
 
 
+def validate_embed(e: EmbedConfig, knn_k: int) -> None:
+    """Raise ConfigError, naming the key, for embedding settings that cannot run."""
+    bad = [m for m in e.methods if m not in EMBED_METHODS]
+    if bad or not e.methods:
+        raise ConfigError(f"embed.methods {e.methods} must be a non-empty subset of {EMBED_METHODS}")
+    if e.points < 20:
+        raise ConfigError(f"embed.points must be >= 20, got {e.points}")
+    if e.discriminant_points and e.discriminant_points < 20:
+        raise ConfigError(f"embed.discriminant_points must be 0 (off) or >= 20, got {e.discriminant_points}")
+    if e.tsne_iters < 250:
+        raise ConfigError(f"embed.tsne_iters must be >= 250 (sklearn's minimum), got {e.tsne_iters}")
+    if e.perplexity <= 0 or e.n_neighbors < 2 or knn_k < 1 or e.threads < 1:
+        raise ConfigError("need embed.perplexity > 0, embed.n_neighbors >= 2, knn_k >= 1, embed.threads >= 1")
+
+
 @dataclass(frozen=True)
 class LatentsStageConfig:
     seed: int = 0
@@ -39,20 +54,7 @@ class LatentsStageConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def validate(self) -> None:
-        e = self.embed
-        bad = [m for m in e.methods if m not in EMBED_METHODS]
-        if bad or not e.methods:
-            raise ConfigError(f"embed.methods {e.methods} must be a non-empty subset of {EMBED_METHODS}")
-        if e.points < 20:
-            raise ConfigError(f"embed.points must be >= 20, got {e.points}")
-        if e.discriminant_points and e.discriminant_points < 20:
-            raise ConfigError(f"embed.discriminant_points must be 0 (off) or >= 20, got "
-                              f"{e.discriminant_points}")
-        if e.tsne_iters < 250:
-            raise ConfigError(f"embed.tsne_iters must be >= 250 (sklearn's minimum), got {e.tsne_iters}")
-        if e.perplexity <= 0 or e.n_neighbors < 2 or self.knn_k < 1 or e.threads < 1:
-            raise ConfigError("need embed.perplexity > 0, embed.n_neighbors >= 2, knn_k >= 1, embed.threads "
-                              ">= 1")
+        validate_embed(self.embed, self.knn_k)
 
 
 PRESETS: dict[str, dict] = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .generation import SAMPLERS, SampleConfig
-from .latents import EMBED_METHODS, EmbedConfig
+from .generation import SampleConfig, validate_sample
+from .latents import EmbedConfig, validate_embed
 
 GENERATOR_FILES = ("ep64.pt", "ep400.pt", "ep800.pt")  # LightningDiT-XL/1 after 64 / 400 / 800 epochs
 WEIGHTS = ("ema", "raw")  # the files' EMA entries (vae_ema / ema: what the authors sample with) or raw ones
@@ -121,18 +121,8 @@ class ReleasedStageConfig:
         if t.image_size % t.patch_size:
             raise ConfigError(f"tokenizer.image_size {t.image_size} is not a multiple of "
                               f"tokenizer.patch_size {t.patch_size}")
-        if s.sampler not in SAMPLERS:
-            raise ConfigError(f"sample.sampler {s.sampler!r} unknown; use one of {', '.join(SAMPLERS)}")
-        lo, hi = s.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"sample.cfg_interval must satisfy 0 <= lo <= hi <= 1, got {s.cfg_interval}")
-        if s.sampler == "sde" and (s.steps < 2 or not 0.0 < s.last_step < 1.0):
-            raise ConfigError(f"the SDE sampler needs steps >= 2 and 0 < last_step < 1, got {s.steps}, "
-                              f"{s.last_step}")
-        if s.sampler == "sde" and s.shift != 1.0:
-            raise ConfigError("sample.shift only applies to the ODE sampler; leave it at 1.0 with 'sde'")
-        for name, value, known in (("sample.precision", s.precision, ("fp32", "bf16")),
-                                   ("images.precision", self.images.precision, ("fp32", "bf16")),
+        validate_sample(s)
+        for name, value, known in (("images.precision", self.images.precision, ("fp32", "bf16")),
                                    ("images.lpips", self.images.lpips, ("auto", "real", "off"))):
             if value not in known:
                 raise ConfigError(f"{name} {value!r} unknown; use one of {', '.join(known)}")
@@ -147,12 +137,7 @@ class ReleasedStageConfig:
         if self.images.n < 2 or self.fid.n < 0 or (self.fid.n and self.fid.n < 2):
             raise ConfigError(f"images.n must be >= 2 and fid.n 0 (off) or >= 2, got {self.images.n}, "
                               f"{self.fid.n}")
-        e = self.embed
-        if not e.methods or any(m not in EMBED_METHODS for m in e.methods) or e.points < 20 \
-                or e.tsne_iters < 250:
-            raise ConfigError(f"embed.methods must be a non-empty subset of {EMBED_METHODS}, embed.points >= "
-                              f"20 and embed.tsne_iters >= 250; got {list(e.methods)}, {e.points}, "
-                              f"{e.tsne_iters}")
+        validate_embed(self.embed, self.knn_k)
 
 
 # The tiny authors-format fixture (tests/fixtures/released/README.md): its constructor arguments as ours.
