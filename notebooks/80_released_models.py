@@ -176,15 +176,16 @@ for scale, imgs in grid.items():
 # %% [markdown]
 # ## 5 · N samples for FID (optional: `fid.n`)
 # `fid.n` class-balanced samples (label i mod classes, as the authors' 50k script) with the `sample` settings,
-# made in resumable parts of 1,000, saved as `samples.npz` in the ADM evaluator's format. FID needs an ADM
+# made in resumable parts of 1,000, saved as `samples.npz` in the ADM evaluator's format (a finished
+# run reads it back). FID needs an ADM
 # reference batch (`fid.reference_batch`, e.g. `VIRTUAL_imagenet256_labeled.npz`) and the Inception weights;
 # without them the run says which is missing. gFID-50K: `{"fid.n": 50000}`, the SDE, CFG 1 (Tab. 3).
 
 # %%
 fid = None
 if cfg.fid.n:
-    fid_images, fid_labels = released_stage.fid_samples(models, cfg, s.run, s.device)
-    fid = released_stage.fid_metrics(fid_images, fid_labels, cfg, s.run, s.device)
+    fid_images, fid_labels, npz = released_stage.fid_samples(models, cfg, s.run, s.device)
+    fid = released_stage.fid_metrics(fid_images, npz, cfg, s.device)
     print({k: fid[k] for k in ("fid", "inception_score", "precision", "recall", "reason") if k in fid})
 
 # %% [markdown]

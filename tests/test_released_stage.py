@@ -22,13 +22,24 @@ def fixture_run(tmp_path_factory):
 def test_fid_parts_resume_to_the_same_samples(fixture_run, monkeypatch):
     cfg, run, models = fixture_run
     monkeypatch.setattr(stage, "PART", 20)  # parts of 20, 20, 10
-    images, labels = stage.fid_samples(models, cfg, run, "cpu")
-    parts = sorted((run.path / "fid_parts").glob("part_*.npz"))
-    assert len(images) == 50 and len(parts) == 3
+    written = []
+    real_save = stage.atomic_write_bytes
+    monkeypatch.setattr(stage, "atomic_write_bytes", lambda p, w: (written.append(p.name), real_save(p, w)))
+    images, labels, npz = stage.fid_samples(models, cfg, run, "cpu")
+    assert written == ["part_00000.npz", "part_00001.npz", "part_00002.npz"] and len(images) == 50
     assert torch.equal(labels, torch.arange(50) % 10)
-    parts[1].unlink()  # a run killed before its second part was written
-    again, _ = stage.fid_samples(models, cfg, run, "cpu")
-    assert torch.equal(images, again)
+    assert npz.is_file() and not (run.path / "fid_parts").exists()  # the parts go once the .npz is whole
+    assert torch.equal(stage.fid_samples(models, cfg, run, "cpu")[0], images)  # read back, not redrawn
+    assert len(written) == 3
+    # a run killed after its first two parts: the third is made, the first two read, the same images
+    npz.unlink()
+    (run.path / "fid_parts").mkdir()
+    for i in range(2):
+        rows = slice(20 * i, 20 * i + 20)
+        stage.np.savez(run.path / "fid_parts" / f"part_{i:05d}.npz", images=images[rows].numpy(),
+                       labels=labels[rows].numpy())
+    again, _, _ = stage.fid_samples(models, cfg, run, "cpu")
+    assert written[3:] == ["part_00002.npz"] and torch.equal(images, again)
 
 
 def test_grid_uses_the_same_noise_for_every_scale(fixture_run):

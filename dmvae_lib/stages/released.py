@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,16 @@ def grid_rows(images: Tensor, classes: tuple[int, ...], per_class: int,
 
 
 def fid_samples(models: ReleasedModels, cfg: ReleasedStageConfig, run: RunDir, device
-                ) -> tuple[Tensor, Tensor]:
-    """`fid.n` class-balanced samples (labels i mod classes; the `sample` settings) as uint8 images and
-    labels, made in resumable parts of PART samples (run/fid_parts/; a part's noise depends on its index
-    only, so a resumed run gives the same images)."""
-    n, parts = cfg.fid.n, run.path / "fid_parts"
+                ) -> tuple[Tensor, Tensor, Path]:
+    """`fid.n` class-balanced samples (labels i mod classes; the `sample` settings) as uint8 images, labels
+    and run/samples.npz (the ADM evaluator's format). Made in resumable parts of PART samples (run/fid_parts/,
+    removed once the .npz is written; a part's noise depends on its index only, so a resumed run gives the
+    same images); a finished run's .npz is read back instead."""
+    n, parts, npz = cfg.fid.n, run.path / "fid_parts", run.path / "samples.npz"
+    if npz.is_file():
+        images, labels = evaluation.load_adm_npz(npz)
+        if len(images) == n and labels is not None:
+            return images, labels, npz
     images, labels = [], []
     for start in tqdm(range(0, n, PART), desc="FID samples (parts)"):
         m, file = min(PART, n - start), parts / f"part_{start // PART:05d}.npz"
@@ -222,15 +228,17 @@ def fid_samples(models: ReleasedModels, cfg: ReleasedStageConfig, run: RunDir, d
         atomic_write_bytes(file, lambda fh, a=u8, b=y: np.savez(fh, images=a.numpy(), labels=b.numpy()))
         images.append(u8)
         labels.append(y)
-    return torch.cat(images), torch.cat(labels)
-
-
-def fid_metrics(images: Tensor, labels: Tensor, cfg: ReleasedStageConfig, run: RunDir, device) -> dict:
-    """The ADM .npz of the samples (run/samples.npz) and Inception FID (against `fid.reference_batch` only:
-    no other real set is ImageNet's), IS and precision/recall, with the sampling protocol and file hashes."""
-    f: FIDConfig = cfg.fid
+    images, labels = torch.cat(images), torch.cat(labels)
     with evaluation.scratch_dir(run.path) as tmp:
-        npz = evaluation.save_adm_npz(run.path / "samples.npz", images, labels, scratch=tmp)
+        evaluation.save_adm_npz(npz, images, labels, scratch=tmp)
+    shutil.rmtree(parts, ignore_errors=True)
+    return images, labels, npz
+
+
+def fid_metrics(images: Tensor, npz: Path, cfg: ReleasedStageConfig, device) -> dict:
+    """Inception FID of the samples (against `fid.reference_batch` only: no other real set is ImageNet's),
+    IS and precision/recall, with the sampling protocol and the hashes of the .npz and reference files."""
+    f: FIDConfig = cfg.fid
     path = f.inception_weights or evaluation.default_inception_path()
     ref = f.reference_batch or None
     if ref is not None and not Path(ref).is_file():
@@ -247,8 +255,8 @@ def fid_metrics(images: Tensor, labels: Tensor, cfg: ReleasedStageConfig, run: R
                                         precision=s.precision)
     inception = Path(path) if res.get("available") else None
     files = {"samples_npz": npz, "reference_batch": ref, "inception": inception}
-    res["protocol"] = evaluation.protocol_record(proto, files, reference_without_batch=(
-        "none: FID needs fid.reference_batch" if ref is None else "ADM reference batch"))
+    res["protocol"] = evaluation.protocol_record(proto, files, fid_against=(
+        "not computed: FID needs fid.reference_batch" if ref is None else "the ADM reference batch"))
     res["npz"] = str(npz)
     return res
 
