@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,17 @@ import torch
 from torch import Tensor
 
 METHODS = ("tsne", "umap", "pca")
+
+
+@dataclass
+class PointSet:
+    """One embedded set: points (N, D), labels (N,) or None, the image row each point encodes (or None), and
+    the rows of the reference bank it took (reference sets not aligned with the images; else None)."""
+
+    points: Tensor
+    labels: Tensor | None
+    index: Tensor | None
+    bank_rows: Tensor | None = None
 
 
 def _as_2d_numpy(x: Tensor | np.ndarray) -> np.ndarray:

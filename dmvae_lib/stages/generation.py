@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..configs.generation import GenerationStageConfig, MetricsConfig, SampleConfig
 from ..core.flow import predict_data
-from ..core.samplers import euler_maruyama, euler_ode, guided
+from ..core.samplers import euler_ode, guided
 from ..data.images import ImageData
 from ..data.latents import latents_for
 from ..data.pixels import to_float, to_uint8
@@ -40,10 +40,11 @@ from ..metrics import embedding, evaluation, probes, recognition
 from ..metrics.distributions import distribution_distances
 from ..metrics.reconstruction import reconstruct
 from ..models.tokenizer import Tokenizer
-from ..runtime.device import autocast_ctx, denormals_flushed
+from ..runtime.device import autocast_ctx
 from ..runtime.runs import RunDir, RunError, atomic_write_bytes, load_checkpoint, load_state_strict
 from ..runtime.seeds import stream
 from ..train.artifacts import build_net
+from ..train.sampling import decode_latents, sample_latents
 from ..train.velocity import Hook, fit_velocity_net
 from ..viz import figures as viz
 
@@ -126,46 +127,11 @@ def raw_generator(cfg: GenerationStageConfig, data: TensorReference, run: RunDir
     return net.to(device).eval().requires_grad_(False)
 
 
-def class_balanced_labels(n: int, num_classes: int) -> Tensor | None:
-    """Labels i mod num_classes (each class n / num_classes times, as the authors' sample_50k.py); None if
-    unconditional."""
-    return torch.arange(n) % num_classes if num_classes else None
-
-
 def sampling_protocol(cfg: GenerationStageConfig) -> evaluation.SamplingProtocol:
     s = cfg.sample
     return evaluation.SamplingProtocol(n_samples=s.n, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
                                        cfg_interval=tuple(s.cfg_interval), ema=s.ema, seed=cfg.seed,
                                        shift=s.shift, precision=s.precision)
-
-
-@torch.no_grad()
-def sample_latents(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: SampleConfig, seed: int,
-                   device, progress: bool = True,
-                   labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """s.n latents (CPU float32) from noise seeded by `seed`, batch by batch, and their labels (`labels`, s.n
-    of them, when given; else class-balanced)."""
-    dev = torch.device(device)
-    noise_gen = torch.Generator().manual_seed(seed)
-    sde_gen = stream(seed, "generation.sde", dev)
-    if labels is not None and (not num_classes or len(labels) != s.n):
-        raise ValueError(f"labels: {len(labels)} given for s.n = {s.n} samples of a net with {num_classes} "
-                         "classes")
-    labels = class_balanced_labels(s.n, num_classes) if labels is None else labels.long().cpu()
-    velocity = guided(net, s.cfg_scale, num_classes, tuple(s.cfg_interval)) if num_classes else net
-    out = []
-    for start in tqdm(range(0, s.n, s.batch), desc="sampling (batches)", disable=not progress, leave=False):
-        m = min(s.batch, s.n - start)
-        noise = torch.randn(m, *shape, generator=noise_gen).to(dev)
-        y = None if labels is None else labels[start:start + m].to(dev)
-        with autocast_ctx(dev, s.precision), denormals_flushed():
-            if s.sampler == "ode":
-                x = euler_ode(velocity, noise, s.steps, y=y, shift=s.shift)
-            else:
-                x = euler_maruyama(velocity, noise, s.steps, y=y, diffusion_norm=s.diffusion_norm,
-                                   last_step=s.last_step, generator=sde_gen)
-        out.append(x.float().cpu())
-    return torch.cat(out), labels
 
 
 @torch.no_grad()
@@ -188,19 +154,6 @@ def trajectory(net: nn.Module, shape: tuple[int, ...], num_classes: int, s: Samp
         euler_ode(velocity, torch.randn(n, *shape, generator=gen).to(dev), s.steps, y=y, shift=s.shift,
                   on_step=record)
     return ts, x_hats
-
-
-@torch.no_grad()
-def decode_latents(tok: Tokenizer, latents: Tensor, device, batch: int = 500, precision: str = "fp32",
-                   progress: bool = True) -> Tensor:
-    """Normalised latents → uint8 (N, H, W, 3) images: decode(denormalize(latents)), clamped and rounded."""
-    dev, out = torch.device(device), []
-    for start in tqdm(range(0, len(latents), batch), desc="decoding (batches)", disable=not progress,
-                      leave=False):
-        with autocast_ctx(dev, precision), denormals_flushed():
-            x = tok.decode(tok.denormalize(latents[start:start + batch].to(dev)))
-        out.append(to_uint8(x.float().clamp(-1, 1).cpu()))
-    return torch.cat(out)
 
 
 def class_rows(images: Tensor, labels: Tensor | None, per_class: int, max_rows: int = 10,

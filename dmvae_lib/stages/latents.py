@@ -19,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -32,22 +31,12 @@ from ..data.images import ImageData
 from ..data.pixels import to_float
 from ..data.shapes_dataset import CLASS_NAMES
 from ..metrics import embedding
+from ..metrics.embedding import PointSet
 from ..models.tokenizer import Tokenizer
 from ..runtime.runs import SUMMARY, RunError
 from ..train.artifacts import load_head, load_tokenizer
 from ..viz import figures as viz
 from ..viz.explorer import Explorer
-
-
-@dataclass
-class PointSet:
-    """One embedded set: points (N, D), labels (N,) or None, the image row each point encodes (or None), and
-    the rows of the reference bank it took (reference sets not aligned with the images; else None)."""
-
-    points: Tensor
-    labels: Tensor | None
-    index: Tensor | None
-    bank_rows: Tensor | None = None
 
 
 def joint_upstreams(joint_dir: Path) -> tuple[Path, Path]:

@@ -29,6 +29,7 @@ from ..data import shapes_dataset
 from ..data.image_folders import DatasetError, ImageFolderDataset
 from ..data.pixels import float_to_u8, to_float, to_uint8
 from ..metrics import embedding, evaluation, image_metrics
+from ..metrics.embedding import PointSet
 from ..metrics.reconstruction import reconstruct
 from ..models.recon_losses import PerceptualLoss, perceptual_loss
 from ..models.tokenizer import Tokenizer
@@ -36,8 +37,7 @@ from ..runtime import weights
 from ..runtime.runs import RunDir, RunError, atomic_write_bytes
 from ..runtime.seeds import stream_seed
 from ..train import released
-from .generation import decode_latents, sample_latents
-from .latents import PointSet
+from ..train.sampling import decode_latents, sample_latents
 
 FIXTURE_IMAGES = "fixture_images"  # the labelled shapes folder the fixture presets reconstruct
 PART = 1000  # samples per resumable part of the FID run

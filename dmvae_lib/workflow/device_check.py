@@ -54,10 +54,10 @@ from ..runtime.perf import (
     saved_activation_bytes,
     timed,
 )
-from ..stages.generation import decode_latents, sample_latents
 from ..stages.joint import train_joint
 from ..stages.tokenizer import train_tokenizer
 from ..train.artifacts import build_net, build_tokenizer
+from ..train.sampling import decode_latents, sample_latents
 from ..train.velocity import fit_velocity_net
 
 STAGES = ("tokenizer", "teacher", "joint", "sample", "decode")
