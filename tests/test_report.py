@@ -66,15 +66,15 @@ def report(tmp_path):
                                               "ema": True, "seed": 0,
                                               "files": {"generator": {"sha256": "abcdef0123456789"}}}},
                                 {"metric": "inception", "reason": "no weights", "protocol": {}}])),
-            ("80_new_stage", "ran in 1 s",  # a notebook the registry does not know yet
-             _stage(tmp_path, "80_new_stage", {"loss": 0.123456, "n": 10000.0}, ["a.png", "b.png"]))]
+            ("90_new_stage", "ran in 1 s",  # a notebook the registry does not know yet
+             _stage(tmp_path, "90_new_stage", {"loss": 0.123456, "n": 10000.0}, ["a.png", "b.png"]))]
     return pipeline.write_report(tmp_path / "pipeline" / "r" / "report.md", "r", "cpu", rows).read_text()
 
 
 def test_the_report_opens_with_what_ran(report):
     head = report[:report.index("\n## ")]
     assert head.startswith("# Pipeline run `r` (preset `cpu`)\n")
-    assert ("Preset `cpu`, 6 stage(s) (20, 30, 40, 50, 60, 80): 4 ran in this invocation, 1 had already "
+    assert ("Preset `cpu`, 6 stage(s) (20, 30, 40, 50, 60, 90): 4 ran in this invocation, 1 had already "
             "finished, 1 did not finish (40_joint_dm_training).") in head
     assert ("| 40_joint_dm_training | failed | [../../40_joint_dm_training/r]"
             "(../../40_joint_dm_training/r) |") in head
@@ -125,8 +125,8 @@ def test_each_stage_embeds_its_key_figure_and_links_the_others(report):
             "[tokenizer_losses](../../20_tokenizer_pretraining/r/figures/tokenizer_losses.png).") in tok
     assert "![teacher_loss](../../30_teacher_fitting/r/figures/teacher_loss.png)" in report  # the only PNG
     assert "![samples](../../60_generation/r/figures/samples.png)" in report
-    new = _section(report, "80 · New stage")  # not in the registry: its first PNG, no headline numbers
-    assert "![a](../../80_new_stage/r/figures/a.png)" in new and "\n- " not in new
+    new = _section(report, "90 · New stage")  # not in the registry: its first PNG, no headline numbers
+    assert "![a](../../90_new_stage/r/figures/a.png)" in new and "\n- " not in new
     assert "![" not in _section(report, "50 · Latent visualisation")
 
 

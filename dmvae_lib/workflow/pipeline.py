@@ -631,6 +631,18 @@ REPORT_STAGES: dict[str, tuple[str, str, tuple[Headline, ...]]] = {
         Headline("claims.claims.*.outcome", "The four claims", "{}",
                  "in {claims.space}, paired by joint seed; the gates and reasons lead this report"),
     )),
+    "80": ("The authors' released models", "samples_cfg1", (
+        Headline("files.*.sha256", "Released files loaded", "{}", "the SHA-256 of each file as read",
+                 each="{file} [{entry}]: {sha256}"),
+        Headline("fixture_check.*", "Agreement with the authors' modules (the tiny fixture only)", "{}",
+                 "max |ours − theirs| / max |theirs| on the fixture's stored outputs"),
+        Headline("images.psnr", "Reconstruction PSNR of the image folder", "{} dB",
+                 "SSIM {images.ssim}, over {images.protocol.images} images of {images.protocol.folder}"),
+        Headline("images.rfid", "rFID of the reconstructions", "{}",
+                 "Inception FID against the same originals ({images.protocol.images} images)"),
+        Headline("fid.fid.value", "FID of the samples", "{}",
+                 "{fid.protocol.n_samples} samples against {fid.fid.against}"),
+    )),
     "70": ("Reference study (claim study v1, superseded)", "claim_curves", (
         Headline("claim.outcome", "Verdict", "{}",
                  "in {claim.space}, FD to real images; the gates and the per-arm table lead this report"),
