@@ -1,6 +1,8 @@
 """Notebook 80's library side on the tiny authors-format fixture: resumable FID parts, the user's image folder
 (bad files named), the grid's shared noise, and the config's refusals. No downloads."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -57,7 +59,8 @@ def test_grid_uses_the_same_noise_for_every_scale(fixture_run):
 
 def test_image_folder_names_a_corrupt_file_or_serves_a_neighbour(tmp_path):
     folder = released_stage.write_fixture_images(tmp_path / "imgs", 30, seed=0)
-    broken = next((folder / "circle").glob("*.png"))
+    first = sorted(d for d in folder.iterdir() if d.is_dir())[0]
+    broken = sorted(first.glob("*.png"))[-1]  # its neighbour is the next class's first image
     broken.write_bytes(b"not a png")
     c = make_config("released", "smoke").images
     with pytest.raises(DatasetError, match=broken.name):
@@ -65,6 +68,8 @@ def test_image_folder_names_a_corrupt_file_or_serves_a_neighbour(tmp_path):
     c = make_config("released", "smoke", {"images.skip_corrupt": True}).images
     images, labels, classes, paths = released_stage.read_images(folder, 64, c, seed=0)
     assert images.shape == (30, 64, 64, 3) and len(labels) == 30 and "circle" in classes
+    assert str(broken) not in paths  # the image served in its place is recorded, with its own label
+    assert [Path(p).parent.name for p in paths] == [classes[k] for k in labels]
 
 
 def test_image_folder_subset_is_class_balanced_and_seeded(tmp_path):

@@ -115,6 +115,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return bool(np.random.default_rng([self.seed, self.epoch, index]).integers(2))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, label, _ = self.item(index)
+        return x, label
+
+    def item(self, index: int) -> tuple[torch.Tensor, int, str]:
+        """(image, label, path) of `index`, or of its next readable neighbour when it is unreadable and
+        `skip_corrupt` is set: the label and path are the served image's own."""
         n = len(self.samples)
         for offset in range(n):
             j = (index + offset) % n
@@ -132,7 +138,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             x = to_signed_tensor(center_crop_arr(image, self.resolution))
             if self.hflip and self._flip(index):
                 x = x.flip(-1)
-            return x, label
+            return x, label, str(path)
         raise DatasetError(f"no readable image left in {self.root}")
 
 

@@ -118,9 +118,10 @@ def read_images(folder: str | Path, resolution: int, c: ImagesConfig, seed: int
                            "folders")
     idx = (torch.arange(len(ds)) if not c.classes and len(ds) <= c.n
            else embedding.balanced_indices(labels, c.n, seed=seed, classes=c.classes))
-    images = [float_to_u8(ds[int(i)][0]).permute(1, 2, 0) for i in tqdm(idx, desc="reading images",
-                                                                       leave=False)]
-    return torch.stack(images), labels[idx], list(ds.classes), [ds.samples[int(i)][0] for i in idx]
+    items = [ds.item(int(i)) for i in tqdm(idx, desc="reading images", leave=False)]
+    images = torch.stack([float_to_u8(x).permute(1, 2, 0) for x, _, _ in items])
+    served = torch.tensor([label for _, label, _ in items], dtype=labels.dtype)
+    return images, served, list(ds.classes), [path for _, _, path in items]
 
 
 def generator_class_names(num_classes: int) -> list[str]:
