@@ -135,6 +135,21 @@ def test_metric_lines_mark_each_event_at_its_step():
     assert [a.text for a in fig.layout.annotations] == ["GAN on"]
 
 
+def test_level_labels_sit_beside_their_lines_on_log_and_linear_axes():
+    # plotly reads an annotation's y on a log axis as log10 units, while the line itself takes the value
+    hist = {"dm": [{"step": 0, "sw2": 1.0}, {"step": 10, "sw2": 0.2}]}
+    for log_y in (True, False):
+        fig = viz.metric_lines(hist, "sw2", floor=0.01, log_y=log_y, match_ratio=2.5)
+        at = {a.text: a.y for a in fig.layout.annotations}
+        want = {"noise floor": 0.01, "2.5 × floor (matched)": 0.025}
+        assert at == pytest.approx({k: math.log10(v) if log_y else v for k, v in want.items()})
+        assert sorted(sh.y0 for sh in fig.layout.shapes) == pytest.approx(sorted(want.values()))
+    rows = [{"cfg_scale": s, "accuracy": a, "fd_ssl": f} for s, a, f in ((1, 0.5, 2.0), (2, 0.8, 1.0))]
+    fig = viz.cfg_sweep_panels(rows, ceiling=0.97, chance=0.1, fd_floor=0.05)
+    at = {a.text: a.y for a in fig.layout.annotations if a.text in ("real vs real", "chance")}
+    assert at == pytest.approx({"real vs real": math.log10(0.05), "chance": 0.1})
+
+
 def test_loss_curves_plot_only_the_tagged_records_that_hold_each_key():
     records = [{"tag": "teacher", "step": 10, "fm_loss": 1.0}, {"tag": "joint", "step": 10, "fm_loss": 9.0},
                {"tag": "teacher", "step": 20, "fm_loss": 0.5, "lr": 1e-3}]

@@ -207,6 +207,13 @@ def direction_panels(probes: Tensor, fields: Mapping[str, Tensor], background: T
     return fig
 
 
+def _level(fig: go.Figure, y: float, text: str, log_y: bool = False, **kw) -> None:
+    """A labelled horizontal line at `y`. On a log axis plotly places the line at `y` but reads an
+    annotation's y as log10 units, so the label is given its own log10(y) to stay beside its line."""
+    at = {"annotation_y": math.log10(y)} if log_y and y > 0 else {}
+    fig.add_hline(y=y, annotation_text=text, **at, **kw)
+
+
 def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: str, floor: float | None = None,
                  log_y: bool = True, title: str = "", match_ratio: float | None = None,
                  events: Mapping[str, float] | None = None) -> go.Figure:
@@ -219,10 +226,9 @@ def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: st
     for label, step in (events or {}).items():
         fig.add_vline(x=step, line_dash="dash", line_color="gray", annotation_text=label)
     if floor is not None:
-        fig.add_hline(y=floor, line_dash="dot", annotation_text="noise floor")
+        _level(fig, floor, "noise floor", log_y, line_dash="dot")
         if match_ratio is not None:
-            fig.add_hline(y=match_ratio * floor, line_dash="dash",
-                          annotation_text=f"{match_ratio:g} × floor (matched)")
+            _level(fig, match_ratio * floor, f"{match_ratio:g} × floor (matched)", log_y, line_dash="dash")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key,
                       yaxis_type="log" if log_y else "linear", height=420, width=COLUMN_WIDTH)
     return fig
@@ -439,7 +445,7 @@ def cfg_sweep_panels(rows: Sequence[Mapping], ceiling: float, chance: float, fd_
     fig.add_hline(y=chance, line_dash="dash", line_color="gray", annotation_text="chance", row=1, col=1)
     fig.add_scatter(x=x, y=[r[fd_key] for r in rows], mode="lines+markers", name=fd_key, row=1, col=2)
     if fd_floor is not None:
-        fig.add_hline(y=fd_floor, line_dash="dot", annotation_text="real vs real", row=1, col=2)
+        _level(fig, fd_floor, "real vs real", True, line_dash="dot", row=1, col=2)
     fig.update_xaxes(title_text="CFG scale", tickvals=x)
     fig.update_yaxes(range=[0, 1.02], title_text="accuracy", row=1, col=1)
     fig.update_yaxes(type="log", title_text="FD", row=1, col=2)
