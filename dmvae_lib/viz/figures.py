@@ -230,7 +230,8 @@ def metric_lines(histories: Mapping[str, Sequence[Mapping[str, float]]], key: st
         if match_ratio is not None:
             _level(fig, match_ratio * floor, f"{match_ratio:g} × floor (matched)", log_y, line_dash="dash")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title=key,
-                      yaxis_type="log" if log_y else "linear", height=420, width=COLUMN_WIDTH)
+                      yaxis_type="log" if log_y else "linear", width=COLUMN_WIDTH,
+                      height=max(420, 22 * len(histories) + 160))  # room for every legend entry
     return fig
 
 
