@@ -157,6 +157,8 @@ def test_loss_curves_plot_only_the_tagged_records_that_hold_each_key():
     assert [t.name for t in fig.data] == ["fm_loss", "lr"]
     assert list(fig.data[0].x) == [10, 20] and list(fig.data[0].y) == [1.0, 0.5]
     assert list(fig.data[1].x) == [20] and fig.layout.title.text == "teacher losses"
+    assert fig.layout.yaxis.title.text == "value"
+    assert viz.loss_curves(records, "teacher", ("fm_loss",)).layout.yaxis.title.text == "fm_loss"
 
 
 def test_paired_differences_draw_every_seed_and_an_interval_only_when_there_is_one():

@@ -241,7 +241,9 @@ def loss_curves(records: Sequence[Mapping], tag: str, keys: Sequence[str]) -> go
     recs = [r for r in records if r.get("tag") == tag]
     fig = go.Figure([go.Scatter(x=[r["step"] for r in recs if k in r], y=[r[k] for r in recs if k in r],
                                 mode="lines+markers", name=k) for k in keys])
-    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800)
+    # one line: plotly hides its legend, so the axis names it
+    fig.update_layout(title=f"{tag} losses", xaxis_title="step", height=380, width=800,
+                      yaxis_title=keys[0] if len(keys) == 1 else "value")
     return fig
 
 
